@@ -1,0 +1,48 @@
+"""Ensemble: one network per task ("separate networks", van de Ven et al. 2022, Table 2).
+
+Name: ``ensemble``. Scenarios: task-IL only (the task label chooses the network at test time).
+Arguments: none.
+
+Paper / protocol: the "separate networks" upper reference of van de Ven, Tuytelaars & Tolias,
+"Three types of incremental learning", Nature Machine Intelligence 2022 (99.57 on Split MNIST
+task-IL): each task trains its own copy of the architecture from a fresh initialisation, so there
+is no interference and no transfer.
+
+Hooks: ``before_train_dataset_adaptation`` (first experience only) wraps ``strategy.model`` in a
+:class:`~cl_plugins.models.ensemble.TaskEnsemble`. Avalanche then runs the model adaptation, which
+adds the new task's network, and refreshes the optimizer with its parameters. Old networks get no
+gradient (they are not in the forward pass of the current task), so optimizers skip them.
+
+Deviations: the total parameter budget grows linearly with the number of tasks, as in the paper's
+baseline; nothing is shared, not even the first layers. ``strategy.model`` is replaced: keep a
+reference to the strategy, not to the original model object.
+"""
+
+from __future__ import annotations
+
+from avalanche.core import SupervisedPlugin
+
+from cl_plugins.models.ensemble import TaskEnsemble
+
+
+class EnsemblePlugin(SupervisedPlugin):
+    supports_distributed = False
+
+    def __init__(self):
+        super().__init__()
+
+    def before_train_dataset_adaptation(self, strategy, **kwargs):
+        if not isinstance(strategy.model, TaskEnsemble):
+            strategy.model = TaskEnsemble(strategy.model)
+
+    def before_eval_dataset_adaptation(self, strategy, **kwargs):
+        # Evaluating before any training still needs the wrapper to route task labels.
+        if not isinstance(strategy.model, TaskEnsemble):
+            strategy.model = TaskEnsemble(strategy.model)
+
+    def state_dict(self):
+        return {}  # every network lives in the model's own state_dict
+
+    def load_state_dict(self, state):
+        if state:
+            raise ValueError(f"EnsemblePlugin has no state; got keys {sorted(state)}")

@@ -1,0 +1,286 @@
+"""Build an Avalanche benchmark from a name, a scenario and options.
+
+Every benchmark is assembled the same way: read raw uint8 arrays once (cached per process),
+preprocess them to float tensors up front (pad, normalise), cut them into one tensor dataset
+per experience (by class, by pixel permutation or by rotation), then hand the list to
+Avalanche's ``nc_benchmark`` generator with ``one_dataset_per_exp=True``. The scenario only
+changes the labels Avalanche assigns:
+
+- ``task``   (task-IL): task label t on experience t, labels 0..k-1 inside each experience
+  (one head per task);
+- ``domain`` (domain-IL): task label 0 everywhere, labels 0..k-1 inside each experience
+  (one shared k-way head);
+- ``class``  (class-IL): task label 0, labels continue across experiences (one head over all
+  classes; unseen classes can be masked, see ``cl_plugins.models.heads``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch.utils.data import TensorDataset
+
+from cl_plugins.core.checks import (
+    check_choice, check_int, check_range, unknown_name_error)
+
+from . import preprocess as pp
+from .arrays import ImageArrays
+
+SCENARIOS = ("task", "domain", "class")
+_SCENARIO_ALIASES = {"task-il": "task", "til": "task", "domain-il": "domain", "dil": "domain",
+                     "class-il": "class", "cil": "class"}
+DEFAULT_DATA_ROOT = "data"
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    name: str
+    kind: str  # 'split' | 'permuted' | 'rotated'
+    source: str  # key of _SOURCES
+    default_n_experiences: int
+    description: str
+
+
+@dataclass
+class BenchmarkInfo:
+    """An Avalanche benchmark plus what models, metrics and results need to know about it."""
+
+    benchmark: object
+    name: str
+    scenario: str
+    n_experiences: int
+    input_shape: tuple
+    classes_per_exp: List[List[int]]  # class ids as the model sees them, per experience
+    original_classes_per_exp: List[List[int]]  # the dataset's own labels, per experience
+    n_outputs: int  # head width: per task (task-IL), shared (domain-IL), total (class-IL)
+    options: Dict = field(default_factory=dict)
+
+    @property
+    def task_labels(self) -> bool:
+        return self.scenario == "task"
+
+    def describe(self) -> Dict:
+        return {"name": self.name, "scenario": self.scenario, "n_experiences": self.n_experiences,
+                "input_shape": list(self.input_shape), "n_outputs": self.n_outputs,
+                "classes_per_exp": self.classes_per_exp,
+                "original_classes_per_exp": self.original_classes_per_exp, **self.options}
+
+
+def _load_digits(root, split):
+    from .digits import load_digits_arrays
+    return load_digits_arrays(split)
+
+
+def _load_idx(name):
+    def load(root, split):
+        from .mnist_files import load_idx_dataset
+        return load_idx_dataset(root, name, split)
+    return load
+
+
+def _load_cifar(name):
+    def load(root, split):
+        from .cifar_files import load_cifar
+        return load_cifar(root, name, split)
+    return load
+
+
+def _load_tiny(root, split):
+    from .tinyimagenet_files import load_tinyimagenet
+    return load_tinyimagenet(root, split)
+
+
+_SOURCES: Dict[str, Callable[[str, str], ImageArrays]] = {
+    "digits": _load_digits, "mnist": _load_idx("MNIST"), "fmnist": _load_idx("FashionMNIST"),
+    "cifar10": _load_cifar("cifar10"), "cifar100": _load_cifar("cifar100"),
+    "tinyimagenet": _load_tiny,
+}
+
+BENCHMARKS: Dict[str, BenchmarkSpec] = {s.name: s for s in [
+    BenchmarkSpec("split_digits", "split", "digits", 5,
+                  "scikit-learn 8x8 digits, 2 classes per experience (embedded, no files)"),
+    BenchmarkSpec("split_mnist", "split", "mnist", 5, "MNIST, 2 digits per experience"),
+    BenchmarkSpec("permuted_mnist", "permuted", "mnist", 10, "MNIST, one pixel permutation per experience"),
+    BenchmarkSpec("rotated_mnist", "rotated", "mnist", 20, "MNIST, one rotation angle per experience"),
+    BenchmarkSpec("split_fmnist", "split", "fmnist", 5, "FashionMNIST, 2 classes per experience"),
+    BenchmarkSpec("split_cifar10", "split", "cifar10", 5, "CIFAR-10, 2 classes per experience"),
+    BenchmarkSpec("split_cifar100", "split", "cifar100", 10, "CIFAR-100, 100/n classes per experience"),
+    BenchmarkSpec("split_tinyimagenet", "split", "tinyimagenet", 10, "TinyImageNet, 200/n classes per experience"),
+]}
+
+
+def resolve_scenario(scenario: str) -> str:
+    s = _SCENARIO_ALIASES.get(str(scenario).lower(), str(scenario).lower())
+    return check_choice("benchmark.scenario", s, SCENARIOS)
+
+
+def resolve_data_root(data_root: Optional[str]) -> str:
+    return str(data_root or os.environ.get("CL_DATA_ROOT") or DEFAULT_DATA_ROOT)
+
+
+@functools.lru_cache(maxsize=8)
+def _raw(source: str, root: str, split: str) -> ImageArrays:
+    # Cached: reproduce.py builds the same benchmark once per seed.
+    return _SOURCES[source](root, split)
+
+
+def _class_order(n_classes: int, class_order, seed: int) -> List[int]:
+    if class_order in (None, "fixed"):
+        return list(range(n_classes))
+    if class_order == "seeded":
+        g = torch.Generator().manual_seed(seed)
+        return torch.randperm(n_classes, generator=g).tolist()
+    if isinstance(class_order, (list, tuple)):
+        if sorted(int(c) for c in class_order) != list(range(n_classes)):
+            raise ValueError(f"benchmark.class_order must be a permutation of 0..{n_classes - 1}; "
+                             f"got {list(class_order)}")
+        return [int(c) for c in class_order]
+    raise ValueError("benchmark.class_order must be 'fixed', 'seeded' or an explicit list of "
+                     f"class ids; got {class_order!r}")
+
+
+def _angles(n_exp: int, angles, angle_range, angle_sampling: str, seed: int) -> List[float]:
+    if angles is not None:
+        if len(angles) != n_exp:
+            raise ValueError(f"benchmark.angles must give one angle per experience ({n_exp}); "
+                             f"got {len(angles)}")
+        return [float(a) for a in angles]
+    lo, hi = (float(a) for a in angle_range)
+    if not hi > lo:
+        raise ValueError(f"benchmark.angle_range must be [low, high) with high > low; got {angle_range}")
+    u = torch.rand(n_exp, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    if angle_sampling == "uniform":  # DER/Mammoth: each task's angle anywhere in the range
+        a = lo + (hi - lo) * u
+    else:  # stratified (RGO): task t in [lo + w t, lo + w (t + 1)), w = (hi - lo) / T
+        w = (hi - lo) / n_exp
+        a = lo + w * (torch.arange(n_exp, dtype=torch.float64) + u)
+    return a.tolist()
+
+
+def build_benchmark(
+    name: str = "split_digits",
+    scenario: str = "task",
+    n_experiences: Optional[int] = None,
+    *,
+    seed: int = 0,
+    class_order: Union[str, Sequence[int], None] = "fixed",
+    pad_to_32: bool = False,
+    normalize: bool = True,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    samples_per_task: Optional[int] = None,
+    test_samples_per_task: Optional[int] = None,
+    first_task_identity: bool = True,
+    angles: Optional[Sequence[float]] = None,
+    angle_range: Sequence[float] = (0.0, 180.0),
+    angle_sampling: str = "uniform",
+    data_root: Optional[str] = None,
+) -> BenchmarkInfo:
+    """Build benchmark ``name`` in ``scenario``; see the module docstring and README for options.
+
+    ``seed`` drives everything random about the benchmark (seeded class order, permutations,
+    angles, sample caps). ``normalize`` uses ``mean``/``std`` when given, else the per-channel
+    statistics of the (padded) training images, which for padded MNIST are Hsu et al.'s
+    (0.1000, 0.2752).
+    """
+    if name not in BENCHMARKS:
+        raise unknown_name_error("benchmark", name, BENCHMARKS)
+    spec = BENCHMARKS[name]
+    scenario = resolve_scenario(scenario)
+    n_exp = spec.default_n_experiences if n_experiences is None else n_experiences
+    check_int("benchmark.n_experiences", n_exp, 1)
+    check_int("benchmark.seed", seed)
+    if samples_per_task is not None:
+        check_int("benchmark.samples_per_task", samples_per_task, 1)
+    if test_samples_per_task is not None:
+        check_int("benchmark.test_samples_per_task", test_samples_per_task, 1)
+    check_choice("benchmark.angle_sampling", angle_sampling, ("uniform", "stratified"))
+    if (mean is None) != (std is None):
+        raise ValueError("benchmark.mean and benchmark.std must be given together")
+    root = resolve_data_root(data_root)
+
+    train_raw, test_raw = _raw(spec.source, root, "train"), _raw(spec.source, root, "test")
+    n_classes = len(train_raw.classes) or int(train_raw.y.max()) + 1
+
+    def prep(a: ImageArrays) -> torch.Tensor:
+        x = pp.to_float(a.x)
+        return pp.pad_to(x, 32) if pad_to_32 else x
+
+    x_train, x_test = prep(train_raw), prep(test_raw)
+    if normalize:
+        if mean is None:
+            mean, std = pp.channel_stats(x_train)
+        if len(mean) != x_train.shape[1] or len(std) != x_train.shape[1]:
+            raise ValueError(f"benchmark.mean/std need {x_train.shape[1]} values (one per channel)")
+        if any(s <= 0 for s in std):
+            raise ValueError(f"benchmark.std must be positive; got {list(std)}")
+    options = {"seed": seed, "pad_to_32": pad_to_32, "normalize": normalize,
+               "mean": list(mean) if normalize else None, "std": list(std) if normalize else None,
+               "samples_per_task": samples_per_task, "test_samples_per_task": test_samples_per_task,
+               "data_root": root if spec.source != "digits" else None}
+
+    g = torch.Generator().manual_seed(seed + 1)  # independent of the class-order stream
+    train_sets, test_sets, orig_classes = [], [], []
+
+    def finish(x, y, cap):
+        idx = pp.subsample(len(y), cap, g)
+        x = x[idx]
+        if normalize:
+            x = pp.normalize(x, mean, std)
+        return TensorDataset(x.contiguous(), y[idx])
+
+    if spec.kind == "split":
+        if n_exp > n_classes or n_classes % n_exp:
+            valid = [d for d in range(1, n_classes + 1) if n_classes % d == 0]
+            raise ValueError(f"benchmark.n_experiences must divide the {n_classes} classes of "
+                             f"{name}; valid values: {valid}; got {n_exp}")
+        order = _class_order(n_classes, class_order, seed)
+        k = n_classes // n_exp
+        options["class_order"] = order
+        for t in range(n_exp):
+            cls = sorted(order[t * k:(t + 1) * k])
+            orig_classes.append(cls)
+            sel = torch.tensor(cls)
+            mtr, mte = torch.isin(train_raw.y, sel), torch.isin(test_raw.y, sel)
+            train_sets.append(finish(x_train[mtr], train_raw.y[mtr], samples_per_task))
+            test_sets.append(finish(x_test[mte], test_raw.y[mte], test_samples_per_task))
+    elif spec.kind == "permuted":
+        n_pix = x_train.shape[-1] * x_train.shape[-2]
+        gp = torch.Generator().manual_seed(seed)
+        perms = [None if (t == 0 and first_task_identity) else torch.randperm(n_pix, generator=gp)
+                 for t in range(n_exp)]
+        options["first_task_identity"] = first_task_identity
+        for perm in perms:
+            orig_classes.append(list(range(n_classes)))
+            train_sets.append(finish(pp.permute_pixels(x_train, perm), train_raw.y, samples_per_task))
+            test_sets.append(finish(pp.permute_pixels(x_test, perm), test_raw.y, test_samples_per_task))
+    else:  # rotated: rotate the raw images, then pad, so corners are not cut by the padding
+        degs = _angles(n_exp, angles, angle_range, angle_sampling, seed)
+        options.update(angles=degs, angle_sampling=angle_sampling, angle_range=list(angle_range))
+        for a in degs:
+            orig_classes.append(list(range(n_classes)))
+            xr = [pp.to_float(pp.rotate(r.x, a)) for r in (train_raw, test_raw)]
+            if pad_to_32:
+                xr = [pp.pad_to(x, 32) for x in xr]
+            train_sets.append(finish(xr[0], train_raw.y, samples_per_task))
+            test_sets.append(finish(xr[1], test_raw.y, test_samples_per_task))
+
+    from avalanche.benchmarks import nc_benchmark
+
+    bm = nc_benchmark(
+        train_sets, test_sets, n_experiences=n_exp, task_labels=scenario == "task",
+        shuffle=False, one_dataset_per_exp=True,
+        class_ids_from_zero_in_each_exp=scenario in ("task", "domain"),
+        class_ids_from_zero_from_first_exp=scenario == "class")
+    classes_per_exp = [sorted(int(c) for c in e.classes_in_this_experience) for e in bm.train_stream]
+    n_outputs = (sum(len(c) for c in classes_per_exp) if scenario == "class"
+                 else max(len(c) for c in classes_per_exp))
+    return BenchmarkInfo(benchmark=bm, name=name, scenario=scenario, n_experiences=n_exp,
+                         input_shape=tuple(train_sets[0].tensors[0].shape[1:]),
+                         classes_per_exp=classes_per_exp, original_classes_per_exp=orig_classes,
+                         n_outputs=n_outputs, options=options)

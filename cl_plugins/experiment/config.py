@@ -1,0 +1,198 @@
+"""Experiment configuration: defaults, YAML loading, ``--key=value`` overrides, validation.
+
+A config has the sections of ``DEFAULT_CONFIG``. Every key of ``benchmark``, ``optimizer``,
+``strategy`` and ``loggers`` is checked against the schema below; ``model`` passes its extra
+keys to the backbone, and each method's ``params`` go to the method's constructor, which
+validates them itself. Unknown keys raise and list the valid ones.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+import yaml
+
+from cl_plugins.core.checks import unknown_name_error
+
+DEFAULT_CONFIG: Dict[str, Any] = {
+    "name": "default",
+    "benchmark": {
+        "name": "split_digits", "scenario": "task", "n_experiences": None, "seed": None,
+        "class_order": "fixed", "pad_to_32": False, "normalize": True, "mean": None, "std": None,
+        "samples_per_task": None, "test_samples_per_task": None, "first_task_identity": True,
+        "angles": None, "angle_range": [0.0, 180.0], "angle_sampling": "uniform",
+        "data_root": None,
+    },
+    "model": {"name": "mlp", "hidden": [64, 64], "head": "auto"},
+    "optimizer": {"name": "adam", "lr": 1e-3, "momentum": 0.0, "weight_decay": 0.0,
+                  "betas": [0.9, 0.999], "nesterov": False, "param_groups": []},
+    "strategy": {"epochs": 10, "train_iterations": None, "train_mb_size": 32,
+                 "eval_mb_size": 512, "device": "auto", "reset_optimizer": False,
+                 "augment": None},
+    "methods": ["all"],
+    "seeds": [0],
+    "loggers": {"progress": True, "wandb": False, "wandb_project": "cl_plugins",
+                "wandb_entity": None, "wandb_group": None, "json": True, "plots": True},
+    "output_dir": "runs",
+}
+
+# Sections whose keys are fixed by the schema (the others are free-form, validated downstream).
+STRICT_SECTIONS = ("benchmark", "optimizer", "strategy", "loggers")
+METHOD_ENTRY_KEYS = ("name", "params", "plus", "optimizer", "strategy", "label")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+AUGMENTS = (None, "crop_flip")
+
+
+def load_config(path: str | Path | None = None) -> Dict[str, Any]:
+    """The defaults, updated by the YAML file at ``path`` (if any)."""
+    cfg = copy.deepcopy(DEFAULT_CONFIG)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+        with open(path) as f:
+            user = yaml.safe_load(f) or {}
+        if not isinstance(user, dict):
+            raise ValueError(f"config file {path} must hold a mapping at the top level")
+        merge(cfg, user, "")
+    return cfg
+
+
+def merge(base: Dict[str, Any], update: Dict[str, Any], where: str) -> None:
+    """Recursively merge ``update`` into ``base``, rejecting unknown keys of strict sections."""
+    for key, value in update.items():
+        path = f"{where}.{key}" if where else key
+        if not where and key not in DEFAULT_CONFIG:
+            raise unknown_name_error("config key", key, DEFAULT_CONFIG)
+        if where in STRICT_SECTIONS and key not in DEFAULT_CONFIG[where]:
+            raise unknown_name_error(f"config key in '{where}'", key, DEFAULT_CONFIG[where])
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and where == "" \
+                and key != "model":
+            merge(base[key], value, key)
+        elif key == "model" and where == "" and isinstance(value, dict):
+            base[key] = dict(value)  # a model section replaces the default backbone wholesale
+        else:
+            base[key] = value
+
+
+def parse_value(text: str) -> Any:
+    """Parse a command-line value as YAML: 1e-3 -> float, [1,2] -> list, true -> bool."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):  # YAML reads "1e-3" as a string; numbers should be numbers
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def apply_override(cfg: Dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``cfg[a][b][c] = value`` for ``dotted='a.b.c'`` (integers index lists)."""
+    parts = dotted.split(".")
+    if parts[0] not in DEFAULT_CONFIG:
+        raise unknown_name_error("config key", parts[0], DEFAULT_CONFIG)
+    if len(parts) == 2 and parts[0] in STRICT_SECTIONS and parts[1] not in DEFAULT_CONFIG[parts[0]]:
+        raise unknown_name_error(f"config key in '{parts[0]}'", parts[1], DEFAULT_CONFIG[parts[0]])
+    if parts[0] in ("methods", "seeds") and len(parts) == 1 and isinstance(value, (str, int)):
+        value = [parse_value(v) for v in str(value).split(",") if v != ""]
+    node: Any = cfg
+    for i, key in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = node[_index(node, key, ".".join(parts[:i + 1]))]
+            continue
+        if parts[0] == "methods" and i == 0:
+            cfg["methods"] = normalize_methods(cfg["methods"])
+            node = cfg["methods"]
+            continue
+        node = node.setdefault(key, {})
+        if not isinstance(node, (dict, list)):
+            raise ValueError(f"cannot set {dotted}: {'.'.join(parts[:i + 1])} is not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_index(node, last, dotted)] = value
+    else:
+        node[last] = value
+
+
+def _index(seq: List, key: str, path: str) -> int:
+    try:
+        i = int(key)
+        seq[i]
+        return i
+    except (ValueError, IndexError):
+        raise ValueError(f"{path}: expected an index in 0..{len(seq) - 1}; got {key!r}") from None
+
+
+def normalize_methods(methods: Any) -> List[Dict[str, Any]]:
+    """Turn the ``methods`` section into a list of entries ``{name, params, plus, ...}``."""
+    if isinstance(methods, (str, dict)):
+        methods = [methods]
+    if not isinstance(methods, list) or not methods:
+        raise ValueError("methods must be a non-empty list of method names or entries")
+    out = []
+    for i, m in enumerate(methods):
+        entry = {"name": m} if isinstance(m, str) else dict(m)
+        if "name" not in entry:
+            raise ValueError(f"methods[{i}] needs a 'name'")
+        for key in entry:
+            if key not in METHOD_ENTRY_KEYS:
+                raise unknown_name_error(f"key in methods[{i}]", key, METHOD_ENTRY_KEYS)
+        entry.setdefault("params", {})
+        entry.setdefault("plus", [])
+        entry["plus"] = [{"name": p, "params": {}} if isinstance(p, str) else
+                         {"params": {}, **p} for p in entry["plus"]]
+        out.append(entry)
+    return out
+
+
+def flatten(cfg: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """``{'a': {'b': 1}} -> {'a.b': 1}`` (lists are kept as values)."""
+    flat = {}
+    for k, v in cfg.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict) and v:
+            flat.update(flatten(v, key))
+        else:
+            flat[key] = v
+    return flat
+
+
+def known_keys(cfg: Dict[str, Any] | None = None) -> List[str]:
+    """Every dotted key a sweep or an override may set for ``cfg`` (default: the defaults)."""
+    cfg = copy.deepcopy(cfg or DEFAULT_CONFIG)
+    keys = set(flatten({k: v for k, v in cfg.items() if k != "methods"}))
+    for i, m in enumerate(normalize_methods(cfg["methods"])):
+        keys.add(f"methods.{i}.name")
+        keys.update(f"methods.{i}.params.{p}" for p in m["params"])
+    keys.update(("methods", "seeds"))
+    return sorted(keys)
+
+
+def validate(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """Check the values the runner itself consumes; returns ``cfg`` with methods normalised."""
+    from cl_plugins.core.checks import check_choice, check_int, check_positive
+
+    opt, st = cfg["optimizer"], cfg["strategy"]
+    check_choice("optimizer.name", opt["name"], OPTIMIZERS)
+    check_positive("optimizer.lr", opt["lr"])
+    check_choice("strategy.augment", st["augment"], AUGMENTS)
+    check_choice("strategy.device", st["device"], ("auto", "cpu", "cuda") + tuple(
+        f"cuda:{i}" for i in range(16)))
+    check_int("strategy.epochs", st["epochs"], 1)
+    check_int("strategy.train_mb_size", st["train_mb_size"], 1)
+    check_int("strategy.eval_mb_size", st["eval_mb_size"], 1)
+    if st["train_iterations"] is not None:
+        check_int("strategy.train_iterations", st["train_iterations"], 1)
+    seeds = cfg["seeds"]
+    if isinstance(seeds, int):
+        seeds = [seeds]
+    if not isinstance(seeds, Sequence) or not seeds:
+        raise ValueError(f"seeds must be a non-empty list of integers; got {seeds!r}")
+    cfg["seeds"] = [check_int("seeds[]", s, 0) for s in seeds]
+    cfg["methods"] = normalize_methods(cfg["methods"])
+    return cfg

@@ -1,0 +1,132 @@
+"""Results on disk: one JSON per run (rewritten after every experience), markdown, plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+
+def package_versions() -> Dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("cl_plugins", "avalanche-lib", "torch", "torchvision", "numpy", "wandb"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def write_json_atomic(path: Path, data: Dict[str, Any]) -> None:
+    """Write to a temporary file then rename: a crash never leaves a half-written result."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def mean_std(values: Sequence[float]):
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None
+    m = sum(vals) / len(vals)
+    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return m, sd
+
+
+def fmt_pm(values: Sequence[float], scale: float = 100.0) -> str:
+    m, sd = mean_std(values)
+    if m is None:
+        return "–"
+    return f"{m * scale:.2f} ± {sd * scale:.2f}" if len(values) > 1 else f"{m * scale:.2f}"
+
+
+def summary_rows(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Group finished runs by method label: ACC/BWT mean ± std, time, seeds."""
+    by_method: Dict[str, List[Dict[str, Any]]] = {}
+    for r in runs:
+        by_method.setdefault(r["method"], []).append(r)
+    rows = []
+    for label, rs in by_method.items():
+        done = [r for r in rs if r["status"] == "finished"]
+        rows.append({
+            "method": label,
+            "acc": fmt_pm([r["summary"]["acc"] for r in done]),
+            "bwt": fmt_pm([r["summary"]["bwt"] for r in done]),
+            "task_il_acc": fmt_pm([r["summary_task_view"]["acc"] for r in done
+                                   if r.get("summary_task_view")]),
+            "time_s": f"{sum(r['train_time_s'] for r in done) / max(1, len(done)):.1f}",
+            "seeds": ",".join(str(r["seed"]) for r in done),
+            "failed": [r["seed"] for r in rs if r["status"] != "finished"],
+        })
+    return rows
+
+
+def markdown_table(rows: List[Dict[str, Any]], task_view: bool) -> str:
+    head = ["method", "ACC (%)", "BWT (%)"] + (["task-IL ACC (%)"] if task_view else []) + \
+        ["train time (s)", "seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["method"], r["acc"], r["bwt"]] + ([r["task_il_acc"]] if task_view else []) + \
+            [r["time_s"], r["seeds"] + (f" (failed: {r['failed']})" if r["failed"] else "")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def text_table(rows: List[Dict[str, Any]], task_view: bool) -> str:
+    head = ["method", "ACC (%)", "BWT (%)"] + (["task-IL ACC"] if task_view else []) + ["time (s)"]
+    body = [[r["method"], r["acc"], r["bwt"]] + ([r["task_il_acc"]] if task_view else []) +
+            [r["time_s"] + (" FAILED" if r["failed"] else "")] for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
+
+
+def plot_matrix(matrix: List[List[float]], path: Path, title: str) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    a = np.asarray(matrix) * 100
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * a.shape[1], 1 + 0.5 * a.shape[0]))
+    im = ax.imshow(a, vmin=0, vmax=100, cmap="viridis")
+    for (i, j), v in np.ndenumerate(a):
+        ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7,
+                color="white" if v < 60 else "black")
+    ax.set_xlabel("test experience")
+    ax.set_ylabel("after training experience")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(curves: Dict[str, List[float]], path: Path, title: str) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for label, ys in curves.items():
+        ax.plot(range(1, len(ys) + 1), [y * 100 for y in ys], marker="o", label=label)
+    ax.set_xlabel("experiences trained")
+    ax.set_ylabel("ACC on experiences seen (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

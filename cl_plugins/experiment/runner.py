@@ -1,0 +1,325 @@
+"""Config -> benchmark, model, strategy, plugins, evaluation, loggers -> results.
+
+For each method entry and each seed: seed every RNG, build the benchmark and the model, build the
+strategy (an Avalanche template plus the method's plugins), then for every training experience
+train on it and evaluate on the whole test stream. The results JSON is rewritten after every
+experience, so a failure later in the stream never loses what was measured before it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import random
+import re
+import resource
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+import torch
+from avalanche.core import SupervisedPlugin
+from avalanche.training.plugins import EvaluationPlugin
+
+from cl_plugins.benchmarks import build_benchmark
+from cl_plugins.core.augment import BatchAugmentPlugin
+from cl_plugins.core.iterations import IterationBudgetPlugin
+from cl_plugins.models import build_model
+from cl_plugins.registry import get_method, list_methods
+
+from . import results as res
+from .config import validate
+from .evaluation import ACC_KEY, TASK_VIEW_KEY, TaskILAccuracy, matrix_row, summarize
+from .progress import ProgressBarPlugin
+
+
+# The runner records results itself; Avalanche's evaluator needs no logger of its own.
+warnings.filterwarnings("ignore", message="No loggers specified, metrics will not be logged")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"strategy.device={device!r} but CUDA is not available here; use 'cpu' "
+                         "or 'auto'")
+    return torch.device(device)
+
+
+def build_optimizer(opt_cfg: Dict[str, Any], model: torch.nn.Module) -> torch.optim.Optimizer:
+    """SGD/Adam/AdamW; ``param_groups`` entries ``{params: REGEX, lr, weight_decay, ...}`` take
+    the parameters whose name matches REGEX (first match wins); the rest form the first group."""
+    name = opt_cfg["name"]
+    common = {"lr": opt_cfg["lr"], "weight_decay": opt_cfg["weight_decay"]}
+    if name == "sgd":
+        common.update(momentum=opt_cfg["momentum"], nesterov=opt_cfg["nesterov"])
+    else:
+        common.update(betas=tuple(opt_cfg["betas"]))
+    groups_cfg = opt_cfg.get("param_groups") or []
+    named = list(model.named_parameters())
+    taken, groups = set(), []
+    for i, g in enumerate(groups_cfg):
+        g = dict(g)
+        if "params" not in g:
+            raise ValueError(f"optimizer.param_groups[{i}] needs 'params': a regex over parameter "
+                             "names such as 'head\\.' or 'backbone\\.layers\\.0'")
+        pattern = re.compile(g.pop("params"))
+        params = [p for n, p in named if pattern.search(n) and n not in taken]
+        taken.update(n for n, _ in named if pattern.search(n))
+        if not params:
+            raise ValueError(f"optimizer.param_groups[{i}] matches no parameter; names are: "
+                             f"{[n for n, _ in named]}")
+        groups.append({"params": params, **g})
+    rest = [p for n, p in named if n not in taken]
+    all_groups = ([{"params": rest}] if rest else []) + groups
+    cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
+    return cls(all_groups, **common)
+
+
+def _instantiate(spec, params: Dict[str, Any]):
+    kwargs = {**spec.defaults, **(params or {})}
+    sig = inspect.signature(spec.factory.__init__)
+    accepts_any = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+    allowed = [n for n in sig.parameters if n != "self"]
+    unknown = [k for k in kwargs if k not in allowed]
+    if unknown and not accepts_any:
+        raise ValueError(f"Unknown hyper-parameter(s) {unknown} for method {spec.name!r}; "
+                         f"valid: {allowed or 'none'}")
+    return spec.factory(**kwargs)
+
+
+def method_label(entry: Dict[str, Any]) -> str:
+    return entry.get("label") or "+".join([entry["name"]] + [p["name"] for p in entry["plus"]])
+
+
+def expand_methods(methods: List[Dict[str, Any]], scenario: str) -> List[Dict[str, Any]]:
+    """Replace an entry named 'all' by every registered method that supports ``scenario``."""
+    out = []
+    for m in methods:
+        if m["name"] == "all":
+            specs = list_methods(scenario)
+            specs.sort(key=lambda s: (s.name != "naive", s.name))
+            out += [{"name": s.name, "params": {}, "plus": []} for s in specs]
+        else:
+            out.append(m)
+    return out
+
+
+class _StepCounter(SupervisedPlugin):
+    def __init__(self):
+        super().__init__()
+        self.steps = 0
+
+    def after_training_iteration(self, strategy, **kwargs):
+        self.steps += 1
+
+
+def _section(cfg, entry, key):
+    merged = dict(cfg[key])
+    merged.update(entry.get(key) or {})
+    return merged
+
+
+def run_single(cfg: Dict[str, Any], entry: Dict[str, Any], seed: int, out_dir: Path,
+               progress: bool = True) -> Dict[str, Any]:
+    """Train and evaluate one method entry with one seed; returns the results dict."""
+    from avalanche.evaluation.metrics import accuracy_metrics, bwt_metrics, forgetting_metrics
+
+    label = method_label(entry)
+    bench_cfg = dict(cfg["benchmark"])
+    bench_seed = bench_cfg.pop("seed")
+    opt_cfg, st_cfg = _section(cfg, entry, "optimizer"), _section(cfg, entry, "strategy")
+    seed_everything(seed)
+    info = build_benchmark(**bench_cfg, seed=seed if bench_seed is None else bench_seed)
+
+    # Resolve the method: one template (default naive) plus plugins.
+    specs = [(get_method(entry["name"]), entry["params"])] + \
+        [(get_method(p["name"]), p["params"]) for p in entry["plus"]]
+    template_cls, template_kwargs, plugins, trains_on_stream = None, {}, [], False
+    for spec, params in specs:
+        spec.check_scenario(info.scenario)
+        if spec.kind == "template":
+            if template_cls is not None:
+                raise ValueError(f"{label}: at most one training template (naive, joint, "
+                                 f"cumulative) per entry; got two")
+            template_cls, template_kwargs = spec.factory, {**spec.defaults, **params}
+            trains_on_stream = spec.trains_on_stream
+        else:
+            plugins.append(_instantiate(spec, params))
+    if template_cls is None:
+        from avalanche.training import Naive as template_cls  # noqa: N813
+
+    device = resolve_device(st_cfg["device"])
+    seed_everything(seed)  # model init must not depend on how much RNG the benchmark used
+    model = build_model(cfg["model"], info)
+    optimizer = build_optimizer(opt_cfg, model)
+    counter = _StepCounter()
+    extra: List[SupervisedPlugin] = [counter]
+    if st_cfg["train_iterations"] is not None:
+        extra.append(IterationBudgetPlugin(st_cfg["train_iterations"]))
+    if st_cfg["augment"] == "crop_flip":
+        extra.append(BatchAugmentPlugin())
+    if progress:
+        extra.append(ProgressBarPlugin(f"{label} s{seed}"))
+
+    metrics = [accuracy_metrics(experience=True), bwt_metrics(stream=True),
+               forgetting_metrics(stream=True)]
+    if info.scenario == "class":
+        metrics.append(TaskILAccuracy())
+    loggers = []
+    wandb_logger = None
+    if cfg["loggers"]["wandb"]:
+        from avalanche.logging import WandBLogger
+
+        lg = cfg["loggers"]
+        params = {"reinit": "finish_previous"}
+        if lg.get("wandb_entity"):
+            params["entity"] = lg["wandb_entity"]
+        if lg.get("wandb_group"):
+            params["group"] = lg["wandb_group"]
+        wandb_logger = WandBLogger(project_name=lg["wandb_project"],
+                                   run_name=f"{cfg['name']}/{label}/seed{seed}",
+                                   config={**cfg, "seed": seed, "method": label},
+                                   dir=str(out_dir), save_code=False, params=params)
+        loggers.append(wandb_logger)
+    evaluator = EvaluationPlugin(*metrics, loggers=loggers, strict_checks=False)
+    strategy = template_cls(model=model, optimizer=optimizer,
+                            criterion=torch.nn.CrossEntropyLoss(),
+                            train_mb_size=st_cfg["train_mb_size"], train_epochs=st_cfg["epochs"],
+                            eval_mb_size=st_cfg["eval_mb_size"], device=device,
+                            plugins=plugins + extra, evaluator=evaluator, eval_every=-1,
+                            **template_kwargs)
+
+    path = out_dir / cfg["name"] / label / f"seed{seed}.json"
+    result: Dict[str, Any] = {
+        "status": "running", "method": label, "seed": seed, "config": cfg,
+        "method_entry": entry, "benchmark": info.describe(), "versions": res.package_versions(),
+        "device": str(device), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "view": info.scenario, "matrix": [], "matrix_task_view": [] if info.scenario == "class"
+        else None, "train_time_s_per_exp": [], "steps_per_exp": [], "peak_rss_mb": [],
+        "peak_cuda_mb": [], "avalanche": {},
+    }
+    write = (lambda: res.write_json_atomic(path, result)) if cfg["loggers"]["json"] else \
+        (lambda: None)
+    train_stream, test_stream = info.benchmark.train_stream, info.benchmark.test_stream
+    T = info.n_experiences
+    reset_opt = bool(st_cfg["reset_optimizer"])
+    try:
+        write()
+        todo = [train_stream] if trains_on_stream else list(train_stream)
+        for item in todo:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            steps0 = counter.steps
+            t0 = time.perf_counter()
+            strategy.train(item, reset_optimizer_state=reset_opt)
+            result["train_time_s_per_exp"].append(time.perf_counter() - t0)
+            result["steps_per_exp"].append(counter.steps - steps0)
+            result["peak_rss_mb"].append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+            result["peak_cuda_mb"].append(torch.cuda.max_memory_allocated(device) / 2**20
+                                          if device.type == "cuda" else None)
+            metrics_now = strategy.eval(test_stream)
+            result["matrix"].append(matrix_row(metrics_now, T, ACC_KEY))
+            if result["matrix_task_view"] is not None:
+                result["matrix_task_view"].append(matrix_row(metrics_now, T, TASK_VIEW_KEY))
+            result["avalanche"] = {k: float(v) for k, v in metrics_now.items()
+                                   if k.startswith(("StreamBWT", "StreamForgetting"))}
+            write()
+        result["summary"] = summarize(result["matrix"])
+        result["summary_task_view"] = (summarize(result["matrix_task_view"])
+                                       if result["matrix_task_view"] else None)
+        result["train_time_s"] = float(sum(result["train_time_s_per_exp"]))
+        steps = sum(result["steps_per_exp"])
+        result["step_time_ms"] = 1000 * result["train_time_s"] / steps if steps else None
+        result["status"] = "finished"
+        write()
+        if cfg["loggers"]["plots"]:
+            png = res.plot_matrix(result["matrix"], path.with_suffix(".png"),
+                                  f"{cfg['name']} {label} seed {seed} ({info.scenario}-IL)")
+            result["plots"] = [str(png)]
+            write()
+        if wandb_logger is not None:
+            log = {f"final/{k}": v for k, v in result["summary"].items()
+                   if isinstance(v, (int, float))}
+            if result.get("plots"):
+                log["final/acc_matrix"] = wandb_logger.wandb.Image(result["plots"][0])
+            wandb_logger.wandb.log(log)
+            for k, v in log.items():
+                if not k.endswith("acc_matrix"):
+                    wandb_logger.wandb.run.summary[k] = v
+    except BaseException as err:  # record then re-raise: what was measured stays on disk
+        result["status"] = "failed"
+        result["error"] = f"{type(err).__name__}: {err}"
+        result["traceback"] = traceback.format_exc()
+        write()
+        raise
+    finally:
+        if wandb_logger is not None:
+            wandb_logger.wandb.finish()
+    return result
+
+
+def run_experiment(cfg: Dict[str, Any], progress: bool | None = None,
+                   echo=print) -> List[Dict[str, Any]]:
+    """Run every method entry for every seed; write the summary; return the per-run results."""
+    cfg = validate(cfg)
+    scenario = cfg["benchmark"]["scenario"]
+    from cl_plugins.benchmarks import resolve_scenario
+
+    scenario = resolve_scenario(scenario)
+    cfg["benchmark"]["scenario"] = scenario
+    entries = expand_methods(cfg["methods"], scenario)
+    for e in entries:  # fail fast on names and scenarios before any training
+        for name in [e["name"]] + [p["name"] for p in e["plus"]]:
+            get_method(name).check_scenario(scenario)
+    if os.environ.get("WANDB_SWEEP_ID"):
+        if len(entries) != 1 or len(cfg["seeds"]) != 1:
+            raise ValueError("Under a wandb sweep agent each run must be one method and one seed "
+                             f"(got {len(entries)} methods, seeds {cfg['seeds']}); make the seed "
+                             "a sweep parameter instead.")
+        cfg["loggers"]["wandb"] = True
+    progress = cfg["loggers"]["progress"] if progress is None else progress
+    out_dir = Path(cfg["output_dir"])
+    runs: List[Dict[str, Any]] = []
+    for entry in entries:
+        for seed in cfg["seeds"]:
+            label = method_label(entry)
+            try:
+                runs.append(run_single(cfg, entry, seed, out_dir, progress=progress))
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as err:
+                echo(f"[cl-run] {label} seed {seed} FAILED: {type(err).__name__}: {err}")
+                runs.append({"method": label, "seed": seed, "status": "failed",
+                             "error": f"{type(err).__name__}: {err}"})
+    write_summary(cfg, runs, out_dir)
+    return runs
+
+
+def write_summary(cfg: Dict[str, Any], runs: List[Dict[str, Any]], out_dir: Path) -> str:
+    rows = res.summary_rows(runs)
+    task_view = cfg["benchmark"]["scenario"] == "class"
+    md = (f"# {cfg['name']}\n\nBenchmark: {cfg['benchmark']['name']}, "
+          f"{cfg['benchmark']['scenario']}-IL. Seeds: {cfg['seeds']}.\n\n"
+          + res.markdown_table(rows, task_view) + "\n")
+    base = out_dir / cfg["name"]
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "summary.md").write_text(md)
+    curves = {}
+    for label in dict.fromkeys(r["method"] for r in runs):
+        done = [r for r in runs if r["method"] == label and r["status"] == "finished"]
+        if done and len(done[0]["summary"]["acc_curve"]) > 1:
+            curves[label] = np.mean([r["summary"]["acc_curve"] for r in done], axis=0).tolist()
+    if cfg["loggers"]["plots"] and curves:
+        res.plot_curves(curves, base / "acc_curve.png", f"{cfg['name']}: ACC over experiences")
+    return md

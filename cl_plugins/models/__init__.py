@@ -1,0 +1,70 @@
+"""Models: backbones (no output layer), heads, and ``build_model`` for the experiment runner."""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+from avalanche.models import MultiHeadClassifier
+from torch import nn
+
+from cl_plugins.core.checks import check_choice, unknown_name_error
+
+from .alexnet import AlexNet5
+from .classifier import ClassifierNet
+from .heads import MaskedHead
+from .lenet import LeNet
+from .mlp import MLP
+from .preact_resnet import PreActResNet18
+from .reduced_resnet import ReducedResNet18
+
+BACKBONES = {"mlp": MLP, "preact_resnet18": PreActResNet18, "reduced_resnet18": ReducedResNet18,
+             "alexnet5": AlexNet5, "lenet": LeNet}
+HEADS = ("auto", "multihead", "linear", "masked")
+
+
+def build_backbone(name: str, input_shape, **kwargs) -> nn.Module:
+    if name not in BACKBONES:
+        raise unknown_name_error("model", name, BACKBONES)
+    c, h, w = input_shape
+    if name == "mlp":
+        kwargs.setdefault("input_size", c * h * w)
+    else:
+        kwargs.setdefault("in_channels", c)
+        if name in ("alexnet5", "lenet"):
+            kwargs.setdefault("input_size", h)
+    return BACKBONES[name](**kwargs)
+
+
+def build_model(model_cfg: Dict[str, Any], info) -> ClassifierNet:
+    """Build backbone + head for a ``BenchmarkInfo``.
+
+    ``head``: ``auto`` picks ``multihead`` for task-IL, ``linear`` for domain-IL and ``masked``
+    (unseen classes masked) for class-IL. ``mask`` sets MaskedHead's mask (default ``seen``;
+    ``task`` gives task-IL through one shared head). ``head_bias`` sets the head's bias.
+    """
+    cfg = dict(model_cfg)
+    name = cfg.pop("name", "mlp")
+    head = check_choice("model.head", cfg.pop("head", "auto"), HEADS)
+    mask = cfg.pop("mask", "seen")
+    head_bias = cfg.pop("head_bias", True)
+    backbone = build_backbone(name, info.input_shape, **cfg)
+    if head == "auto":
+        head = {"task": "multihead", "domain": "linear", "class": "masked"}[info.scenario]
+    if head == "multihead":
+        if not info.task_labels:
+            raise ValueError(f"model.head='multihead' needs task labels, but the scenario is "
+                             f"{info.scenario}-IL; use 'linear' or 'masked'")
+        # No masking: each head has exactly its task's classes (labels restart at 0 per task).
+        out = MultiHeadClassifier(backbone.out_features, initial_out_features=info.n_outputs,
+                                  masking=False)
+        if not head_bias:
+            raise ValueError("model.head_bias=False is not supported with the multihead head")
+    elif head == "linear":
+        out = nn.Linear(backbone.out_features, info.n_outputs, bias=head_bias)
+    else:
+        out = MaskedHead(backbone.out_features, info.n_outputs, mask=mask, bias=head_bias)
+    return ClassifierNet(backbone, out)
+
+
+__all__ = ["AlexNet5", "BACKBONES", "ClassifierNet", "LeNet", "MLP", "MaskedHead",
+           "PreActResNet18", "ReducedResNet18", "build_backbone", "build_model"]

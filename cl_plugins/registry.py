@@ -1,0 +1,92 @@
+"""Method registry: name -> class, defaults, supported scenarios, sweep space.
+
+The experiment runner, ``cl-run --list``, the README's method table and the sweep-file tests all
+read this one table. A method is either an Avalanche *template* (it owns the training loop:
+naive, joint, cumulative) or a *plugin* added to the template's plugin list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from cl_plugins.core.checks import unknown_name_error
+
+ALL_SCENARIOS = ("task", "domain", "class")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    kind: str  # "template" | "plugin"
+    factory: Callable[..., Any]
+    scenarios: Tuple[str, ...] = ALL_SCENARIOS
+    needs_task_labels: bool = False
+    defaults: Dict[str, Any] = field(default_factory=dict)
+    sweep: Dict[str, Any] = field(default_factory=dict)  # wandb parameter space, by param name
+    trains_on_stream: bool = False  # joint: one training call on the whole stream
+    paper: str = ""
+    summary: str = ""
+
+    def check_scenario(self, scenario: str) -> None:
+        if scenario in self.scenarios:
+            return
+        if self.needs_task_labels and scenario != "task":
+            raise ValueError(f"Method {self.name!r} needs task labels at training and test time, "
+                             f"so it cannot run in {scenario}-IL; use benchmark.scenario=task.")
+        raise ValueError(f"Method {self.name!r} supports the scenarios {list(self.scenarios)}; "
+                         f"got {scenario!r}.")
+
+
+_REGISTRY: Dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    if spec.kind not in ("template", "plugin"):
+        raise ValueError(f"MethodSpec.kind must be 'template' or 'plugin'; got {spec.kind!r}")
+    if spec.name in _REGISTRY:
+        raise ValueError(f"method {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_method(name: str) -> MethodSpec:
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise unknown_name_error("method", name, _REGISTRY)
+    return _REGISTRY[name]
+
+
+def list_methods(scenario: Optional[str] = None) -> List[MethodSpec]:
+    _load_builtin()
+    specs = sorted(_REGISTRY.values(), key=lambda s: s.name)
+    return [s for s in specs if scenario is None or scenario in s.scenarios]
+
+
+_loaded = False
+
+
+def _load_builtin() -> None:
+    """Register the built-in methods once (lazily, so importing the registry stays cheap)."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    from avalanche.training import Cumulative, JointTraining, Naive
+
+    from cl_plugins.baselines.ensemble import EnsemblePlugin
+
+    register(MethodSpec(
+        "naive", "template", Naive, paper="fine-tuning (lower bound)",
+        summary="plain fine-tuning on each experience in turn"))
+    register(MethodSpec(
+        "joint", "template", JointTraining, trains_on_stream=True,
+        paper="offline training on all experiences (upper bound)",
+        summary="one training run on the concatenation of the whole stream"))
+    register(MethodSpec(
+        "cumulative", "template", Cumulative, paper="retraining on all data seen so far",
+        summary="at experience t, trains on the union of experiences 0..t"))
+    register(MethodSpec(
+        "ensemble", "plugin", EnsemblePlugin, scenarios=("task",), needs_task_labels=True,
+        paper="separate networks (van de Ven et al. 2022, 'separate networks')",
+        summary="one freshly initialised network per task; the task label picks it"))
