@@ -228,7 +228,7 @@ def build_benchmark(
     train_sets, test_sets, orig_classes = [], [], []
 
     def finish(x, y, cap):
-        idx = pp.subsample(len(y), cap, g)
+        idx = pp.subsample(y, cap, g)
         x = x[idx]
         if normalize:
             x = pp.normalize(x, mean, std)

@@ -55,8 +55,22 @@ def rotate(x: torch.Tensor, angle: float) -> torch.Tensor:
     return tv_rotate(x, float(angle), interpolation=InterpolationMode.NEAREST)
 
 
-def subsample(n: int, k: Optional[int], generator: torch.Generator) -> torch.Tensor:
-    """Indices of a random subset of size min(n, k) (all indices, in order, when k is None)."""
+def subsample(y: torch.Tensor, k: Optional[int], generator: torch.Generator) -> torch.Tensor:
+    """Sorted indices of a random, class-balanced subset of size min(len(y), k).
+
+    Classes are visited round-robin (random order inside each class), so every class keeps
+    about k / n_classes samples: a small cap never drops a class from an experience, which
+    Avalanche's generator requires of the test set. ``k=None`` keeps everything.
+    """
+    n = len(y)
     if k is None or k >= n:
         return torch.arange(n)
-    return torch.randperm(n, generator=generator)[:k].sort().values
+    perm = torch.randperm(n, generator=generator)
+    yp = y[perm]
+    by_class = torch.argsort(yp, stable=True)
+    ys = yp[by_class]
+    starts = torch.searchsorted(ys, ys, side="left")  # first position of each sample's class
+    rank = torch.empty(n, dtype=torch.long)
+    rank[by_class] = torch.arange(n) - starts  # rank of each sample inside its class
+    key = rank * (int(y.max()) + 1) + yp
+    return perm[torch.argsort(key)[:k]].sort().values

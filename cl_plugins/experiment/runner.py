@@ -8,6 +8,7 @@ experience, so a failure later in the stream never loses what was measured befor
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import os
@@ -83,7 +84,13 @@ def build_optimizer(opt_cfg: Dict[str, Any], model: torch.nn.Module) -> torch.op
     rest = [p for n, p in named if n not in taken]
     all_groups = ([{"params": rest}] if rest else []) + groups
     cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
-    return cls(all_groups, **common)
+    optimizer = cls(all_groups, **common)
+    if not opt_cfg.get("zero_grad_to_none", True):
+        # PyTorch < 2 zeroed gradients in place: a parameter that took part in an earlier step
+        # keeps a zero gradient, so Adam keeps moving it with its decaying moments (old task heads
+        # drift). Protocols run on that PyTorch (Hsu et al. 2018) need this to reproduce.
+        optimizer.zero_grad = functools.partial(optimizer.zero_grad, set_to_none=False)
+    return optimizer
 
 
 def _instantiate(spec, params: Dict[str, Any]):
@@ -179,7 +186,7 @@ def run_single(cfg: Dict[str, Any], entry: Dict[str, Any], seed: int, out_dir: P
     loggers = []
     wandb_logger = None
     if cfg["loggers"]["wandb"]:
-        from avalanche.logging import WandBLogger
+        from .wandb_logger import WandBLogger
 
         lg = cfg["loggers"]
         params = {"reinit": "finish_previous"}
