@@ -84,6 +84,8 @@ def test_bad_arguments_name_the_argument():
         build_benchmark("split_mnsit", "task")
     with pytest.raises(ValueError, match="samples_per_task"):
         build_benchmark("split_digits", "task", samples_per_task=0)
+    with pytest.raises(ValueError, match="test_samples_per_task=1 is smaller than the 2 classes"):
+        build_benchmark("split_digits", "task", test_samples_per_task=1)
 
 
 def test_missing_data_names_root_and_files(tmp_path):
@@ -141,7 +143,7 @@ def test_rotated_mnist_angles(mnist_root):
                           test_samples_per_task=10, data_root=mnist_root, seed=5)
     assert all(0 <= a < 180 for a in uni.options["angles"])
     fixed = build_benchmark("rotated_mnist", "task", n_experiences=2, angles=[0, 90],
-                            normalize=False, samples_per_task=5, data_root=mnist_root)
+                            normalize=False, samples_per_task=10, data_root=mnist_root)
     x0 = _all_xy(fixed.benchmark.test_stream[0])[0]
     x1 = _all_xy(fixed.benchmark.test_stream[1])[0]
     # 90 degrees counter-clockwise equals torch.rot90 on the image plane

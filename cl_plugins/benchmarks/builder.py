@@ -227,7 +227,11 @@ def build_benchmark(
     g = torch.Generator().manual_seed(seed + 1)  # independent of the class-order stream
     train_sets, test_sets, orig_classes = [], [], []
 
-    def finish(x, y, cap):
+    def finish(x, y, cap, what="samples_per_task"):
+        n_cls = int(torch.unique(y).numel())
+        if cap is not None and cap < n_cls:
+            raise ValueError(f"benchmark.{what}={cap} is smaller than the {n_cls} classes of an "
+                             "experience; every class needs at least one sample")
         idx = pp.subsample(y, cap, g)
         x = x[idx]
         if normalize:
@@ -248,7 +252,7 @@ def build_benchmark(
             sel = torch.tensor(cls)
             mtr, mte = torch.isin(train_raw.y, sel), torch.isin(test_raw.y, sel)
             train_sets.append(finish(x_train[mtr], train_raw.y[mtr], samples_per_task))
-            test_sets.append(finish(x_test[mte], test_raw.y[mte], test_samples_per_task))
+            test_sets.append(finish(x_test[mte], test_raw.y[mte], test_samples_per_task, "test_samples_per_task"))
     elif spec.kind == "permuted":
         n_pix = x_train.shape[-1] * x_train.shape[-2]
         gp = torch.Generator().manual_seed(seed)
@@ -258,7 +262,7 @@ def build_benchmark(
         for perm in perms:
             orig_classes.append(list(range(n_classes)))
             train_sets.append(finish(pp.permute_pixels(x_train, perm), train_raw.y, samples_per_task))
-            test_sets.append(finish(pp.permute_pixels(x_test, perm), test_raw.y, test_samples_per_task))
+            test_sets.append(finish(pp.permute_pixels(x_test, perm), test_raw.y, test_samples_per_task, "test_samples_per_task"))
     else:  # rotated: rotate the raw images, then pad, so corners are not cut by the padding
         degs = _angles(n_exp, angles, angle_range, angle_sampling, seed)
         options.update(angles=degs, angle_sampling=angle_sampling, angle_range=list(angle_range))
@@ -268,7 +272,7 @@ def build_benchmark(
             if pad_to_32:
                 xr = [pp.pad_to(x, 32) for x in xr]
             train_sets.append(finish(xr[0], train_raw.y, samples_per_task))
-            test_sets.append(finish(xr[1], test_raw.y, test_samples_per_task))
+            test_sets.append(finish(xr[1], test_raw.y, test_samples_per_task, "test_samples_per_task"))
 
     from avalanche.benchmarks import nc_benchmark
 
