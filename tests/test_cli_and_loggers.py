@@ -1,0 +1,72 @@
+"""cl-run's command line, --list, the default main job, and the wandb logger (offline)."""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cl_plugins.experiment.cli import main
+from cl_plugins.registry import list_methods
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_list_prints_every_method_with_scenarios(capsys):
+    assert main(["--list"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [ln.split("\t")[0] for ln in lines] == [s.name for s in list_methods()]
+    assert "ensemble\ttask" in lines and "naive\ttask,domain,class" in lines
+
+
+def test_default_main_job_runs_every_task_il_method(tmp_path, capsys):
+    code = main([f"--out={tmp_path}", "--no-progress", "--strategy.epochs=2"])
+    out = capsys.readouterr().out
+    assert code == 0
+    table = out[out.index("method"):]
+    for name in [s.name for s in list_methods("task")]:
+        assert f"\n{name} " in table
+    assert "split_digits, task-IL" in out
+    assert (tmp_path / "default" / "summary.md").is_file()
+    assert (tmp_path / "default" / "acc_curve.png").stat().st_size > 1000
+    assert (tmp_path / "default" / "naive" / "seed0.png").stat().st_size > 1000
+
+
+def test_cli_errors_are_clean(capsys):
+    assert main(["--benchmark.nme=x"]) == 2
+    assert "Unknown config key in 'benchmark' 'nme'" in capsys.readouterr().err
+    assert main(["--config", "does/not/exist.yaml"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["positional"]) == 2
+
+
+def test_every_shipped_config_loads():
+    from cl_plugins.experiment.config import load_config, validate
+
+    for path in glob.glob(str(REPO / "experiments" / "configs" / "*.yaml")):
+        validate(load_config(path))
+
+
+def test_wandb_offline_run_holds_the_metrics(tmp_path, monkeypatch):
+    from wandb_offline import read_history
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    code = main([f"--out={tmp_path / 'runs'}", "--no-progress", "--methods=naive",
+                 "--strategy.epochs=1", "--wandb", "--loggers.wandb_project=test"])
+    assert code == 0
+    files = glob.glob(str(tmp_path / "**" / "offline-run-*" / "run-*.wandb"), recursive=True)
+    assert len(files) == 1
+    rows = read_history(Path(files[0]))
+    keys = set().union(*rows)
+    assert "Top1_Acc_Exp/eval_phase/test_stream/Task004/Exp004" in keys
+    assert "final/acc" in keys and "final/bwt" in keys
+    result = json.loads((tmp_path / "runs" / "default" / "naive" / "seed0.json").read_text())
+    final = [r["final/acc"] for r in rows if "final/acc" in r]
+    assert final == [pytest.approx(result["summary"]["acc"])]
+    # the accuracy-matrix plot went to wandb as an image
+    assert any(r.get("final/acc_matrix/_type") == "image-file" for r in rows)
