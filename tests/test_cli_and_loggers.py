@@ -70,3 +70,14 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path, monkeypatch):
     assert final == [pytest.approx(result["summary"]["acc"])]
     # the accuracy-matrix plot went to wandb as an image
     assert any(r.get("final/acc_matrix/_type") == "image-file" for r in rows)
+    assert any(r.get("final/acc_curve/_type") == "image-file" for r in rows)
+
+
+def test_readme_stays_true():
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("```bash\n", 1)[1].split("```", 1)[0].strip().splitlines()
+    assert block == ['pip install -e ".[dev]" && cl-run', "pytest"]
+    for spec in list_methods():
+        assert f"| `{spec.name}` |" in readme, f"README method table lacks {spec.name}"
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "\npytest\n" in ci and 'pip install --quiet -e ".[dev]"' in ci

@@ -251,18 +251,22 @@ def run_single(cfg: Dict[str, Any], entry: Dict[str, Any], seed: int, out_dir: P
         result["status"] = "finished"
         write()
         if cfg["loggers"]["plots"]:
-            png = res.plot_matrix(result["matrix"], path.with_suffix(".png"),
-                                  f"{cfg['name']} {label} seed {seed} ({info.scenario}-IL)")
-            result["plots"] = [str(png)]
+            title = f"{cfg['name']} {label} seed {seed} ({info.scenario}-IL)"
+            result["plots"] = {
+                "acc_matrix": str(res.plot_matrix(result["matrix"], path.with_suffix(".png"),
+                                                  title)),
+                "acc_curve": str(res.plot_curves({label: result["summary"]["acc_curve"]},
+                                                 path.with_name(f"seed{seed}_acc_curve.png"),
+                                                 title))}
             write()
         if wandb_logger is not None:
             log = {f"final/{k}": v for k, v in result["summary"].items()
                    if isinstance(v, (int, float))}
-            if result.get("plots"):
-                log["final/acc_matrix"] = wandb_logger.wandb.Image(result["plots"][0])
+            for name, png in (result.get("plots") or {}).items():
+                log[f"final/{name}"] = wandb_logger.wandb.Image(png)
             wandb_logger.wandb.log(log)
             for k, v in log.items():
-                if not k.endswith("acc_matrix"):
+                if not k.endswith(("acc_matrix", "acc_curve")):
                     wandb_logger.wandb.run.summary[k] = v
     except BaseException as err:  # record then re-raise: what was measured stays on disk
         result["status"] = "failed"
