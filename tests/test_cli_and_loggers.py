@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
 from cl_plugins.experiment.cli import main
 from cl_plugins.registry import list_methods

@@ -13,7 +13,7 @@ from avalanche.core import SupervisedPlugin
 
 from cl_plugins.experiment.config import apply_override, load_config, parse_value
 from cl_plugins.experiment.evaluation import summarize
-from cl_plugins.experiment.runner import build_optimizer, run_experiment, run_single
+from cl_plugins.experiment.runner import build_optimizer, run_experiment
 from cl_plugins.registry import MethodSpec, _REGISTRY, get_method
 
 
@@ -200,3 +200,12 @@ def test_registry_entries_are_complete():
         spec = get_method(name)
         assert spec.paper and spec.summary and spec.scenarios
     assert get_method("ensemble").needs_task_labels
+
+
+def test_method_entry_overrides_are_checked(digits_cfg):
+    digits_cfg["methods"] = [{"name": "naive", "optimizer": {"name": "lbfgs"}}]
+    with pytest.raises(ValueError, match=r"methods\[0\].optimizer.name must be one of"):
+        run_experiment(digits_cfg)
+    digits_cfg["methods"] = [{"name": "naive", "strategy": {"epoch": 2}}]
+    with pytest.raises(ValueError, match=r"Unknown key in methods\[\].strategy 'epoch'"):
+        run_experiment(digits_cfg)

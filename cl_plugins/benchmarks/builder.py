@@ -19,14 +19,12 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch.utils.data import TensorDataset
 
-from cl_plugins.core.checks import (
-    check_choice, check_int, check_range, unknown_name_error)
+from cl_plugins.core.checks import check_choice, check_int, unknown_name_error
 
 from . import preprocess as pp
 from .arrays import ImageArrays
@@ -252,7 +250,8 @@ def build_benchmark(
             sel = torch.tensor(cls)
             mtr, mte = torch.isin(train_raw.y, sel), torch.isin(test_raw.y, sel)
             train_sets.append(finish(x_train[mtr], train_raw.y[mtr], samples_per_task))
-            test_sets.append(finish(x_test[mte], test_raw.y[mte], test_samples_per_task, "test_samples_per_task"))
+            test_sets.append(finish(x_test[mte], test_raw.y[mte], test_samples_per_task,
+                                   "test_samples_per_task"))
     elif spec.kind == "permuted":
         n_pix = x_train.shape[-1] * x_train.shape[-2]
         gp = torch.Generator().manual_seed(seed)
@@ -262,7 +261,8 @@ def build_benchmark(
         for perm in perms:
             orig_classes.append(list(range(n_classes)))
             train_sets.append(finish(pp.permute_pixels(x_train, perm), train_raw.y, samples_per_task))
-            test_sets.append(finish(pp.permute_pixels(x_test, perm), test_raw.y, test_samples_per_task, "test_samples_per_task"))
+            test_sets.append(finish(pp.permute_pixels(x_test, perm), test_raw.y, test_samples_per_task,
+                                   "test_samples_per_task"))
     else:  # rotated: rotate the raw images, then pad, so corners are not cut by the padding
         degs = _angles(n_exp, angles, angle_range, angle_sampling, seed)
         options.update(angles=degs, angle_sampling=angle_sampling, angle_range=list(angle_range))
@@ -272,7 +272,8 @@ def build_benchmark(
             if pad_to_32:
                 xr = [pp.pad_to(x, 32) for x in xr]
             train_sets.append(finish(xr[0], train_raw.y, samples_per_task))
-            test_sets.append(finish(xr[1], test_raw.y, test_samples_per_task, "test_samples_per_task"))
+            test_sets.append(finish(xr[1], test_raw.y, test_samples_per_task,
+                                   "test_samples_per_task"))
 
     from avalanche.benchmarks import nc_benchmark
 

@@ -82,3 +82,25 @@ def check_int(name: str, value: Any, low: Optional[int] = None, high: Optional[i
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an integer; got {value!r}.")
     return check_range(name, value, low, high)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    # check_choice(name, v, (True, False)) would accept 0 and 1, since 1 == True.
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be one of True, False; got {value!r}.")
+    return value
+
+
+def check_image_batch(model: str, x: Any, in_channels: int, input_size: Optional[int] = None):
+    """Check a [N, C, H, W] batch: 4-D, ``in_channels`` channels, H = W = ``input_size`` if given."""
+    if x.dim() != 4:
+        raise ValueError(f"{model} expects a 4-D [N, C, H, W] input; got shape {tuple(x.shape)}.")
+    if x.shape[1] != in_channels:
+        raise ValueError(f"{model} expects {in_channels} input channels (in_channels="
+                         f"{in_channels}); got {x.shape[1]} channels in an input of shape "
+                         f"{tuple(x.shape)}.")
+    if input_size is not None and tuple(x.shape[2:]) != (input_size, input_size):
+        # The first fully-connected layer's width is fixed by input_size: say so, rather than
+        # letting a matmul shape error surface.
+        raise ValueError(f"{model} expects {input_size}x{input_size} inputs (input_size="
+                         f"{input_size}); got {x.shape[2]}x{x.shape[3]}.")

@@ -6,7 +6,8 @@
 
 Overrides use the ``--section.key=value`` form that a wandb sweep agent passes (values are read
 as YAML: numbers, booleans, [lists]). Shortcuts: ``--data-root=PATH`` (benchmark.data_root),
-``--out=DIR`` (output_dir), ``--wandb`` (loggers.wandb=true), ``--no-progress``.
+``--out=DIR`` (output_dir), ``--wandb`` (loggers.wandb=true), ``--no-progress``,
+``--only=LABEL[,LABEL]`` (run only the config's method entries with these labels or names).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ FLAGS = {"wandb": ("loggers.wandb", True), "no-progress": ("loggers.progress", F
 
 
 def parse_args(argv: List[str]):
-    config_path, overrides, list_only = None, [], False
+    config_path, overrides, list_only, only = None, [], False, None
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -40,6 +41,8 @@ def parse_args(argv: List[str]):
             i += 1
         elif arg.startswith("--config="):
             config_path = arg.split("=", 1)[1]
+        elif arg.startswith("--only="):
+            only = [x for x in arg.split("=", 1)[1].split(",") if x]
         elif arg.startswith("--") and "=" in arg:
             key, value = arg[2:].split("=", 1)
             overrides.append((SHORTCUTS.get(key, key), parse_value(value)))
@@ -49,7 +52,20 @@ def parse_args(argv: List[str]):
             raise ValueError(f"cannot parse argument {arg!r}: use --key=value, --config PATH, "
                              f"--list, or one of --{', --'.join(FLAGS)}")
         i += 1
-    return config_path, overrides, list_only
+    return config_path, overrides, list_only, only
+
+
+def select_methods(cfg, only):
+    """Keep the method entries whose label (or name) is in ``only``."""
+    from .config import normalize_methods
+    from .runner import method_label
+
+    entries = normalize_methods(cfg["methods"])
+    kept = [e for e in entries if method_label(e) in only or e["name"] in only]
+    if not kept:
+        raise ValueError(f"--only={','.join(only)} matches no method entry; the config has "
+                         f"{[method_label(e) for e in entries]}")
+    cfg["methods"] = kept
 
 
 def list_methods_text() -> str:
@@ -61,13 +77,15 @@ def list_methods_text() -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        config_path, overrides, list_only = parse_args(argv)
+        config_path, overrides, list_only, only = parse_args(argv)
         if list_only:
             print(list_methods_text())
             return 0
         cfg = load_config(config_path)
         for key, value in overrides:
             apply_override(cfg, key, value)
+        if only:
+            select_methods(cfg, only)
         from .runner import run_experiment
         from . import results as res
 

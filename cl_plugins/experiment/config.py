@@ -64,7 +64,6 @@ def load_config(path: str | Path | None = None) -> Dict[str, Any]:
 def merge(base: Dict[str, Any], update: Dict[str, Any], where: str) -> None:
     """Recursively merge ``update`` into ``base``, rejecting unknown keys of strict sections."""
     for key, value in update.items():
-        path = f"{where}.{key}" if where else key
         if not where and key not in DEFAULT_CONFIG:
             raise unknown_name_error("config key", key, DEFAULT_CONFIG)
         if where in STRICT_SECTIONS and key not in DEFAULT_CONFIG[where]:
@@ -174,26 +173,52 @@ def known_keys(cfg: Dict[str, Any] | None = None) -> List[str]:
     return sorted(keys)
 
 
+def _check_optimizer(opt: Dict[str, Any], where: str) -> None:
+    from cl_plugins.core.checks import check_choice, check_non_negative, check_positive
+
+    check_choice(f"{where}.name", opt["name"], OPTIMIZERS)
+    check_positive(f"{where}.lr", opt["lr"])
+    check_non_negative(f"{where}.weight_decay", opt["weight_decay"])
+    check_non_negative(f"{where}.momentum", opt["momentum"])
+
+
+def _check_strategy(st: Dict[str, Any], where: str) -> None:
+    from cl_plugins.core.checks import check_choice, check_int
+
+    check_choice(f"{where}.augment", st["augment"], AUGMENTS)
+    check_choice(f"{where}.device", st["device"],
+                 ("auto", "cpu", "cuda") + tuple(f"cuda:{i}" for i in range(16)))
+    check_int(f"{where}.epochs", st["epochs"], 1)
+    check_int(f"{where}.train_mb_size", st["train_mb_size"], 1)
+    check_int(f"{where}.eval_mb_size", st["eval_mb_size"], 1)
+    if st["train_iterations"] is not None:
+        check_int(f"{where}.train_iterations", st["train_iterations"], 1)
+
+
+def section_for(cfg: Dict[str, Any], entry: Dict[str, Any], key: str) -> Dict[str, Any]:
+    """``cfg[key]`` updated by a method entry's own ``optimizer`` / ``strategy`` overrides."""
+    merged = dict(cfg[key])
+    for k, v in (entry.get(key) or {}).items():
+        if k not in DEFAULT_CONFIG[key]:
+            raise unknown_name_error(f"key in methods[].{key}", k, DEFAULT_CONFIG[key])
+        merged[k] = v
+    return merged
+
+
 def validate(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """Check the values the runner itself consumes; returns ``cfg`` with methods normalised."""
-    from cl_plugins.core.checks import check_choice, check_int, check_positive
+    from cl_plugins.core.checks import check_int
 
-    opt, st = cfg["optimizer"], cfg["strategy"]
-    check_choice("optimizer.name", opt["name"], OPTIMIZERS)
-    check_positive("optimizer.lr", opt["lr"])
-    check_choice("strategy.augment", st["augment"], AUGMENTS)
-    check_choice("strategy.device", st["device"], ("auto", "cpu", "cuda") + tuple(
-        f"cuda:{i}" for i in range(16)))
-    check_int("strategy.epochs", st["epochs"], 1)
-    check_int("strategy.train_mb_size", st["train_mb_size"], 1)
-    check_int("strategy.eval_mb_size", st["eval_mb_size"], 1)
-    if st["train_iterations"] is not None:
-        check_int("strategy.train_iterations", st["train_iterations"], 1)
     seeds = cfg["seeds"]
     if isinstance(seeds, int):
         seeds = [seeds]
-    if not isinstance(seeds, Sequence) or not seeds:
+    if not isinstance(seeds, Sequence) or isinstance(seeds, str) or not seeds:
         raise ValueError(f"seeds must be a non-empty list of integers; got {seeds!r}")
     cfg["seeds"] = [check_int("seeds[]", s, 0) for s in seeds]
     cfg["methods"] = normalize_methods(cfg["methods"])
+    _check_optimizer(cfg["optimizer"], "optimizer")
+    _check_strategy(cfg["strategy"], "strategy")
+    for i, entry in enumerate(cfg["methods"]):
+        _check_optimizer(section_for(cfg, entry, "optimizer"), f"methods[{i}].optimizer")
+        _check_strategy(section_for(cfg, entry, "strategy"), f"methods[{i}].strategy")
     return cfg

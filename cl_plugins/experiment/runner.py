@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 import os
 import random
 import re
@@ -33,7 +32,7 @@ from cl_plugins.models import build_model
 from cl_plugins.registry import get_method, list_methods
 
 from . import results as res
-from .config import validate
+from .config import section_for, validate
 from .evaluation import ACC_KEY, TASK_VIEW_KEY, TaskILAccuracy, matrix_row, summarize
 from .progress import ProgressBarPlugin
 
@@ -131,12 +130,6 @@ class _StepCounter(SupervisedPlugin):
         self.steps += 1
 
 
-def _section(cfg, entry, key):
-    merged = dict(cfg[key])
-    merged.update(entry.get(key) or {})
-    return merged
-
-
 def run_single(cfg: Dict[str, Any], entry: Dict[str, Any], seed: int, out_dir: Path,
                progress: bool = True) -> Dict[str, Any]:
     """Train and evaluate one method entry with one seed; returns the results dict."""
@@ -145,7 +138,8 @@ def run_single(cfg: Dict[str, Any], entry: Dict[str, Any], seed: int, out_dir: P
     label = method_label(entry)
     bench_cfg = dict(cfg["benchmark"])
     bench_seed = bench_cfg.pop("seed")
-    opt_cfg, st_cfg = _section(cfg, entry, "optimizer"), _section(cfg, entry, "strategy")
+    opt_cfg = section_for(cfg, entry, "optimizer")
+    st_cfg = section_for(cfg, entry, "strategy")
     seed_everything(seed)
     info = build_benchmark(**bench_cfg, seed=seed if bench_seed is None else bench_seed)
 

@@ -36,17 +36,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from cl_plugins.core.checks import check_int
+from cl_plugins.core.checks import check_bool, check_image_batch, check_int
 
 # Smallest square input whose three conv/pool stages still leave a 1x1 map (19->16->8->6->3->2->1).
 _MIN_INPUT_SIZE = 19
 
 
-def _check_bool(name: str, value) -> bool:
-    # check_choice(name, v, (True, False)) would accept 0/1 because 1 == True.
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be one of True, False; got {value!r}.")
-    return value
 
 
 def _final_map_size(input_size: int) -> int:
@@ -63,7 +58,7 @@ class AlexNet5(nn.Module):
         super().__init__()
         self.in_channels = check_int("in_channels", in_channels, low=1)
         self.input_size = check_int("input_size", input_size, low=_MIN_INPUT_SIZE)
-        self.dropout = _check_bool("dropout", dropout)
+        self.dropout = check_bool("dropout", dropout)
         s = _final_map_size(input_size)
 
         self.conv1 = nn.Conv2d(in_channels, 64, 4, bias=False)
@@ -83,20 +78,7 @@ class AlexNet5(nn.Module):
         self.out_features = 2048
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        name = type(self).__name__
-        if x.dim() != 4:
-            raise ValueError(f"{name} expects a 4-D [N, C, H, W] input; got shape {tuple(x.shape)}.")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"{name} expects {self.in_channels} input channels (in_channels={self.in_channels}); "
-                f"got {x.shape[1]} channels in an input of shape {tuple(x.shape)}."
-            )
-        if tuple(x.shape[2:]) != (self.input_size, self.input_size):
-            # fc1's input size is fixed by input_size, so say so instead of a matmul shape error.
-            raise ValueError(
-                f"{name} expects {self.input_size}x{self.input_size} inputs (input_size="
-                f"{self.input_size}); got {x.shape[2]}x{x.shape[3]}."
-            )
+        check_image_batch(type(self).__name__, x, self.in_channels, self.input_size)
         x = self.maxpool(self.drop1(self.relu(self.bn1(self.conv1(x)))))
         x = self.maxpool(self.drop1(self.relu(self.bn2(self.conv2(x)))))
         x = self.maxpool(self.drop2(self.relu(self.bn3(self.conv3(x)))))

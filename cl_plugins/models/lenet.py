@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cl_plugins.core.checks import check_int
+from cl_plugins.core.checks import check_image_batch, check_int
 
 # Smallest square input that still leaves a 1x1 map after both conv/pool stages (16->12->6->2->1).
 _MIN_INPUT_SIZE = 16
@@ -67,20 +67,7 @@ class LeNet(nn.Module):
         self.out_features = h2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        name = type(self).__name__
-        if x.dim() != 4:
-            raise ValueError(f"{name} expects a 4-D [N, C, H, W] input; got shape {tuple(x.shape)}.")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"{name} expects {self.in_channels} input channels (in_channels={self.in_channels}); "
-                f"got {x.shape[1]} channels in an input of shape {tuple(x.shape)}."
-            )
-        if tuple(x.shape[2:]) != (self.input_size, self.input_size):
-            # fc1's input size is fixed by input_size, so say so instead of a matmul shape error.
-            raise ValueError(
-                f"{name} expects {self.input_size}x{self.input_size} inputs (input_size="
-                f"{self.input_size}); got {x.shape[2]}x{x.shape[3]}."
-            )
+        check_image_batch(type(self).__name__, x, self.in_channels, self.input_size)
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)
         x = F.max_pool2d(F.relu(self.conv2(x)), 2)
         x = F.relu(self.fc1(torch.flatten(x, 1)))

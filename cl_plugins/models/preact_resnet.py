@@ -38,24 +38,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cl_plugins.core.checks import check_int
+from cl_plugins.core.checks import check_bool, check_image_batch, check_int
 
 
-def _check_bool(name: str, value) -> bool:
-    # check_choice(name, v, (True, False)) would accept 0/1 because 1 == True.
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be one of True, False; got {value!r}.")
-    return value
 
 
-def _check_input(model: str, x: torch.Tensor, in_channels: int) -> None:
-    if x.dim() != 4:
-        raise ValueError(f"{model} expects a 4-D [N, C, H, W] input; got shape {tuple(x.shape)}.")
-    if x.shape[1] != in_channels:
-        raise ValueError(
-            f"{model} expects {in_channels} input channels (in_channels={in_channels}); "
-            f"got {x.shape[1]} channels in an input of shape {tuple(x.shape)}."
-        )
 
 
 class _PreActBlock(nn.Module):
@@ -88,7 +75,7 @@ class PreActResNet18(nn.Module):
         super().__init__()
         self.in_channels = check_int("in_channels", in_channels, low=1)
         self.width = check_int("width", width, low=1)
-        self.bias = _check_bool("bias", bias)
+        self.bias = check_bool("bias", bias)
 
         self.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=bias)
         planes = [width, 2 * width, 4 * width, 8 * width]
@@ -102,7 +89,7 @@ class PreActResNet18(nn.Module):
         self.out_features = in_planes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(type(self).__name__, x, self.in_channels)
+        check_image_batch(type(self).__name__, x, self.in_channels)
         out = self.conv1(x)
         out = self.stage4(self.stage3(self.stage2(self.stage1(out))))
         out = F.relu(self.bn_last(out))

@@ -36,17 +36,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cl_plugins.core.checks import check_int
+from cl_plugins.core.checks import check_image_batch, check_int
 
 
-def _check_input(model: str, x: torch.Tensor, in_channels: int) -> None:
-    if x.dim() != 4:
-        raise ValueError(f"{model} expects a 4-D [N, C, H, W] input; got shape {tuple(x.shape)}.")
-    if x.shape[1] != in_channels:
-        raise ValueError(
-            f"{model} expects {in_channels} input channels (in_channels={in_channels}); "
-            f"got {x.shape[1]} channels in an input of shape {tuple(x.shape)}."
-        )
 
 
 class _BasicBlock(nn.Module):
@@ -89,7 +81,7 @@ class ReducedResNet18(nn.Module):
         self.out_features = in_planes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(type(self).__name__, x, self.in_channels)
+        check_image_batch(type(self).__name__, x, self.in_channels)
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         return torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)

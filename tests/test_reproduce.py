@@ -1,0 +1,55 @@
+"""experiments/reproduce.py: the RESULTS.md table and the README block from results JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("reproduce", REPO / "experiments" / "reproduce.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _write(root, variant, method, seed, acc, bwt, status="finished"):
+    path = root / "S1" / variant / "hsu2018_split_mnist" / method / f"seed{seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"status": status, "method": method, "seed": seed,
+                                "started": "2026-11-20T10:00:00",
+                                "summary": {"acc": acc, "bwt": bwt}}))
+
+
+def test_table_rows_and_spread_check(tmp_path, monkeypatch):
+    rp = _load()
+    monkeypatch.setattr(rp, "RESULTS_DIR", tmp_path)
+    _write(tmp_path, "task", "naive-sgd", 0, 0.9790, -0.01)
+    _write(tmp_path, "task", "naive-sgd", 1, 0.9810, -0.01)
+    _write(tmp_path, "task", "naive-sgd", 2, 0.50, -0.5, status="failed")  # ignored
+    _write(tmp_path, "class", "naive-adam", 0, 0.30, -0.9)  # far from 19.71 +- 0.08
+    rows = rp.collect()
+    assert [(r["variant"], r["method"]) for r in rows] == [("task", "naive-sgd"),
+                                                           ("class", "naive-adam")]
+    sgd, adam = rows
+    assert sgd["acc"] == "98.00 ± 0.14" and sgd["seeds"] == "0,1" and sgd["ok"] == "yes"
+    assert sgd["published"] == "97.98 ± 0.09"
+    assert adam["ok"] == "**no**"
+    table = rp.build_table(rows)
+    assert "| S1 | naive-sgd | split_mnist | task-IL | 98.00 ± 0.14 | -1.00 ± 0.00 | 0,1 |" in table
+    assert "`python experiments/reproduce.py S1 --variant task`" in table
+
+
+def test_readme_block_is_rewritten(tmp_path, monkeypatch):
+    rp = _load()
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:start -->\nold\n<!-- results:end -->\nrest\n")
+    monkeypatch.setattr(rp, "REPO", tmp_path)
+    rp.update_readme([{"protocol": "S1", "method": "m", "variant": "task", "acc": "1.00 ± 0.00",
+                       "published": "–", "n": 3}])
+    text = readme.read_text()
+    assert "old" not in text and "| S1 | m | task-IL | 1.00 ± 0.00 | – | 3 |" in text
+    assert text.startswith("intro\n") and text.endswith("rest\n")
