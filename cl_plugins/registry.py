@@ -28,6 +28,18 @@ class MethodSpec:
     paper: str = ""
     summary: str = ""
 
+    @classmethod
+    def from_plugin(cls, plugin_cls) -> "MethodSpec":
+        """A plugin declares its registry entry as class attributes (Mammoth-style header):
+        ``METHOD_NAME``, ``SCENARIOS``, ``NEEDS_TASK_LABELS``, ``DEFAULTS`` (the paper
+        protocol's hyper-parameters), ``SWEEP`` (wandb parameter space), ``PAPER``, ``SUMMARY``."""
+        return cls(name=plugin_cls.METHOD_NAME, kind="plugin", factory=plugin_cls,
+                   scenarios=tuple(plugin_cls.SCENARIOS),
+                   needs_task_labels=getattr(plugin_cls, "NEEDS_TASK_LABELS", False),
+                   defaults=dict(getattr(plugin_cls, "DEFAULTS", {})),
+                   sweep=dict(getattr(plugin_cls, "SWEEP", {})),
+                   paper=plugin_cls.PAPER, summary=plugin_cls.SUMMARY)
+
     def check_scenario(self, scenario: str) -> None:
         if scenario in self.scenarios:
             return
@@ -39,6 +51,11 @@ class MethodSpec:
 
 
 _REGISTRY: Dict[str, MethodSpec] = {}
+
+# Plugin methods, as "module:Class"; each class carries its own registry header.
+PLUGIN_CLASSES = [
+    "cl_plugins.baselines.ensemble:EnsemblePlugin",
+]
 
 
 def register(spec: MethodSpec) -> MethodSpec:
@@ -74,7 +91,7 @@ def _load_builtin() -> None:
     _loaded = True
     from avalanche.training import Cumulative, JointTraining, Naive
 
-    from cl_plugins.baselines.ensemble import EnsemblePlugin
+    import importlib
 
     register(MethodSpec(
         "naive", "template", Naive, paper="fine-tuning (lower bound)",
@@ -86,7 +103,6 @@ def _load_builtin() -> None:
     register(MethodSpec(
         "cumulative", "template", Cumulative, paper="retraining on all data seen so far",
         summary="at experience t, trains on the union of experiences 0..t"))
-    register(MethodSpec(
-        "ensemble", "plugin", EnsemblePlugin, scenarios=("task",), needs_task_labels=True,
-        paper="separate networks (van de Ven et al. 2022, 'separate networks')",
-        summary="one freshly initialised network per task; the task label picks it"))
+    for path in PLUGIN_CLASSES:
+        module, cls = path.split(":")
+        register(MethodSpec.from_plugin(getattr(importlib.import_module(module), cls)))
