@@ -25,6 +25,7 @@ class MethodSpec:
     defaults: Dict[str, Any] = field(default_factory=dict)
     sweep: Dict[str, Any] = field(default_factory=dict)  # wandb parameter space, by param name
     trains_on_stream: bool = False  # joint: one training call on the whole stream
+    reference: bool = False  # another library's version, run only when named (not in "all")
     paper: str = ""
     summary: str = ""
 
@@ -106,3 +107,29 @@ def _load_builtin() -> None:
     for path in PLUGIN_CLASSES:
         module, cls = path.split(":")
         register(MethodSpec.from_plugin(getattr(importlib.import_module(module), cls)))
+    _register_avalanche_references()
+
+
+def _avalanche_online_ewc(ewc_lambda: float, decay_factor: float = 1.0):
+    from avalanche.training.plugins import EWCPlugin
+
+    return EWCPlugin(ewc_lambda=ewc_lambda, mode="online", decay_factor=decay_factor)
+
+
+def _register_avalanche_references() -> None:
+    """Avalanche's own versions of methods we also implement, for side-by-side runs in the same
+    script (``avalanche_<name>``). Arguments are Avalanche's, with Avalanche's meaning."""
+    from avalanche.training import plugins as avl
+
+    refs = [
+        ("avalanche_ewc", avl.EWCPlugin, {"ewc_lambda": 1.0, "mode": "separate"}),
+        ("avalanche_online_ewc", _avalanche_online_ewc, {"ewc_lambda": 1.0, "decay_factor": 1.0}),
+        ("avalanche_si", avl.SynapticIntelligencePlugin, {"si_lambda": 1.0}),
+        ("avalanche_mas", avl.MASPlugin, {"lambda_reg": 1.0, "alpha": 0.5}),
+        ("avalanche_rwalk", avl.RWalkPlugin, {"ewc_lambda": 0.1, "ewc_alpha": 0.9, "delta_t": 10}),
+        ("avalanche_lwf", avl.LwFPlugin, {"alpha": 1.0, "temperature": 2.0}),
+    ]
+    for name, factory, defaults in refs:
+        register(MethodSpec(name, "plugin", factory, defaults=defaults, reference=True,
+                            paper=f"Avalanche 0.6's {getattr(factory, '__name__', name)}",
+                            summary="reference: Avalanche's own implementation, run side by side"))

@@ -109,11 +109,12 @@ def method_label(entry: Dict[str, Any]) -> str:
 
 
 def expand_methods(methods: List[Dict[str, Any]], scenario: str) -> List[Dict[str, Any]]:
-    """Replace an entry named 'all' by every registered method that supports ``scenario``."""
+    """Replace an entry named 'all' by every registered method that supports ``scenario``
+    (other libraries' reference implementations only run when named)."""
     out = []
     for m in methods:
         if m["name"] == "all":
-            specs = list_methods(scenario)
+            specs = [s for s in list_methods(scenario) if not s.reference]
             specs.sort(key=lambda s: (s.name != "naive", s.name))
             out += [{"name": s.name, "params": {}, "plus": []} for s in specs]
         else:

@@ -1,0 +1,1 @@
+"""Regularization methods: quadratic parameter penalties and distillation losses."""

@@ -1,0 +1,174 @@
+"""Synaptic Intelligence (SI): Zenke, Poole & Ganguli, "Continual Learning Through Synaptic
+Intelligence", ICML 2017.
+
+Name ``si``. Scenarios: task-, domain- and class-IL (no task label is needed).
+
+Equations (the paper's Eqs. 3-5, discrete time), for every shared parameter i:
+
+- path integral accumulated while training on task mu,
+  ``omega_i^mu = sum_t -g_i(t) * delta_i(t)``,
+  with g(t) the gradient of the *task* loss at step t and ``delta_i(t) = theta_i(t+1) - theta_i(t)``
+  the change the optimizer step really made. The displacement is measured around the step
+  (snapshot in ``before_update``, difference in ``after_update``), so momentum, Adam, weight decay
+  and gradient projections by other plugins are all accounted for: the path integral follows the
+  true trajectory, not ``-lr * g``;
+- importance after task mu:
+  ``Omega_i <- Omega_i + omega_i^mu / ((Delta_i^mu)^2 + xi)``, with
+  ``Delta_i^mu = theta_i(end of task mu) - theta_i(start of task mu)`` and xi the damping term
+  (the paper's xi; van de Ven et al. call it epsilon); omega is then reset;
+- surrogate loss on the next task: ``L~ = L + c * sum_i Omega_i (theta_i - theta~_i)^2`` with
+  theta~ the parameters at the end of the previous task (no factor 1/2, as in the paper). This is
+  a :class:`~cl_plugins.core.quadratic.QuadraticPenalty` in ``accumulate`` mode.
+
+Which gradient (``gradient``):
+
+- ``"task"`` (default, the paper and its official code): the gradient of the task loss alone. It is
+  recovered from ``param.grad`` *without a second backward pass*: in ``after_backward``
+  (``param.grad`` is final, the optimizer has not stepped yet) the closed-form gradient of every
+  quadratic penalty in the strategy (``penalties_of(strategy)``: SI's own, EWC's, MAS's, RWalk's)
+  is subtracted. Loss terms that are not quadratic penalties (a distillation term of LwF, a replay
+  loss, ...) are counted as part of the task loss.
+- ``"full"``: the gradient of the whole loss, penalties included; this is what van de Ven et al.'s
+  code and Avalanche's ``SynapticIntelligencePlugin`` integrate (protocols S2, B1).
+
+Hooks: ``before_training_exp`` (start snapshot), ``before_backward`` (adds the penalty),
+``after_backward`` (gradient), ``before_update`` / ``after_update`` (displacement, path integral),
+``after_training_exp`` (importance, anchor).
+
+Hyper-parameters (defaults = protocol S1 task-IL, Hsu et al. 2018):
+
+- ``si_lambda`` (the paper's c): 300. S1 uses 300 / 3000 / 600 (task / domain / class-IL); S2
+  (van de Ven et al. 2022) 10 / 5e4 / 5e3; R1 (DER, Mammoth) 1.0.
+- ``xi``: 0.1 (S2's epsilon 0.1; R1 uses xi 1.0).
+- ``gradient``: ``"task"``.
+
+Deviations and choices:
+
+- Only shared parameters are protected (``shared_parameters``): a task-specific head is trained on
+  its own task only and gets no gradient later, so it needs no consolidation.
+- omega is accumulated in float64 (a sum of many small terms of both signs); the importance is
+  stored in the parameters' dtype.
+- Negative path-integral contributions are kept, as in the paper (no clipping at 0).
+- Optimizer weight decay moves the parameters but is not part of ``param.grad``: its displacement
+  enters ``delta``, not ``g``, as with any gradient that is computed outside the loss.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from avalanche.core import SupervisedPlugin
+
+from cl_plugins.core.checks import check_choice, check_non_negative, check_positive
+from cl_plugins.core.params import check_same_keys, shared_parameters, snapshot
+from cl_plugins.core.quadratic import QuadraticPenalty, penalties_of
+
+Tensors = Dict[str, torch.Tensor]
+GRADIENTS = ("task", "full")
+
+
+@torch.no_grad()
+def _loss_gradients(strategy, params: Dict[str, torch.nn.Parameter], which: str) -> Tensors:
+    """float64 copies of ``param.grad`` (``full``), minus every quadratic penalty's closed-form
+    gradient (``task``). Parameters without a gradient are left out. Shared by SI and RWalk."""
+    grads = {n: p.grad.detach().to(torch.float64, copy=True)
+             for n, p in params.items() if p.grad is not None}
+    if which == "task":
+        for pen in penalties_of(strategy):
+            if not len(pen):
+                continue
+            covered = pen.terms[0][0]
+            sub = {n: params[n] for n in grads if n in covered}
+            if sub:
+                for n, g in pen.gradient(sub).items():
+                    grads[n].sub_(g)
+    return grads
+
+
+class SIPlugin(SupervisedPlugin):
+    METHOD_NAME = "si"
+    SCENARIOS = ("task", "domain", "class")
+    NEEDS_TASK_LABELS = False
+    DEFAULTS: dict = {"si_lambda": 300.0, "xi": 0.1, "gradient": "task"}
+    SWEEP: dict = {"si_lambda": {"distribution": "log_uniform_values", "min": 0.1, "max": 1e5},
+                   "xi": {"values": [0.001, 0.1, 1.0]}}
+    PAPER = "Synaptic Intelligence (Zenke, Poole & Ganguli, ICML 2017)"
+    SUMMARY = ("quadratic penalty weighted by each parameter's path-integral contribution to the "
+               "loss decrease, normalised by its squared total change")
+    supports_distributed = False
+
+    def __init__(self, si_lambda: float = 300.0, xi: float = 0.1, gradient: str = "task"):
+        super().__init__()
+        self.si_lambda = check_non_negative("si_lambda", si_lambda)
+        self.xi = check_positive("xi", xi)
+        self.gradient = check_choice("gradient", gradient, GRADIENTS)
+        self.quadratic_penalty = QuadraticPenalty(coef=si_lambda, mode="accumulate")
+        self.omega: Optional[Tensors] = None  # path integral of the current task (float64)
+        self.start: Optional[Tensors] = None  # parameters at the start of the current task
+        self._params: Optional[Dict[str, torch.nn.Parameter]] = None
+        self._grads: Tensors = {}  # gradient of the last step (task or full loss), float64
+        self._before: Tensors = {}  # parameters just before the last optimizer step
+
+    # ------------------------------------------------------------------------------- hooks
+
+    def before_training_exp(self, strategy, **kwargs):
+        self._params = shared_parameters(strategy.model)
+        self.quadratic_penalty.to(strategy.device)
+        if self.omega is None:  # a fresh task (not a resumed, half-trained one)
+            self.omega = {n: torch.zeros_like(p, dtype=torch.float64)
+                          for n, p in self._params.items()}
+            self.start = snapshot(self._params)
+        else:
+            check_same_keys(self.omega, self._params, "SI's path integral")
+            self.omega = {n: t.to(strategy.device) for n, t in self.omega.items()}
+            self.start = {n: t.to(strategy.device) for n, t in self.start.items()}
+
+    def before_backward(self, strategy, **kwargs):
+        if len(self.quadratic_penalty):
+            strategy.loss += self.quadratic_penalty.loss(self._shared(strategy))
+
+    def after_backward(self, strategy, **kwargs):
+        self._grads = _loss_gradients(strategy, self._shared(strategy), self.gradient)
+
+    @torch.no_grad()
+    def before_update(self, strategy, **kwargs):
+        params = self._shared(strategy)
+        self._before = {n: params[n].detach().clone() for n in self._grads}
+
+    @torch.no_grad()
+    def after_update(self, strategy, **kwargs):
+        params = self._shared(strategy)
+        for n, g in self._grads.items():
+            delta = (params[n].detach() - self._before[n]).to(torch.float64)
+            self.omega[n].addcmul_(g, delta, value=-1.0)
+        self._before = {}
+
+    @torch.no_grad()
+    def after_training_exp(self, strategy, **kwargs):
+        params = shared_parameters(strategy.model)
+        check_same_keys(params, self.omega, "SI's path integral")
+        importance = {}
+        for n, p in params.items():
+            total = (p.detach() - self.start[n]).to(torch.float64)
+            importance[n] = (self.omega[n] / (total.pow(2) + self.xi)).to(p.dtype)
+        self.quadratic_penalty.add(importance, snapshot(params))
+        self.omega, self.start, self._params, self._grads = None, None, None, {}
+
+    # ------------------------------------------------------------------------------- helpers
+
+    def _shared(self, strategy) -> Dict[str, torch.nn.Parameter]:
+        if self._params is None:
+            self._params = shared_parameters(strategy.model)
+        return self._params
+
+    def state_dict(self) -> dict:
+        cpu = (lambda d: None if d is None else {n: t.detach().cpu() for n, t in d.items()})
+        return {"penalty": self.quadratic_penalty.state_dict(), "omega": cpu(self.omega),
+                "start": cpu(self.start)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.quadratic_penalty.load_state_dict(state["penalty"])
+        copy = (lambda d: None if d is None else {n: t.clone() for n, t in d.items()})
+        self.omega, self.start = copy(state["omega"]), copy(state["start"])
+        self._params, self._grads, self._before = None, {}, {}
