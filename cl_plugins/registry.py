@@ -56,6 +56,13 @@ _REGISTRY: Dict[str, MethodSpec] = {}
 # Plugin methods, as "module:Class"; each class carries its own registry header.
 PLUGIN_CLASSES = [
     "cl_plugins.baselines.ensemble:EnsemblePlugin",
+    "cl_plugins.regularization.ewc:EWCPlugin",
+    "cl_plugins.regularization.online_ewc:OnlineEWCPlugin",
+    "cl_plugins.regularization.lwf:LwFPlugin",
+    "cl_plugins.regularization.scp:SCPPlugin",
+    "cl_plugins.regularization.si:SIPlugin",
+    "cl_plugins.regularization.mas:MASPlugin",
+    "cl_plugins.regularization.rwalk:RWalkPlugin",
 ]
 
 

@@ -37,8 +37,9 @@ Hyper-parameters (defaults = protocol S1 task-IL, Hsu et al. 2018):
 - ``output_reduction``: ``"sum"`` (the paper's squared L2 norm, also in the released code) or
   ``"mean"`` (mean of the squared logits over the outputs, as Hsu et al.'s code, whose S1
   coefficients were tuned for it: the importance is then smaller by the number of outputs).
-- ``importance_batch_size``: 64, the chunk size for per-sample gradients (memory: this many
-  copies of the shared parameters); it does not change the result.
+- ``importance_batch_size``: 16, the chunk size for per-sample gradients (memory: this many
+  copies of the shared parameters); it does not change the result. 16 was the fastest on CPU
+  for a 1024-400-400 MLP (larger chunks fall out of cache); raise it on a GPU.
 
 Deviations and choices:
 
@@ -72,7 +73,7 @@ class MASPlugin(SupervisedPlugin):
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False
     DEFAULTS: dict = {"mas_lambda": 1.0, "outputs": "experience", "output_reduction": "sum",
-                      "importance_batch_size": 64}
+                      "importance_batch_size": 16}
     SWEEP: dict = {"mas_lambda": {"distribution": "log_uniform_values", "min": 0.01, "max": 1e5}}
     PAPER = "Memory Aware Synapses (Aljundi et al., ECCV 2018)"
     SUMMARY = ("quadratic penalty weighted by the mean absolute gradient of the squared L2 norm "
@@ -80,7 +81,7 @@ class MASPlugin(SupervisedPlugin):
     supports_distributed = False
 
     def __init__(self, mas_lambda: float = 1.0, outputs: str = "experience",
-                 output_reduction: str = "sum", importance_batch_size: int = 64):
+                 output_reduction: str = "sum", importance_batch_size: int = 16):
         super().__init__()
         self.mas_lambda = check_non_negative("mas_lambda", mas_lambda)
         self.outputs = check_choice("outputs", outputs, OUTPUTS)
@@ -115,12 +116,13 @@ class MASPlugin(SupervisedPlugin):
                    device) -> Dict[str, torch.Tensor]:
         """``1/N sum_k |d r(F(x_k)[units]^2) / d theta|`` (r = sum or mean), in params' dtype."""
         idx = torch.as_tensor(units, dtype=torch.long, device=device)
+        top = max(units)
         reduce = torch.sum if self.output_reduction == "sum" else torch.mean
 
         def sq_norm(logits, _target):
-            if int(idx.max()) >= logits.shape[-1]:
-                raise ValueError(f"MAS: class {int(idx.max())} of the experience has no output "
-                                 f"unit; the model gives {logits.shape[-1]} outputs")
+            if top >= logits.shape[-1]:  # shapes are static under vmap: a plain check
+                raise ValueError(f"MAS: class {top} of the experience has no output unit; the "
+                                 f"model gives {logits.shape[-1]} outputs")
             return reduce(logits[:, idx].pow(2))
 
         if hasattr(dataset, "eval"):
@@ -137,7 +139,9 @@ class MASPlugin(SupervisedPlugin):
                 grads = per_sample_gradients(model, params, x, torch.zeros(len(x), device=device),
                                              sq_norm, task_label=task_label)
                 for n, g in grads.items():
-                    total[n] += g.abs().sum(0, dtype=torch.float64)
+                    # per-chunk sums in the parameters' dtype (a float64 reduction over the
+                    # chunk is ~10x slower on CPU); the running total is float64
+                    total[n] += g.abs_().sum(0)
                 count += len(x)
         finally:
             model.train(was_training)

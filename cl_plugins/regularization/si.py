@@ -7,11 +7,11 @@ Equations (the paper's Eqs. 3-5, discrete time), for every shared parameter i:
 
 - path integral accumulated while training on task mu,
   ``omega_i^mu = sum_t -g_i(t) * delta_i(t)``,
-  with g(t) the gradient of the *task* loss at step t and ``delta_i(t) = theta_i(t+1) - theta_i(t)``
-  the change the optimizer step really made. The displacement is measured around the step
-  (snapshot in ``before_update``, difference in ``after_update``), so momentum, Adam, weight decay
-  and gradient projections by other plugins are all accounted for: the path integral follows the
-  true trajectory, not ``-lr * g``;
+  with g(t) the gradient of the *task* loss at step t and
+  ``delta_i(t) = theta_i(t+1) - theta_i(t)`` the change the optimizer step really made. The
+  displacement is measured around the step (snapshot in ``before_update``, difference in
+  ``after_update``), so momentum, Adam, weight decay and gradient projections by other plugins are
+  all accounted for: the path integral follows the true trajectory, not ``-lr * g``;
 - importance after task mu:
   ``Omega_i <- Omega_i + omega_i^mu / ((Delta_i^mu)^2 + xi)``, with
   ``Delta_i^mu = theta_i(end of task mu) - theta_i(start of task mu)`` and xi the damping term
@@ -46,8 +46,11 @@ Deviations and choices:
 
 - Only shared parameters are protected (``shared_parameters``): a task-specific head is trained on
   its own task only and gets no gradient later, so it needs no consolidation.
-- omega is accumulated in float64 (a sum of many small terms of both signs); the importance is
-  stored in the parameters' dtype.
+- omega is accumulated per step in the parameters' dtype (at least float32), in preallocated
+  buffers: a float32 sum over n steps has a relative rounding error of about sqrt(n) * 6e-8
+  (1e-5 at 10^4 steps), far below the estimate's own noise, while per-step float64 updates cost
+  several times more on CPU. The importance itself is computed in float64 and stored in the
+  parameters' dtype.
 - Negative path-integral contributions are kept, as in the paper (no clipping at 0).
 - Optimizer weight decay moves the parameters but is not part of ``param.grad``: its displacement
   enters ``delta``, not ``g``, as with any gradient that is computed outside the loss.
@@ -68,22 +71,42 @@ Tensors = Dict[str, torch.Tensor]
 GRADIENTS = ("task", "full")
 
 
+def _acc_dtype(p: torch.Tensor) -> torch.dtype:
+    """Per-step accumulators: the parameters' dtype, at least float32."""
+    return torch.promote_types(p.dtype, torch.float32)
+
+
 @torch.no_grad()
-def _loss_gradients(strategy, params: Dict[str, torch.nn.Parameter], which: str) -> Tensors:
-    """float64 copies of ``param.grad`` (``full``), minus every quadratic penalty's closed-form
-    gradient (``task``). Parameters without a gradient are left out. Shared by SI and RWalk."""
-    grads = {n: p.grad.detach().to(torch.float64, copy=True)
-             for n, p in params.items() if p.grad is not None}
+def _loss_gradients(strategy, params: Dict[str, torch.nn.Parameter], which: str,
+                    out: Tensors, scratch: Tensors) -> Tensors:
+    """Write ``param.grad`` (``full``) minus every quadratic penalty's closed-form gradient
+    (``task``) into the buffers ``out`` (zeros where a parameter has no gradient); ``scratch`` is
+    overwritten. Shared by SI and RWalk.
+
+    For a plain ``QuadraticPenalty`` its gradient ``2 coef sum_k omega_k (theta - anchor_k)`` is
+    subtracted in place (two passes per term, no allocation: this runs at every step); any other
+    penalty class goes through its own ``gradient()``."""
+    for n, p in params.items():
+        if p.grad is None:
+            out[n].zero_()
+        else:
+            out[n].copy_(p.grad)
     if which == "task":
         for pen in penalties_of(strategy):
             if not len(pen):
                 continue
-            covered = pen.terms[0][0]
-            sub = {n: params[n] for n in grads if n in covered}
-            if sub:
+            if type(pen) is QuadraticPenalty:
+                for importance, anchor in pen.terms:
+                    for n, p in params.items():
+                        if n in importance:
+                            torch.sub(p, anchor[n], out=scratch[n])
+                            out[n].addcmul_(importance[n], scratch[n], value=-2.0 * pen.coef)
+            else:
+                covered = pen.terms[0][0]
+                sub = {n: params[n] for n in params if n in covered}
                 for n, g in pen.gradient(sub).items():
-                    grads[n].sub_(g)
-    return grads
+                    out[n].sub_(g)
+    return out
 
 
 class SIPlugin(SupervisedPlugin):
@@ -104,45 +127,46 @@ class SIPlugin(SupervisedPlugin):
         self.xi = check_positive("xi", xi)
         self.gradient = check_choice("gradient", gradient, GRADIENTS)
         self.quadratic_penalty = QuadraticPenalty(coef=si_lambda, mode="accumulate")
-        self.omega: Optional[Tensors] = None  # path integral of the current task (float64)
+        self.omega: Optional[Tensors] = None  # path integral of the current task
         self.start: Optional[Tensors] = None  # parameters at the start of the current task
         self._params: Optional[Dict[str, torch.nn.Parameter]] = None
-        self._grads: Tensors = {}  # gradient of the last step (task or full loss), float64
-        self._before: Tensors = {}  # parameters just before the last optimizer step
+        self._grads: Tensors = {}  # gradient of the current step (task or full loss)
+        self._before: Tensors = {}  # parameters before the optimizer step, then minus the step
 
     # ------------------------------------------------------------------------------- hooks
 
     def before_training_exp(self, strategy, **kwargs):
-        self._params = shared_parameters(strategy.model)
+        params = self._params = shared_parameters(strategy.model)
         self.quadratic_penalty.to(strategy.device)
         if self.omega is None:  # a fresh task (not a resumed, half-trained one)
-            self.omega = {n: torch.zeros_like(p, dtype=torch.float64)
-                          for n, p in self._params.items()}
-            self.start = snapshot(self._params)
+            self.omega = {n: torch.zeros_like(p, dtype=_acc_dtype(p)) for n, p in params.items()}
+            self.start = snapshot(params)
         else:
-            check_same_keys(self.omega, self._params, "SI's path integral")
+            check_same_keys(self.omega, params, "SI's path integral")
             self.omega = {n: t.to(strategy.device) for n, t in self.omega.items()}
             self.start = {n: t.to(strategy.device) for n, t in self.start.items()}
+        self._grads = {n: torch.zeros_like(p, dtype=_acc_dtype(p)) for n, p in params.items()}
+        self._before = {n: torch.zeros_like(p) for n, p in params.items()}
 
     def before_backward(self, strategy, **kwargs):
         if len(self.quadratic_penalty):
-            strategy.loss += self.quadratic_penalty.loss(self._shared(strategy))
+            params = self._params or shared_parameters(strategy.model)
+            strategy.loss += self.quadratic_penalty.loss(params)
 
     def after_backward(self, strategy, **kwargs):
-        self._grads = _loss_gradients(strategy, self._shared(strategy), self.gradient)
+        # self._before is free until before_update: it serves as scratch space here.
+        _loss_gradients(strategy, self._params, self.gradient, self._grads, self._before)
 
     @torch.no_grad()
     def before_update(self, strategy, **kwargs):
-        params = self._shared(strategy)
-        self._before = {n: params[n].detach().clone() for n in self._grads}
+        for n, p in self._params.items():
+            self._before[n].copy_(p)
 
     @torch.no_grad()
     def after_update(self, strategy, **kwargs):
-        params = self._shared(strategy)
-        for n, g in self._grads.items():
-            delta = (params[n].detach() - self._before[n]).to(torch.float64)
-            self.omega[n].addcmul_(g, delta, value=-1.0)
-        self._before = {}
+        for n, p in self._params.items():
+            minus_step = self._before[n].sub_(p)  # theta(t) - theta(t+1)
+            self.omega[n].addcmul_(self._grads[n], minus_step)  # += -g * delta
 
     @torch.no_grad()
     def after_training_exp(self, strategy, **kwargs):
@@ -151,16 +175,12 @@ class SIPlugin(SupervisedPlugin):
         importance = {}
         for n, p in params.items():
             total = (p.detach() - self.start[n]).to(torch.float64)
-            importance[n] = (self.omega[n] / (total.pow(2) + self.xi)).to(p.dtype)
+            omega = self.omega[n].to(torch.float64)
+            importance[n] = (omega / (total.pow(2) + self.xi)).to(p.dtype)
         self.quadratic_penalty.add(importance, snapshot(params))
-        self.omega, self.start, self._params, self._grads = None, None, None, {}
+        self.omega, self.start, self._params, self._grads, self._before = None, None, None, {}, {}
 
-    # ------------------------------------------------------------------------------- helpers
-
-    def _shared(self, strategy) -> Dict[str, torch.nn.Parameter]:
-        if self._params is None:
-            self._params = shared_parameters(strategy.model)
-        return self._params
+    # ------------------------------------------------------------------------------- state
 
     def state_dict(self) -> dict:
         cpu = (lambda d: None if d is None else {n: t.detach().cpu() for n, t in d.items()})

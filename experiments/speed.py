@@ -1,0 +1,121 @@
+#!/usr/bin/env python
+"""Per-step cost of each method as a ratio to naive, measured in the same process on the same data.
+
+    python experiments/speed.py --config experiments/configs/hsu2018_split_mnist.yaml \
+        --methods naive,ewc,si,avalanche_ewc --data-root PATH [--experiences 2]
+
+For each method: train on the first ``--experiences`` experiences (the penalty or projection is
+active from the second one on) and time, on the LAST trained experience, every training step from
+the first plugin's ``before_training_iteration`` to the last plugin's
+``after_training_iteration`` (forward, loss terms, backward, update: data loading excluded), and
+the end-of-experience work of the first trained experience (``after_training_exp``: importances,
+statistics, SVDs). Prints a markdown table; naive is always measured first as the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from avalanche.core import SupervisedPlugin
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class _Clock(SupervisedPlugin):
+    """Two instances, first and last in the plugin list, bracket each hook's work."""
+
+    def __init__(self, role, record):
+        super().__init__()
+        self.role, self.record = role, record
+
+    def before_training_iteration(self, strategy, **kw):
+        if self.role == "first":
+            self.record["t_step"] = time.perf_counter()
+
+    def after_training_iteration(self, strategy, **kw):
+        if self.role == "last":
+            exp = strategy.experience.current_experience
+            self.record.setdefault("steps", {}).setdefault(exp, []).append(
+                time.perf_counter() - self.record["t_step"])
+
+    def after_training_exp(self, strategy, **kw):
+        exp = strategy.experience.current_experience
+        if self.role == "first":
+            self.record["t_exp"] = time.perf_counter()
+        else:
+            self.record.setdefault("exp_end", {})[exp] = time.perf_counter() - self.record["t_exp"]
+
+
+def measure(cfg, entry, n_exp, seed=0):
+    from cl_plugins.benchmarks import build_benchmark
+    from cl_plugins.experiment.config import section_for
+    from cl_plugins.experiment.runner import _instantiate, build_optimizer, seed_everything
+    from cl_plugins.models import build_model
+    from cl_plugins.registry import get_method
+    from avalanche.training import Naive
+    from avalanche.training.plugins import EvaluationPlugin
+
+    bench = dict(cfg["benchmark"])
+    bench_seed = bench.pop("seed")
+    seed_everything(seed)
+    info = build_benchmark(**bench, seed=seed if bench_seed is None else bench_seed)
+    seed_everything(seed)
+    model = build_model(cfg["model"], info)
+    opt = build_optimizer(section_for(cfg, entry, "optimizer"), model)
+    st = section_for(cfg, entry, "strategy")
+    spec = get_method(entry["name"])
+    plugins = [] if spec.kind == "template" else [_instantiate(spec, entry["params"])]
+    record = {}
+    strategy = Naive(model=model, optimizer=opt, train_mb_size=st["train_mb_size"],
+                     train_epochs=st["epochs"], eval_mb_size=st["eval_mb_size"],
+                     device=st["device"] if st["device"] != "auto" else "cpu",
+                     plugins=[_Clock("first", record), *plugins, _Clock("last", record)],
+                     evaluator=EvaluationPlugin(loggers=[]))
+    for exp in list(info.benchmark.train_stream)[:n_exp]:
+        strategy.train(exp)
+    last = n_exp - 1
+    steps = record["steps"][last][5:]  # skip warm-up steps
+    return statistics.median(steps), record.get("exp_end", {}).get(0, float("nan"))
+
+
+def main(argv=None):
+    from cl_plugins.experiment.config import apply_override, load_config, normalize_methods
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--config", default=str(REPO / "experiments/configs/hsu2018_split_mnist.yaml"))
+    ap.add_argument("--methods", default="naive")
+    ap.add_argument("--experiences", type=int, default=2)
+    ap.add_argument("--data-root")
+    ap.add_argument("--set", action="append", default=[], help="KEY=VALUE config override")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    cfg = load_config(args.config)
+    if args.data_root:
+        cfg["benchmark"]["data_root"] = args.data_root
+    for kv in args.set:
+        k, v = kv.split("=", 1)
+        from cl_plugins.experiment.config import parse_value
+        apply_override(cfg, k, parse_value(v))
+    names = [m for m in args.methods.split(",") if m and m != "naive"]
+    entries = normalize_methods(["naive"] + names)
+    rows = []
+    for e in entries:
+        step, end = measure(cfg, e, args.experiences)
+        rows.append((e["name"], step, end))
+    base = rows[0][1]
+    print(f"\n{cfg['name']}: {cfg['benchmark']['name']} {cfg['benchmark']['scenario']}-IL, "
+          f"batch {cfg['strategy']['train_mb_size']}, torch threads {torch.get_num_threads()}")
+    print("| method | step (ms, median) | ratio to naive | end-of-experience work (s) |")
+    print("|---|---|---|---|")
+    for name, step, end in rows:
+        print(f"| {name} | {1000 * step:.3f} | {step / base:.2f} | {end:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
