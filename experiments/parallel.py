@@ -1,0 +1,81 @@
+#!/usr/bin/env python
+"""Run a reproduction protocol as many independent cl-run processes at once (one per variant,
+method and seed), for machines with many cores and/or a GPU. Results land exactly where
+reproduce.py puts them; rebuild the tables afterwards with ``reproduce.py --table``.
+
+    python experiments/parallel.py P2 --variants task,domain --seeds 0 --jobs 16 --data-root PATH
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "experiments"))
+
+
+def main(argv=None) -> int:
+    from reproduce import PROTOCOLS, RESULTS_DIR
+
+    from cl_plugins.experiment.config import load_config, normalize_methods
+    from cl_plugins.experiment.runner import method_label
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("protocol", choices=sorted(PROTOCOLS))
+    ap.add_argument("--variants", help="comma-separated (default: all)")
+    ap.add_argument("--seeds", help="comma-separated (default: the protocol's)")
+    ap.add_argument("--only", help="comma-separated method labels (default: all in the config)")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count())
+    ap.add_argument("--timeout", type=float, default=None, help="seconds per process")
+    ap.add_argument("--data-root", default=os.environ.get("CL_DATA_ROOT"))
+    args, extra = ap.parse_known_args(argv)
+    proto = PROTOCOLS[args.protocol]
+    variants = args.variants.split(",") if args.variants else list(proto["variants"])
+    seeds = args.seeds.split(",") if args.seeds else [str(s) for s in proto["seeds"]]
+    labels = [method_label(e) for e in
+              normalize_methods(load_config(REPO / proto["config"])["methods"])]
+    if args.only:
+        labels = [lb for lb in labels if lb in args.only.split(",")]
+    jobs = []
+    for v in variants:
+        for lb in labels:
+            for s in seeds:
+                cmd = [sys.executable, "-m", "cl_plugins.experiment.cli",
+                       "--config", str(REPO / proto["config"]), *proto["variants"][v],
+                       f"--only={lb}", f"--seeds={s}", "--no-progress", "--no-plots",
+                       f"--output_dir={RESULTS_DIR / args.protocol / v}", *extra]
+                if args.data_root:
+                    cmd.append(f"--benchmark.data_root={args.data_root}")
+                jobs.append((f"{v}/{lb}/seed{s}", cmd))
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    logs = RESULTS_DIR / args.protocol / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    running, failed, t0 = [], [], time.time()
+    while jobs or running:
+        while jobs and len(running) < args.jobs:
+            name, cmd = jobs.pop(0)
+            log = open(logs / f"{name.replace('/', '_')}.log", "w")
+            running.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                                   env=env), time.time()))
+        time.sleep(1)
+        for item in list(running):
+            name, proc, started = item
+            if args.timeout and proc.poll() is None and time.time() - started > args.timeout:
+                proc.kill()
+            if proc.poll() is not None:
+                running.remove(item)
+                status = "ok" if proc.returncode == 0 else f"FAILED ({proc.returncode})"
+                if proc.returncode:
+                    failed.append(name)
+                print(f"[{time.time() - t0:6.0f} s] {name}: {status}", flush=True)
+    print(f"done: {len(failed)} failed {failed}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
