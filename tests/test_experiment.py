@@ -209,3 +209,16 @@ def test_method_entry_overrides_are_checked(digits_cfg):
     digits_cfg["methods"] = [{"name": "naive", "strategy": {"epoch": 2}}]
     with pytest.raises(ValueError, match=r"Unknown key in methods\[\].strategy 'epoch'"):
         run_experiment(digits_cfg)
+
+
+def test_method_params_apply_by_name_and_are_not_inherited(digits_cfg, tmp_path):
+    from cl_plugins.experiment.config import MAIN_JOB_METHOD_PARAMS
+
+    assert load_config()["method_params"] == MAIN_JOB_METHOD_PARAMS
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("name: x\n")
+    assert load_config(cfg_file)["method_params"] == {}
+    digits_cfg["methods"] = ["ensemble"]
+    digits_cfg["method_params"] = {"ensemble": {"bogus": 1}}
+    (r,) = run_experiment(digits_cfg, echo=lambda *a: None)
+    assert "Unknown hyper-parameter(s) ['bogus'] for method 'ensemble'" in r["error"]

@@ -48,7 +48,8 @@ def test_readme_block_is_rewritten(tmp_path, monkeypatch):
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results:start -->\nold\n<!-- results:end -->\nrest\n")
     monkeypatch.setattr(rp, "REPO", tmp_path)
-    rp.update_readme([{"protocol": "S1", "method": "m", "variant": "task", "acc": "1.00 ± 0.00",
+    rp.update_readme([{"protocol": "S1", "method": "m", "variant": "task", "scenario": "task-IL",
+                       "acc": "1.00 ± 0.00",
                        "published": "–", "n": 3}])
     text = readme.read_text()
     assert "old" not in text and "| S1 | m | task-IL | 1.00 ± 0.00 | – | 3 |" in text

@@ -87,7 +87,7 @@ def build_optimizer(opt_cfg: Dict[str, Any], model: torch.nn.Module) -> torch.op
     if not opt_cfg.get("zero_grad_to_none", True):
         # PyTorch < 2 zeroed gradients in place: a parameter that took part in an earlier step
         # keeps a zero gradient, so Adam keeps moving it with its decaying moments (old task heads
-        # drift). Protocols run on that PyTorch (Hsu et al. 2018) need this to reproduce.
+        # drift). Offered for fidelity to protocols run on that PyTorch (Hsu et al. 2018).
         optimizer.zero_grad = functools.partial(optimizer.zero_grad, set_to_none=False)
     return optimizer
 
@@ -145,8 +145,9 @@ def run_single(cfg: Dict[str, Any], entry: Dict[str, Any], seed: int, out_dir: P
     info = build_benchmark(**bench_cfg, seed=seed if bench_seed is None else bench_seed)
 
     # Resolve the method: one template (default naive) plus plugins.
-    specs = [(get_method(entry["name"]), entry["params"])] + \
-        [(get_method(p["name"]), p["params"]) for p in entry["plus"]]
+    shared = cfg.get("method_params") or {}
+    specs = [(get_method(e["name"]), {**shared.get(e["name"], {}), **e["params"]})
+             for e in [entry] + entry["plus"]]
     template_cls, template_kwargs, plugins, trains_on_stream = None, {}, [], False
     for spec, params in specs:
         spec.check_scenario(info.scenario)
