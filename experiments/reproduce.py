@@ -41,6 +41,35 @@ PROTOCOLS = {
             "class": {"naive-adam": (19.71, 0.08), "naive-sgd": (19.46, 0.04)},
         },
     },
+    "S1-reg": {
+        "title": "Split MNIST, 5 tasks (Hsu et al. 2018), penalty methods, ours and Avalanche's",
+        "config": "experiments/configs/hsu2018_split_mnist_regularization.yaml",
+        "benchmark": "split_mnist",
+        # Coefficients per scenario (Hsu et al.: EWC 100/100/600, online EWC 400/700/100,
+        # SI 300/3000/600, MAS 1/10000/1), converted as the config explains.
+        "variants": {
+            "task": ["--benchmark.scenario=task"],
+            "domain": ["--benchmark.scenario=domain", "--methods.1.params.ewc_lambda=1400.0",
+                       "--methods.2.params.si_lambda=3000.0", "--methods.3.params.mas_lambda=10000.0",
+                       "--methods.6.params.ewc_lambda=89600.0", "--methods.7.params.si_lambda=3000.0",
+                       "--methods.8.params.lambda_reg=10000.0"],
+            "class": ["--benchmark.scenario=class", "--methods.0.params.ewc_lambda=1200.0",
+                      "--methods.1.params.ewc_lambda=200.0", "--methods.2.params.si_lambda=600.0",
+                      "--methods.5.params.ewc_lambda=76800.0",
+                      "--methods.6.params.ewc_lambda=12800.0", "--methods.7.params.si_lambda=600.0"],
+        },
+        "seeds": list(range(10)),
+        "source": "Hsu et al. 2018, Table 2 (10 runs, mean ± std); Avalanche rows vs the same paper row",
+        "published": {
+            sc: {"ewc": e, "online_ewc": o, "si": s_, "mas": m, "lwf": lw,
+                 "avalanche_ewc": e, "avalanche_online_ewc": o, "avalanche_si": s_,
+                 "avalanche_mas": m, "avalanche_lwf": lw}
+            for sc, e, o, s_, m, lw in [
+                ("task", (97.70, 0.81), (98.04, 1.10), (98.56, 0.49), (99.22, 0.21), (99.60, 0.03)),
+                ("domain", (58.85, 2.59), (57.33, 1.44), (64.76, 3.09), (68.57, 6.85), (71.02, 1.26)),
+                ("class", (19.80, 0.05), (19.77, 0.04), (19.67, 0.09), (19.52, 0.29), (24.17, 0.33))]
+        },
+    },
     "P2": {
         "title": "Permuted MNIST, 10 tasks (van de Ven & Tolias 2018)",
         "config": "experiments/configs/vandeven2018_permuted_mnist.yaml",

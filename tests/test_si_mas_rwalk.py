@@ -17,7 +17,8 @@ from cl_plugins.core.params import shared_parameters
 from cl_plugins.core.quadratic import QuadraticPenalty
 from cl_plugins.regularization.mas import MASPlugin
 from cl_plugins.regularization.rwalk import RWalkPlugin
-from cl_plugins.regularization.si import SIPlugin, _loss_gradients
+from cl_plugins.core.path_integral import loss_gradients as _loss_gradients
+from cl_plugins.regularization.si import SIPlugin
 
 PLUGINS = (SIPlugin, MASPlugin, RWalkPlugin)
 
@@ -147,11 +148,11 @@ def test_si_task_and_full_gradients_differ_by_the_penalty_gradient():
     buffers = ({"theta": torch.zeros_like(model.theta)}, {"theta": torch.zeros_like(model.theta)})
     full = _loss_gradients(drv, params, "full", *buffers)["theta"]
     (want_task,) = torch.autograd.grad(task_loss(model), model.theta)
-    assert torch.allclose(si._grads["theta"], want_task, atol=1e-12)
+    assert torch.allclose(si._steps.grads["theta"], want_task, atol=1e-12)
     pen = si.quadratic_penalty.loss(params) + other.quadratic_penalty.loss(params)
     (want_pen,) = torch.autograd.grad(pen, model.theta)
     assert want_pen.abs().min() > 1e-3  # the two gradients really differ
-    assert torch.allclose(full - si._grads["theta"], want_pen, atol=1e-12)
+    assert torch.allclose(full - si._steps.grads["theta"], want_pen, atol=1e-12)
     # gradient="full" integrates exactly param.grad
     model_f, si_f, drv_f = _two_task_si("full")
     drv_f.call("before_training_exp")
@@ -160,7 +161,7 @@ def test_si_task_and_full_gradients_differ_by_the_penalty_gradient():
     si_f.before_backward(drv_f)
     drv_f.loss.backward()
     si_f.after_backward(drv_f)
-    assert torch.allclose(si_f._grads["theta"], model_f.theta.grad, atol=0)
+    assert torch.allclose(si_f._steps.grads["theta"], model_f.theta.grad, atol=0)
 
 
 def test_si_importance_accumulates_over_tasks():

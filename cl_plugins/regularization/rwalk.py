@@ -70,7 +70,7 @@ from cl_plugins.core.checks import (check_choice, check_int, check_non_negative,
                                     check_range)
 from cl_plugins.core.params import check_same_keys, shared_parameters, snapshot
 from cl_plugins.core.quadratic import QuadraticPenalty
-from cl_plugins.regularization.si import _acc_dtype, _loss_gradients
+from cl_plugins.core.path_integral import StepTracker, accumulator_dtype
 
 Tensors = Dict[str, torch.Tensor]
 NORMALIZE = ("max", "minmax")
@@ -110,8 +110,7 @@ class RWalkPlugin(SupervisedPlugin):
         self.checkpoint: Optional[Tensors] = None
         self.interval_steps = 0
         self._params = None
-        self._grads: Tensors = {}
-        self._before: Tensors = {}
+        self._steps: Optional[StepTracker] = None  # gradient and displacement of each step
 
     # ------------------------------------------------------------------------------- hooks
 
@@ -124,9 +123,9 @@ class RWalkPlugin(SupervisedPlugin):
         if self.task_scores is None:  # a fresh task (not a resumed, half-trained one)
             self.task_scores = {n: torch.zeros_like(p, dtype=torch.float64)
                                 for n, p in params.items()}
-            self.interval_loss = {n: torch.zeros_like(p, dtype=_acc_dtype(p))
+            self.interval_loss = {n: torch.zeros_like(p, dtype=accumulator_dtype(p))
                                   for n, p in params.items()}
-            self.interval_sq_grad = {n: torch.zeros_like(p, dtype=_acc_dtype(p))
+            self.interval_sq_grad = {n: torch.zeros_like(p, dtype=accumulator_dtype(p))
                                      for n, p in params.items()}
             self.checkpoint, self.interval_steps = snapshot(params), 0
         for name in ("fisher", "scores", "task_scores", "interval_loss", "interval_sq_grad",
@@ -135,8 +134,7 @@ class RWalkPlugin(SupervisedPlugin):
             if state is not None:
                 check_same_keys(state, params, f"RWalk's {name}")
                 setattr(self, name, {n: t.to(dev) for n, t in state.items()})
-        self._grads = {n: torch.zeros_like(p, dtype=_acc_dtype(p)) for n, p in params.items()}
-        self._before = {n: torch.zeros_like(p) for n, p in params.items()}
+        self._steps = StepTracker(params)
 
     def before_backward(self, strategy, **kwargs):
         if len(self.quadratic_penalty):
@@ -144,19 +142,15 @@ class RWalkPlugin(SupervisedPlugin):
             strategy.loss += self.quadratic_penalty.loss(params)
 
     def after_backward(self, strategy, **kwargs):
-        # self._before is free until before_update: it serves as scratch space here.
-        _loss_gradients(strategy, self._params, "task", self._grads, self._before)
+        self._steps.record_gradients(strategy, "task")
 
     @torch.no_grad()
     def before_update(self, strategy, **kwargs):
-        for n, p in self._params.items():
-            self._before[n].copy_(p)
+        self._steps.before_step()
 
     @torch.no_grad()
     def after_update(self, strategy, **kwargs):
-        for n, p in self._params.items():
-            g = self._grads[n]
-            minus_step = self._before[n].sub_(p)  # theta(t) - theta(t+1)
+        for n, g, minus_step in self._steps.displacements():  # minus_step = theta(t) - theta(t+1)
             self.interval_loss[n].addcmul_(g, minus_step)  # += -g * delta
             self.interval_sq_grad[n].addcmul_(g, g)
         self.interval_steps += 1
@@ -178,7 +172,7 @@ class RWalkPlugin(SupervisedPlugin):
         self.quadratic_penalty.add(importance, snapshot(params))
         self.tasks_done += 1
         self.task_scores = self.interval_loss = self.interval_sq_grad = self.checkpoint = None
-        self.interval_steps, self._params, self._grads, self._before = 0, None, {}, {}
+        self.interval_steps, self._params, self._steps = 0, None, None
 
     # ------------------------------------------------------------------------------- helpers
 
@@ -219,4 +213,4 @@ class RWalkPlugin(SupervisedPlugin):
             setattr(self, name, copy(state[name]))
         self.tasks_done = int(state["tasks_done"])
         self.interval_steps = int(state["interval_steps"])
-        self._params, self._grads, self._before = None, {}, {}
+        self._params, self._steps = None, None

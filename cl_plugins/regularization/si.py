@@ -65,48 +65,10 @@ from avalanche.core import SupervisedPlugin
 
 from cl_plugins.core.checks import check_choice, check_non_negative, check_positive
 from cl_plugins.core.params import check_same_keys, shared_parameters, snapshot
-from cl_plugins.core.quadratic import QuadraticPenalty, penalties_of
+from cl_plugins.core.path_integral import GRADIENTS, StepTracker, accumulator_dtype
+from cl_plugins.core.quadratic import QuadraticPenalty
 
 Tensors = Dict[str, torch.Tensor]
-GRADIENTS = ("task", "full")
-
-
-def _acc_dtype(p: torch.Tensor) -> torch.dtype:
-    """Per-step accumulators: the parameters' dtype, at least float32."""
-    return torch.promote_types(p.dtype, torch.float32)
-
-
-@torch.no_grad()
-def _loss_gradients(strategy, params: Dict[str, torch.nn.Parameter], which: str,
-                    out: Tensors, scratch: Tensors) -> Tensors:
-    """Write ``param.grad`` (``full``) minus every quadratic penalty's closed-form gradient
-    (``task``) into the buffers ``out`` (zeros where a parameter has no gradient); ``scratch`` is
-    overwritten. Shared by SI and RWalk.
-
-    For a plain ``QuadraticPenalty`` its gradient ``2 coef sum_k omega_k (theta - anchor_k)`` is
-    subtracted in place (two passes per term, no allocation: this runs at every step); any other
-    penalty class goes through its own ``gradient()``."""
-    for n, p in params.items():
-        if p.grad is None:
-            out[n].zero_()
-        else:
-            out[n].copy_(p.grad)
-    if which == "task":
-        for pen in penalties_of(strategy):
-            if not len(pen):
-                continue
-            if type(pen) is QuadraticPenalty:
-                for importance, anchor in pen.terms:
-                    for n, p in params.items():
-                        if n in importance:
-                            torch.sub(p, anchor[n], out=scratch[n])
-                            out[n].addcmul_(importance[n], scratch[n], value=-2.0 * pen.coef)
-            else:
-                covered = pen.terms[0][0]
-                sub = {n: params[n] for n in params if n in covered}
-                for n, g in pen.gradient(sub).items():
-                    out[n].sub_(g)
-    return out
 
 
 class SIPlugin(SupervisedPlugin):
@@ -130,8 +92,7 @@ class SIPlugin(SupervisedPlugin):
         self.omega: Optional[Tensors] = None  # path integral of the current task
         self.start: Optional[Tensors] = None  # parameters at the start of the current task
         self._params: Optional[Dict[str, torch.nn.Parameter]] = None
-        self._grads: Tensors = {}  # gradient of the current step (task or full loss)
-        self._before: Tensors = {}  # parameters before the optimizer step, then minus the step
+        self._steps: Optional[StepTracker] = None  # gradient and displacement of each step
 
     # ------------------------------------------------------------------------------- hooks
 
@@ -139,14 +100,13 @@ class SIPlugin(SupervisedPlugin):
         params = self._params = shared_parameters(strategy.model)
         self.quadratic_penalty.to(strategy.device)
         if self.omega is None:  # a fresh task (not a resumed, half-trained one)
-            self.omega = {n: torch.zeros_like(p, dtype=_acc_dtype(p)) for n, p in params.items()}
+            self.omega = {n: torch.zeros_like(p, dtype=accumulator_dtype(p)) for n, p in params.items()}
             self.start = snapshot(params)
         else:
             check_same_keys(self.omega, params, "SI's path integral")
             self.omega = {n: t.to(strategy.device) for n, t in self.omega.items()}
             self.start = {n: t.to(strategy.device) for n, t in self.start.items()}
-        self._grads = {n: torch.zeros_like(p, dtype=_acc_dtype(p)) for n, p in params.items()}
-        self._before = {n: torch.zeros_like(p) for n, p in params.items()}
+        self._steps = StepTracker(params)
 
     def before_backward(self, strategy, **kwargs):
         if len(self.quadratic_penalty):
@@ -154,19 +114,16 @@ class SIPlugin(SupervisedPlugin):
             strategy.loss += self.quadratic_penalty.loss(params)
 
     def after_backward(self, strategy, **kwargs):
-        # self._before is free until before_update: it serves as scratch space here.
-        _loss_gradients(strategy, self._params, self.gradient, self._grads, self._before)
+        self._steps.record_gradients(strategy, self.gradient)
 
     @torch.no_grad()
     def before_update(self, strategy, **kwargs):
-        for n, p in self._params.items():
-            self._before[n].copy_(p)
+        self._steps.before_step()
 
     @torch.no_grad()
     def after_update(self, strategy, **kwargs):
-        for n, p in self._params.items():
-            minus_step = self._before[n].sub_(p)  # theta(t) - theta(t+1)
-            self.omega[n].addcmul_(self._grads[n], minus_step)  # += -g * delta
+        for n, g, minus_step in self._steps.displacements():  # minus_step = theta(t) - theta(t+1)
+            self.omega[n].addcmul_(g, minus_step)  # += -g * delta
 
     @torch.no_grad()
     def after_training_exp(self, strategy, **kwargs):
@@ -178,7 +135,7 @@ class SIPlugin(SupervisedPlugin):
             omega = self.omega[n].to(torch.float64)
             importance[n] = (omega / (total.pow(2) + self.xi)).to(p.dtype)
         self.quadratic_penalty.add(importance, snapshot(params))
-        self.omega, self.start, self._params, self._grads, self._before = None, None, None, {}, {}
+        self.omega, self.start, self._params, self._steps = None, None, None, None
 
     # ------------------------------------------------------------------------------- state
 
@@ -191,4 +148,4 @@ class SIPlugin(SupervisedPlugin):
         self.quadratic_penalty.load_state_dict(state["penalty"])
         copy = (lambda d: None if d is None else {n: t.clone() for n, t in d.items()})
         self.omega, self.start = copy(state["omega"]), copy(state["start"])
-        self._params, self._grads, self._before = None, {}, {}
+        self._params, self._steps = None, None
