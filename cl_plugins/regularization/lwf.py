@@ -304,6 +304,8 @@ class LwFPlugin(SupervisedPlugin):
                 terms.append(kd_loss(s, q, T, self.scale_t2))
         else:
             cols = sorted(set().union(*self.old_classes.values()))
+            if task_labels is None:  # single head: every sample goes through the same head
+                task_labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
             out = student_output if student_output is not None else \
                 avalanche_forward(model, x, task_labels)
             with torch.no_grad():
