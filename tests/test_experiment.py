@@ -11,7 +11,8 @@ import pytest
 import torch
 from avalanche.core import SupervisedPlugin
 
-from cl_plugins.experiment.config import apply_override, load_config, parse_value
+from cl_plugins.experiment.config import (apply_override, load_config, parse_value, section_for,
+                                         validate)
 from cl_plugins.experiment.evaluation import summarize
 from cl_plugins.experiment.runner import build_optimizer, run_experiment
 from cl_plugins.registry import MethodSpec, _REGISTRY, get_method
@@ -222,3 +223,71 @@ def test_method_params_apply_by_name_and_are_not_inherited(digits_cfg, tmp_path)
     digits_cfg["method_params"] = {"ensemble": {"bogus": 1}}
     (r,) = run_experiment(digits_cfg, echo=lambda *a: None)
     assert "Unknown hyper-parameter(s) ['bogus'] for method 'ensemble'" in r["error"]
+
+
+class _RecordLR(SupervisedPlugin):
+    """Records the first parameter group's learning rate at the start of every epoch."""
+
+    def __init__(self, log):
+        super().__init__()
+        self.log = log
+
+    def before_training_epoch(self, strategy, **kwargs):
+        self.log.append((strategy.clock.train_exp_counter,
+                         strategy.optimizer.param_groups[0]["lr"]))
+
+
+def test_multistep_scheduler_restarts_every_experience(digits_cfg):
+    log = []
+    _REGISTRY["_record_lr"] = MethodSpec("_record_lr", "plugin", lambda: _RecordLR(log))
+    try:
+        digits_cfg["strategy"]["epochs"] = 4
+        digits_cfg["benchmark"]["n_experiences"] = 2
+        digits_cfg["optimizer"].update(name="sgd", lr=0.1,
+                                       scheduler={"name": "multistep", "milestones": [1, 3],
+                                                  "gamma": 0.5})
+        digits_cfg["methods"] = ["_record_lr"]
+        (r,) = run_experiment(validate(digits_cfg), echo=lambda *a: None)
+    finally:
+        del _REGISTRY["_record_lr"]
+    assert r["status"] == "finished"
+    lrs = [round(lr, 6) for _, lr in log]
+    assert lrs == [0.1, 0.05, 0.05, 0.025] * 2  # x0.5 after epochs 1 and 3, reset per task
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"name": "cosine"}, "scheduler.name"),
+    ({"name": "multistep", "milestones": [3, 1]}, "milestones"),
+    ({"name": "multistep", "milestones": [2], "step": 1}, "step"),
+])
+def test_scheduler_config_errors(digits_cfg, bad, match):
+    digits_cfg["optimizer"]["scheduler"] = bad
+    with pytest.raises(ValueError, match=match):
+        validate(digits_cfg)
+
+
+class _CaptureModel(SupervisedPlugin):
+    def __init__(self, seen):
+        super().__init__()
+        self.seen = seen
+
+    def before_training(self, strategy, **kwargs):
+        self.seen.append(sum(p.numel() for p in strategy.model.parameters()))
+
+
+def test_per_method_model_override(digits_cfg):
+    seen = []
+    _REGISTRY["_capture"] = MethodSpec("_capture", "plugin", lambda: _CaptureModel(seen))
+    try:
+        digits_cfg["methods"] = [{"name": "_capture", "label": "wide", "model": {"hidden": [48]}},
+                                 "_capture"]
+        digits_cfg["benchmark"]["n_experiences"] = 2
+        digits_cfg["strategy"]["epochs"] = 1
+        wide, plain = run_experiment(validate(digits_cfg), echo=lambda *a: None)
+    finally:
+        del _REGISTRY["_capture"]
+    assert wide["method"] == "wide" and plain["method"] == "_capture"
+    assert seen[0] > seen[-1]  # 64-48-heads vs 64-32-heads
+    model_cfg = section_for(digits_cfg, digits_cfg["methods"][0], "model")
+    assert model_cfg == {"name": "mlp", "hidden": [48]}
+    assert section_for(digits_cfg, digits_cfg["methods"][1], "model")["hidden"] == [32]

@@ -28,7 +28,7 @@ DEFAULT_CONFIG: Dict[str, Any] = {
     "model": {"name": "mlp", "hidden": [64, 64], "head": "auto"},
     "optimizer": {"name": "adam", "lr": 1e-3, "momentum": 0.0, "weight_decay": 0.0,
                   "betas": [0.9, 0.999], "nesterov": False, "param_groups": [],
-                  "zero_grad_to_none": True},
+                  "zero_grad_to_none": True, "scheduler": None},
     "strategy": {"epochs": 10, "train_iterations": None, "train_mb_size": 32,
                  "eval_mb_size": 512, "device": "auto", "reset_optimizer": False,
                  "augment": None},
@@ -44,7 +44,8 @@ DEFAULT_CONFIG: Dict[str, Any] = {
 
 # Sections whose keys are fixed by the schema (the others are free-form, validated downstream).
 STRICT_SECTIONS = ("benchmark", "optimizer", "strategy", "loggers")
-METHOD_ENTRY_KEYS = ("name", "params", "plus", "optimizer", "strategy", "label")
+METHOD_ENTRY_KEYS = ("name", "params", "plus", "optimizer", "strategy", "model", "label")
+SCHEDULERS = ("multistep",)
 OPTIMIZERS = ("sgd", "adam", "adamw")
 AUGMENTS = (None, "crop_flip")
 
@@ -192,6 +193,23 @@ def _check_optimizer(opt: Dict[str, Any], where: str) -> None:
     check_positive(f"{where}.lr", opt["lr"])
     check_non_negative(f"{where}.weight_decay", opt["weight_decay"])
     check_non_negative(f"{where}.momentum", opt["momentum"])
+    sched = opt.get("scheduler")
+    if sched is not None:
+        if not isinstance(sched, dict) or "name" not in sched:
+            raise ValueError(f"{where}.scheduler must be null or a mapping with a 'name' "
+                             f"(one of {list(SCHEDULERS)}); got {sched!r}")
+        check_choice(f"{where}.scheduler.name", sched["name"], SCHEDULERS)
+        allowed = {"name", "milestones", "gamma"}
+        unknown = sorted(set(sched) - allowed)
+        if unknown:
+            raise unknown_name_error(f"key in {where}.scheduler", unknown[0], sorted(allowed))
+        milestones = sched.get("milestones")
+        if not isinstance(milestones, list) or not milestones or \
+                any(not isinstance(m, int) or m < 1 for m in milestones) or \
+                milestones != sorted(milestones):
+            raise ValueError(f"{where}.scheduler.milestones must be an increasing list of epoch "
+                             f"numbers >= 1; got {milestones!r}")
+        check_positive(f"{where}.scheduler.gamma", sched.get("gamma", 0.1))
 
 
 def _check_strategy(st: Dict[str, Any], where: str) -> None:
@@ -208,10 +226,12 @@ def _check_strategy(st: Dict[str, Any], where: str) -> None:
 
 
 def section_for(cfg: Dict[str, Any], entry: Dict[str, Any], key: str) -> Dict[str, Any]:
-    """``cfg[key]`` updated by a method entry's own ``optimizer`` / ``strategy`` overrides."""
+    """``cfg[key]`` updated by a method entry's own ``optimizer`` / ``strategy`` / ``model``
+    overrides (key by key; a model override may add keys the backbone accepts, e.g.
+    ``{name: rgo, label: rgo-no-fel, model: {fel: false}}``)."""
     merged = dict(cfg[key])
     for k, v in (entry.get(key) or {}).items():
-        if k not in DEFAULT_CONFIG[key]:
+        if key != "model" and k not in DEFAULT_CONFIG[key]:
             raise unknown_name_error(f"key in methods[].{key}", k, DEFAULT_CONFIG[key])
         merged[k] = v
     return merged

@@ -92,6 +92,18 @@ def build_optimizer(opt_cfg: Dict[str, Any], model: torch.nn.Module) -> torch.op
     return optimizer
 
 
+def build_scheduler(sched_cfg: Dict[str, Any], optimizer) -> SupervisedPlugin:
+    """Per-experience learning-rate schedule, stepped once per epoch. Each experience starts
+    again from the optimizer's base learning rates and epoch 0 (Avalanche's LRSchedulerPlugin
+    with reset_lr and reset_scheduler): e.g. Adam-NSCL's x0.5 at epochs 30 and 60 of every task."""
+    from avalanche.training.plugins import LRSchedulerPlugin
+
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, milestones=list(sched_cfg["milestones"]), gamma=sched_cfg.get("gamma", 0.1))
+    return LRSchedulerPlugin(scheduler, reset_scheduler=True, reset_lr=True,
+                             step_granularity="epoch")
+
+
 def _instantiate(spec, params: Dict[str, Any]):
     kwargs = {**spec.defaults, **(params or {})}
     sig = inspect.signature(spec.factory.__init__)
@@ -164,12 +176,14 @@ def run_single(cfg: Dict[str, Any], entry: Dict[str, Any], seed: int, out_dir: P
 
     device = resolve_device(st_cfg["device"])
     seed_everything(seed)  # model init must not depend on how much RNG the benchmark used
-    model = build_model(cfg["model"], info)
+    model = build_model(section_for(cfg, entry, "model"), info)
     optimizer = build_optimizer(opt_cfg, model)
     counter = _StepCounter()
     extra: List[SupervisedPlugin] = [counter]
     if st_cfg["train_iterations"] is not None:
         extra.append(IterationBudgetPlugin(st_cfg["train_iterations"]))
+    if opt_cfg.get("scheduler"):
+        extra.append(build_scheduler(opt_cfg["scheduler"], optimizer))
     if st_cfg["augment"] == "crop_flip":
         extra.append(BatchAugmentPlugin())
     if progress:
