@@ -65,7 +65,7 @@ def measure(cfg, entry, n_exp, seed=0):
     seed_everything(seed)
     info = build_benchmark(**bench, seed=seed if bench_seed is None else bench_seed)
     seed_everything(seed)
-    model = build_model(cfg["model"], info)
+    model = build_model(section_for(cfg, entry, "model"), info)
     opt = build_optimizer(section_for(cfg, entry, "optimizer"), model)
     st = section_for(cfg, entry, "strategy")
     spec = get_method(entry["name"])
@@ -102,11 +102,14 @@ def main(argv=None):
         from cl_plugins.experiment.config import parse_value
         apply_override(cfg, k, parse_value(v))
     names = [m for m in args.methods.split(",") if m and m != "naive"]
-    entries = normalize_methods(["naive"] + names)
+    # A method the config lists keeps the config's entry (its protocol hyper-parameters and
+    # optimizer/strategy overrides); others run with their registry defaults.
+    in_config = {e.get("label") or e["name"]: e for e in normalize_methods(cfg["methods"])}
+    entries = [in_config.get(n) or normalize_methods([n])[0] for n in ["naive"] + names]
     rows = []
     for e in entries:
         step, end = measure(cfg, e, args.experiences)
-        rows.append((e["name"], step, end))
+        rows.append((e.get("label") or e["name"], step, end))
     base = rows[0][1]
     print(f"\n{cfg['name']}: {cfg['benchmark']['name']} {cfg['benchmark']['scenario']}-IL, "
           f"batch {cfg['strategy']['train_mb_size']}, torch threads {torch.get_num_threads()}")
