@@ -20,10 +20,7 @@ sys.path.insert(0, str(REPO / "experiments"))
 
 
 def main(argv=None) -> int:
-    from reproduce import PROTOCOLS, RESULTS_DIR
-
-    from cl_plugins.experiment.config import load_config, normalize_methods
-    from cl_plugins.experiment.runner import method_label
+    from reproduce import PROTOCOLS, RESULTS_DIR, config_for, labels_for
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("protocol", choices=sorted(PROTOCOLS))
@@ -37,16 +34,15 @@ def main(argv=None) -> int:
     proto = PROTOCOLS[args.protocol]
     variants = args.variants.split(",") if args.variants else list(proto["variants"])
     seeds = args.seeds.split(",") if args.seeds else [str(s) for s in proto["seeds"]]
-    labels = [method_label(e) for e in
-              normalize_methods(load_config(REPO / proto["config"])["methods"])]
-    if args.only:
-        labels = [lb for lb in labels if lb in args.only.split(",")]
     jobs = []
     for v in variants:
+        labels = labels_for(proto, v)
+        if args.only:
+            labels = [lb for lb in labels if lb in args.only.split(",")]
         for lb in labels:
             for s in seeds:
                 cmd = [sys.executable, "-m", "cl_plugins.experiment.cli",
-                       "--config", str(REPO / proto["config"]), *proto["variants"][v],
+                       "--config", str(REPO / config_for(proto, v)), *proto["variants"][v],
                        f"--only={lb}", f"--seeds={s}", "--no-progress", "--no-plots",
                        f"--output_dir={RESULTS_DIR / args.protocol / v}", *extra]
                 if args.data_root:

@@ -103,7 +103,77 @@ PROTOCOLS = {
                                    ("class", 17.26, 25.04, 33.88, 29.31)]
         },
     },
+    "S2": {
+        "title": "Split MNIST, 5 tasks (van de Ven et al. 2022)",
+        "config": "experiments/configs/vandeven2022_split_mnist.yaml",
+        "benchmark": "split_mnist",
+        # Coefficients per scenario: EWC 1e5 / 1e10 / 1e9, SI 10 / 5e4 / 5e3 (Avalanche's EWC
+        # lambda x 64, see the config); separate networks exist in task-IL only.
+        "variants": {
+            "task": ["--benchmark.scenario=task"],
+            "domain": ["--benchmark.scenario=domain", "--methods.1.params.ewc_lambda=1e10",
+                       "--methods.2.params.si_lambda=50000.0",
+                       "--methods.4.params.ewc_lambda=6.4e11",
+                       "--methods.5.params.si_lambda=50000.0"],
+            "class": ["--benchmark.scenario=class", "--methods.1.params.ewc_lambda=1e9",
+                      "--methods.2.params.si_lambda=5000.0",
+                      "--methods.3.params.class_il_softmax=seen",
+                      "--methods.4.params.ewc_lambda=6.4e10",
+                      "--methods.5.params.si_lambda=5000.0"],
+        },
+        "skip": {"domain": ["ensemble"], "class": ["ensemble"]},
+        "seeds": [0, 1, 2, 3, 4],
+        "source": "van de Ven et al. 2022, Table 2 (20 seeds, mean ± s.e.m.; SI is not in "
+                  "ANCHORS.md: no published number shown)",
+        "published": {
+            sc: {"naive": n, "ewc": e, "lwf": lw, "joint": j, "avalanche_ewc": e,
+                 "avalanche_lwf": lw, **({"ensemble": (99.57, 0.03)} if sc == "task" else {})}
+            for sc, n, e, lw, j in [
+                ("task", (84.32, 0.99), (99.06, 0.15), (99.60, 0.03), (99.67, 0.03)),
+                ("domain", (60.13, 1.66), (63.03, 1.58), (71.18, 1.42), (98.59, 0.05)),
+                ("class", (19.89, 0.02), (20.64, 0.52), (21.89, 0.32), (98.17, 0.04))]
+        },
+    },
+    "P1": {
+        "title": "Permuted MNIST, 10 tasks, shared head (GPM protocol, Saha et al. 2021)",
+        "config": "experiments/configs/saha2021_gpm_permuted_mnist.yaml",
+        "benchmark": "permuted_mnist",
+        "variants": {"domain": []},
+        "variant_labels": {"domain": "domain-IL (shared 10-way head)"},
+        "seeds": [0, 1, 2, 3, 4],
+        "source": "Saha et al. 2021, Table 1 (5 runs, mean ± std); OGD from METHODS.md "
+                  "(82.56, unverified, ±1 point)",
+        "published": {"domain": {"gpm": (93.91, 0.16), "ogd": (82.56, None)}},
+    },
+    "R2": {
+        "title": "Permuted / Rotated MNIST, 20 tasks (RGO protocol, Liu & Liu 2022)",
+        "config": {"permuted": "experiments/configs/liu2022_rgo_permuted_mnist.yaml",
+                   "rotated": "experiments/configs/liu2022_rgo_rotated_mnist.yaml"},
+        "benchmark": "permuted_mnist / rotated_mnist",
+        "variants": {"permuted": [], "rotated": []},
+        "variant_labels": {"permuted": "permuted, task-IL (FEL)", "rotated": "rotated, task-IL (FEL)"},
+        "seeds": [0, 1, 2, 3, 4],
+        "source": "no verified published number (projection.md): methods compared in the same runs",
+        "published": {},
+    },
 }
+
+
+def config_for(proto, variant: str) -> str:
+    """The protocol's config file (one for all variants, or one per variant)."""
+    cfg = proto["config"]
+    return cfg[variant] if isinstance(cfg, dict) else cfg
+
+
+def labels_for(proto, variant: str):
+    """Method labels of the variant's config minus the ones the variant skips."""
+    from cl_plugins.experiment.config import load_config, normalize_methods
+    from cl_plugins.experiment.runner import method_label
+
+    labels = [method_label(e) for e in
+              normalize_methods(load_config(REPO / config_for(proto, variant))["methods"])]
+    skip = set(proto.get("skip", {}).get(variant, ()))
+    return [lb for lb in labels if lb not in skip]
 
 
 def run_protocol(name: str, variants, seeds, data_root, extra):
@@ -112,11 +182,13 @@ def run_protocol(name: str, variants, seeds, data_root, extra):
     proto = PROTOCOLS[name]
     failed = 0
     for variant in variants:
-        args = ["--config", str(REPO / proto["config"]), *proto["variants"][variant],
+        args = ["--config", str(REPO / config_for(proto, variant)), *proto["variants"][variant],
                 f"--seeds={','.join(map(str, seeds))}",
                 f"--output_dir={RESULTS_DIR / name / variant}", "--loggers.plots=false", *extra]
         if data_root:
             args.append(f"--benchmark.data_root={data_root}")
+        if proto.get("skip", {}).get(variant) and not any(a.startswith("--only=") for a in extra):
+            args.append(f"--only={','.join(labels_for(proto, variant))}")
         print(f"== {name} / {variant}: cl-run {' '.join(args)}", flush=True)
         failed += cl_run(args) != 0
     return failed
@@ -189,7 +261,11 @@ def build_table(rows) -> str:
                      f"{r['scenario']} | {r['acc']} | {r['bwt']} | {r['seeds']} | "
                      f"{r['published']} | {r['ok']} | {proto['source']} | {r['command']} | "
                      f"{r['date']} |")
-    lines += ["", "Protocols: " + "; ".join(f"**{k}** {v['title']} (`{v['config']}`)"
+    def configs(v):
+        c = v["config"]
+        return ", ".join(f"`{x}`" for x in (c.values() if isinstance(c, dict) else [c]))
+
+    lines += ["", "Protocols: " + "; ".join(f"**{k}** {v['title']} ({configs(v)})"
                                              for k, v in PROTOCOLS.items()), ""]
     return "\n".join(lines)
 

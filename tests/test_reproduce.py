@@ -54,3 +54,28 @@ def test_readme_block_is_rewritten(tmp_path, monkeypatch):
     text = readme.read_text()
     assert "old" not in text and "| S1 | m | task-IL | 1.00 ± 0.00 | – | 3 |" in text
     assert text.startswith("intro\n") and text.endswith("rest\n")
+
+
+def test_every_protocol_variant_builds_a_valid_config():
+    """Each variant's config loads, its overrides apply to existing entries and validate."""
+    from cl_plugins.experiment.config import apply_override, load_config, parse_value, validate
+
+    rp = _load()
+    for name, proto in rp.PROTOCOLS.items():
+        for variant, args in proto["variants"].items():
+            cfg = load_config(REPO / rp.config_for(proto, variant))
+            for arg in args:
+                key, value = arg[2:].split("=", 1)
+                apply_override(cfg, key, parse_value(value))
+            validate(cfg)
+            labels = rp.labels_for(proto, variant)
+            assert labels, (name, variant)
+            for skipped in proto.get("skip", {}).get(variant, ()):
+                assert skipped not in labels
+
+
+def test_s2_skips_separate_networks_outside_task_il():
+    rp = _load()
+    s2 = rp.PROTOCOLS["S2"]
+    assert "ensemble" in rp.labels_for(s2, "task")
+    assert "ensemble" not in rp.labels_for(s2, "class")
