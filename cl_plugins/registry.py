@@ -63,6 +63,7 @@ PLUGIN_CLASSES = [
     "cl_plugins.regularization.si:SIPlugin",
     "cl_plugins.regularization.mas:MASPlugin",
     "cl_plugins.regularization.rwalk:RWalkPlugin",
+    "cl_plugins.projection.nscl:NSCLPlugin",
 ]
 
 
