@@ -64,6 +64,7 @@ PLUGIN_CLASSES = [
     "cl_plugins.regularization.mas:MASPlugin",
     "cl_plugins.regularization.rwalk:RWalkPlugin",
     "cl_plugins.projection.nscl:NSCLPlugin",
+    "cl_plugins.projection.ogd:OGDPlugin",
 ]
 
 
