@@ -65,6 +65,7 @@ PLUGIN_CLASSES = [
     "cl_plugins.regularization.rwalk:RWalkPlugin",
     "cl_plugins.projection.nscl:NSCLPlugin",
     "cl_plugins.projection.ogd:OGDPlugin",
+    "cl_plugins.projection.gpm:GPMPlugin",
 ]
 
 
