@@ -66,6 +66,7 @@ PLUGIN_CLASSES = [
     "cl_plugins.projection.nscl:NSCLPlugin",
     "cl_plugins.projection.ogd:OGDPlugin",
     "cl_plugins.projection.gpm:GPMPlugin",
+    "cl_plugins.projection.rgo:RGOPlugin",
 ]
 
 

@@ -11,14 +11,18 @@ from cl_plugins.core.checks import check_choice, unknown_name_error
 
 from .alexnet import AlexNet5
 from .classifier import ClassifierNet
+from .fel import FeatureEncodingLayer
+from .fel_mlp import FELMLP
 from .heads import MaskedHead
 from .lenet import LeNet
 from .mlp import MLP
 from .preact_resnet import PreActResNet18
 from .reduced_resnet import ReducedResNet18
+from .resnet18_nobn import ResNet18NoBN
 
 BACKBONES = {"mlp": MLP, "preact_resnet18": PreActResNet18, "reduced_resnet18": ReducedResNet18,
-             "alexnet5": AlexNet5, "lenet": LeNet}
+             "alexnet5": AlexNet5, "lenet": LeNet, "fel_mlp": FELMLP,
+             "resnet18_nobn": ResNet18NoBN}
 HEADS = ("auto", "multihead", "linear", "masked")
 
 
@@ -26,7 +30,7 @@ def build_backbone(name: str, input_shape, **kwargs) -> nn.Module:
     if name not in BACKBONES:
         raise unknown_name_error("model", name, BACKBONES)
     c, h, w = input_shape
-    if name == "mlp":
+    if name in ("mlp", "fel_mlp"):
         kwargs.setdefault("input_size", c * h * w)
     else:
         kwargs.setdefault("in_channels", c)
@@ -63,8 +67,18 @@ def build_model(model_cfg: Dict[str, Any], info) -> ClassifierNet:
         out = nn.Linear(backbone.out_features, info.n_outputs, bias=head_bias)
     else:
         out = MaskedHead(backbone.out_features, info.n_outputs, mask=mask, bias=head_bias)
-    return ClassifierNet(backbone, out)
+    net = ClassifierNet(backbone, out)
+    if hasattr(backbone, "set_task_labels"):
+        # Backbones with feature encoding layers (fel_mlp, resnet18_nobn) need the task labels,
+        # which ClassifierNet only gives its head: route them to the backbone too.
+        if getattr(backbone, "fel", False) and not info.task_labels:
+            raise ValueError(f"model {name!r} with fel=true needs task labels (task-IL), but the "
+                             f"scenario is {info.scenario}-IL where every task label is 0; use "
+                             "benchmark.scenario=task or model.fel=false")
+        FeatureEncodingLayer.route_task_labels(net)
+    return net
 
 
-__all__ = ["AlexNet5", "BACKBONES", "ClassifierNet", "LeNet", "MLP", "MaskedHead",
-           "PreActResNet18", "ReducedResNet18", "build_backbone", "build_model"]
+__all__ = ["AlexNet5", "BACKBONES", "ClassifierNet", "FELMLP", "FeatureEncodingLayer", "LeNet",
+           "MLP", "MaskedHead", "PreActResNet18", "ReducedResNet18", "ResNet18NoBN",
+           "build_backbone", "build_model"]
