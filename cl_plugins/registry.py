@@ -67,6 +67,8 @@ PLUGIN_CLASSES = [
     "cl_plugins.projection.ogd:OGDPlugin",
     "cl_plugins.projection.gpm:GPMPlugin",
     "cl_plugins.projection.rgo:RGOPlugin",
+    "cl_plugins.replay.er:ERPlugin",
+    "cl_plugins.replay.der:DERPlugin",
 ]
 
 
@@ -139,6 +141,7 @@ def _register_avalanche_references() -> None:
         ("avalanche_mas", avl.MASPlugin, {"lambda_reg": 1.0, "alpha": 0.5}),
         ("avalanche_rwalk", avl.RWalkPlugin, {"ewc_lambda": 0.1, "ewc_alpha": 0.9, "delta_t": 10}),
         ("avalanche_lwf", avl.LwFPlugin, {"alpha": 1.0, "temperature": 2.0}),
+        ("avalanche_er", avl.ReplayPlugin, {"mem_size": 500}),
     ]
     for name, factory, defaults in refs:
         register(MethodSpec(name, "plugin", factory, defaults=defaults, reference=True,
