@@ -121,7 +121,8 @@ def _loop_fisher(model, params, x, y, t, fisher):
     return {n: o / len(x) for n, o in out.items()}
 
 
-@pytest.mark.parametrize("scenario,fisher", [("task", "empirical"), ("class", "exact")])
+@pytest.mark.parametrize("scenario,fisher", [("task", "empirical"), ("class", "exact"),
+                                             ("task", "predicted")])
 def test_fisher_on_runner_models_matches_a_per_sample_loop(scenario, fisher):
     torch.manual_seed(0)
     info = build_benchmark("split_digits", scenario)
@@ -136,6 +137,9 @@ def test_fisher_on_runner_models_matches_a_per_sample_loop(scenario, fisher):
     if scenario == "class":
         y, t = y + 2 * t, torch.zeros_like(t)  # class-IL: no task labels, 4 seen classes
     params = shared_parameters(model)
+    if fisher == "predicted":  # the loop's label is each sample's arg-max under its own head
+        with torch.no_grad():
+            y = torch.stack([model(x[i:i + 1], int(t[i]))[0].argmax() for i in range(len(x))])
     want = _loop_fisher(model, params, x, y, t, fisher)
     model.train()
     got = EWCPlugin(fisher=fisher, fisher_batch_size=4).estimate_fisher(
@@ -193,6 +197,55 @@ def test_penalty_value_and_gradient(make):
                 flat[i] = old
                 assert (up - down) / (2 * eps) == pytest.approx(grad.view(-1)[i].item(),
                                                                 rel=1e-6, abs=1e-8)
+
+
+def test_separate_and_accumulate_agree_after_one_task():
+    # one finished task: both modes hold the same single term, so value and gradient agree
+    model, ds, _, _ = _linear_problem(seed=3)
+    plugins = [EWCPlugin(ewc_lambda=7.0, fisher="predicted"),
+               EWCPlugin(ewc_lambda=7.0, fisher="predicted", mode="accumulate"),
+               OnlineEWCPlugin(ewc_lambda=7.0, gamma=0.3, fisher="predicted")]
+    for plugin in plugins:
+        plugin.after_training_exp(_fake_strategy(model, ds))
+    g = torch.Generator().manual_seed(4)
+    params = {n: (p.detach() + 0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+              .requires_grad_() for n, p in model.named_parameters()}
+    values, grads = [], []
+    for plugin in plugins:
+        v = plugin.penalty(params)
+        values.append(v.item())
+        grads.append(torch.autograd.grad(v, list(params.values())))
+    assert values[0] > 0 and values[0] == values[1] == values[2]
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-10, 1e-25])
+def test_collapsed_penalty_equals_the_sum_of_terms_in_float32(scale):
+    # the S1 regime: float32 parameters, Fisher entries of ~1e-8 and below, anchors 1e-3 apart
+    g = torch.Generator().manual_seed(5)
+    shape = (40, 30)
+    theta = (0.05 * torch.randn(shape, generator=g)).requires_grad_()
+    plugin = EWCPlugin(ewc_lambda=200.0)
+    for _ in range(3):
+        fisher = scale * torch.rand(shape, generator=g) ** 4
+        fisher[0, :5] = 0.0
+        anchor = theta.detach() + 1e-3 * torch.randn(shape, generator=g)
+        plugin.quadratic_penalty.add({"w": fisher}, {"w": anchor})
+    value = plugin.penalty({"w": theta})
+    (grad,) = torch.autograd.grad(value, [theta])
+    assert value.dtype == grad.dtype == torch.float32
+    th64 = theta.detach().double().requires_grad_()
+    ref = sum(100.0 * (f["w"].double() * (th64 - a["w"].double()) ** 2).sum()
+              for f, a in plugin.quadratic_penalty.terms)
+    (ref_grad,) = torch.autograd.grad(ref, [th64])
+    assert ref.item() > 0
+    assert value.item() == pytest.approx(ref.item(), rel=1e-5)
+    # float32 rounding of the centre c: ~1e-6 relative on (theta - c), far below any effect
+    assert float((grad.double() - ref_grad).norm() / ref_grad.norm()) < 1e-5
+    plain = plugin.quadratic_penalty.loss({"w": theta})
+    assert value.item() == pytest.approx(plain.item(), rel=1e-5)
 
 
 def _fake_strategy(model, ds):

@@ -119,7 +119,7 @@ def test_lwf_class_il_distils_only_old_classes(bench):
     info = bench["class"]
     exps = info.benchmark.train_stream
     model = _model(info)
-    plugin = LwFPlugin(temperature=3.0)
+    plugin = LwFPlugin(temperature=3.0, class_il_softmax="old")
     model.train()
     _adapt(model, exps[0])
     _finish(plugin, model, exps[0])
@@ -139,6 +139,97 @@ def test_lwf_class_il_distils_only_old_classes(bench):
     with torch.no_grad():  # an old class's weights do
         model.head.linear.weight[0].add_(0.5)
     assert plugin.distillation_term(model, x).item() != pytest.approx(base, rel=1e-6)
+
+
+class _FixedLogits(nn.Module):
+    """A 'model' whose output is a fixed logit matrix (the teacher of the hand-computed tests)."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.register_buffer("logits", logits)
+
+    def forward(self, x):
+        return self.logits
+
+
+def test_lwf_class_il_seen_softmax_hand_computed():
+    # old classes {0, 1}, current classes {2, 3}; T = 2; scale_t2 on (van de Ven's loss_fn_kd)
+    import math
+
+    teacher = torch.tensor([[0.0, 0.0, 9.0, 9.0], [2.0, 0.0, -5.0, 7.0]], dtype=torch.float64)
+    student = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 2.0, 4.0, -2.0]], dtype=torch.float64,
+                           requires_grad=True)
+    x = torch.zeros(2, 1, dtype=torch.float64)
+    seen = LwFPlugin(temperature=2.0, class_il_softmax="seen")
+    old = LwFPlugin(temperature=2.0, class_il_softmax="old")
+    for p in (seen, old):
+        p.teacher, p.old_classes = _FixedLogits(teacher), {0: [0, 1]}
+
+    # sample 1: q = (1/2, 1/2) (padded: 1/2, 1/2, 0, 0), p = (1/4, 1/4, 1/4, 1/4):
+    #   KL = 2 * 1/2 * (log 1/2 - log 1/4) = log 2;  CE = -log(1/4) = 2 log 2 = KL + H(q)
+    # sample 2: z_t / T = (1, 0), z_s / T = (0, 1, 2, -1)
+    q2 = [math.e / (1 + math.e), 1 / (1 + math.e)]
+    zs = [0.0, 1.0, 2.0, -1.0]
+    lse = math.log(sum(math.exp(z) for z in zs))
+    kl2 = sum(q * (math.log(q) - (z - lse)) for q, z in zip(q2, zs[:2]))
+    ce2 = -sum(q * (z - lse) for q, z in zip(q2, zs[:2]))
+    h2 = -sum(q * math.log(q) for q in q2)
+    want = 4.0 * (math.log(2) + kl2) / 2  # T^2 * mean over the batch
+    got = seen.distillation_term(nn.Identity(), x, student_output=student, current_classes=[2, 3])
+    assert got.item() == pytest.approx(want, rel=1e-13)
+    # van de Ven's cross-entropy form: the same up to the teacher's entropy (a constant)
+    assert want == pytest.approx(4.0 * ((2 * math.log(2) - math.log(2)) + (ce2 - h2)) / 2,
+                                 rel=1e-13)
+    # gradient w.r.t. the student's logits: T (p - q_padded) / batch
+    got.backward()
+    p1 = [0.25] * 4
+    p2 = [math.exp(z - lse) for z in zs]
+    g = [[2.0 * (a - b) / 2 for a, b in zip(p1, [0.5, 0.5, 0, 0])],
+         [2.0 * (a - b) / 2 for a, b in zip(p2, q2 + [0, 0])]]
+    torch.testing.assert_close(student.grad, torch.tensor(g, dtype=torch.float64),
+                               rtol=1e-12, atol=1e-15)
+    assert bool((student.grad[:, 2:] > 0).all())  # the current classes are pushed down
+
+    # "old": the softmax spans the old classes only; sample 1 is then exactly at the teacher
+    want_old = 4.0 * (0.0 + sum(q * (math.log(q) - math.log(pp)) for q, pp in
+                                zip(q2, [1 / (1 + math.e), math.e / (1 + math.e)]))) / 2
+    s2 = student.detach()
+    assert old.distillation_term(nn.Identity(), x, student_output=s2,
+                                 current_classes=[2, 3]).item() == pytest.approx(want_old,
+                                                                                 rel=1e-13)
+    # no current class outside the old ones (domain-IL): "seen" = "old"
+    assert seen.distillation_term(nn.Identity(), x, student_output=s2,
+                                  current_classes=[0, 1]).item() == pytest.approx(want_old,
+                                                                                  rel=1e-13)
+
+
+def test_lwf_class_il_seen_softmax_in_a_strategy(bench):
+    # before_training_exp records the current classes; the term spans old + current columns
+    info = bench["class"]
+    exps = info.benchmark.train_stream
+    torch.manual_seed(0)
+    model = build_model({"name": "mlp", "hidden": [8]}, info)
+    plugin = LwFPlugin(class_il_softmax="seen")
+    seen_terms = []
+
+    class Probe(SupervisedPlugin):
+        def before_backward(self, strategy, **kwargs):
+            if plugin.teacher is not None and not seen_terms:
+                x, out = strategy.mb_x, strategy.mb_output
+                with torch.no_grad():
+                    q = plugin.teacher(x)
+                seen_terms.append((plugin.distillation_term(strategy.model, x, out).item(),
+                                   plugin._kd_padded(out[:, [0, 1, 2, 3]], q[:, [0, 1]],
+                                                     2.0).item(),
+                                   kd_loss(out[:, :2], q[:, :2], 2.0).item()))
+
+    strat = _strategy(model, plugin)
+    strat.plugins.append(Probe())
+    for e in range(2):
+        strat.train(exps[e])
+    assert plugin._current_classes == {} and plugin.old_classes == {0: [0, 1, 2, 3]}
+    (got, want, old_form), = seen_terms
+    assert got == pytest.approx(want, rel=1e-6) and got != pytest.approx(old_form, rel=1e-3)
 
 
 def test_lwf_domain_il_distils_all_outputs(bench):
@@ -502,6 +593,7 @@ def test_scp_forgets_less_than_naive_in_domain_il(digits_cfg):
     ({"schedule": "linear"}, r"schedule must be one of 'constant', 'vandeven'; got 'linear'"),
     ({"task_reduction": "max"}, r"task_reduction must be one of 'mean', 'sum'"),
     ({"scale_t2": 1}, r"scale_t2 must be one of True, False; got 1"),
+    ({"class_il_softmax": "all"}, r"class_il_softmax must be one of 'old', 'seen'; got 'all'"),
 ])
 def test_lwf_bad_arguments(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):

@@ -25,8 +25,10 @@ from 1), for a minibatch ``x`` of the current experience:
   Other multi-task models are called once per old task, ``model(x, k)``.
 - single-head models (domain-IL, class-IL): one term over the logit columns of the classes seen
   in earlier experiences, using the strategy's ``mb_output`` (no extra student forward). In
-  class-IL these are the old classes only; in domain-IL every experience uses the same labels,
-  so these are all of the head's outputs.
+  class-IL the student's softmax also spans the current experience's classes (default
+  ``class_il_softmax="seen"``, van de Ven) or the old classes only (``"old"``, Li & Hoiem,
+  Avalanche), see Deviations; in domain-IL every experience uses the same labels, so these
+  are all of the head's outputs.
 
 The terms over old tasks are averaged (``task_reduction="mean"``, van de Ven's code) or summed
 (``"sum"``, Avalanche's ``LwF``; Li & Hoiem write one lambda_o-weighted L_old over the outputs of
@@ -61,7 +63,11 @@ Hyper-parameters (DEFAULTS = protocol S2, van de Ven et al. 2022)
 - ``temperature`` = 2.0 (Li & Hoiem and van de Ven: T = 2);
 - ``schedule`` = "vandeven" ("constant" for Li & Hoiem / Avalanche);
 - ``task_reduction`` = "mean" (over old task heads; "sum" for Avalanche's behaviour);
-- ``scale_t2`` = True: multiply the KD term by T^2 (Hinton et al. 2015; van de Ven's code).
+- ``scale_t2`` = True: multiply the KD term by T^2 (Hinton et al. 2015; van de Ven's code);
+- ``class_il_softmax`` = "seen": which columns the student's softmax spans on a single-head
+  model: ``"seen"`` = the classes of earlier experiences and of the current one, the teacher's
+  probabilities padded with zeros for the current ones (van de Ven's code, S1/S2); ``"old"`` =
+  the classes of earlier experiences only (Li & Hoiem, Avalanche). See Deviations.
 
 Deviations
 ----------
@@ -71,11 +77,27 @@ Deviations
   copy gives the same targets (and allows data augmentation to differ per epoch).
 - Li & Hoiem and Avalanche use KD without the T^2 factor; set ``scale_t2=False`` to get it
   (with T = 1, as in Avalanche's baseline run, both are identical).
-- Class-IL: van de Ven's code computes the student's softmax over *all* classes seen so far
-  (old and current) with the teacher's probabilities padded by zeros for the current classes,
-  which also pushes the current classes' logits down on the current inputs. Here, as in
-  Li & Hoiem (old-task outputs only) and Avalanche, the softmax spans the old classes only, so
-  the new classes' logits do not enter the term.
+- Class-IL, ``class_il_softmax``: with ``"seen"`` (the default, the S2 protocol's) the term is
+  van de Ven's (``loss_fn_kd`` in GMvandeVen/continual-learning, the code behind the S1 (24.17)
+  and S2 (21.89) class-IL numbers): the student's softmax spans *all* classes seen so far, old
+  and current, and the teacher's softmax over the old classes is padded with zero
+  probabilities for the classes that are new in the current experience,
+
+      KD = T^2 * sum_{c in old} q_c (log q_c - log p_c),
+      q = softmax(z_old[old] / T),  p = softmax(z[old + new] / T)  (mean over the batch),
+
+  which also pushes the current classes' logits down on the current inputs (the teacher gives
+  them probability 0). van de Ven's code uses the cross-entropy -sum q log p (see the KL note
+  below: same gradient). With ``"old"``, as in Li & Hoiem (old-task outputs only) and
+  Avalanche, the student's softmax spans the old classes only and the new classes' logits do
+  not enter the term. The two are opposite failure modes of single-head LwF: with ``"old"``
+  nothing holds the new classes' logits down on old inputs, so every earlier task is lost (S1
+  seed 0: 19.74, the accuracy matrix is the identity); with ``"seen"`` the term outweighs the
+  CE on the new classes: minimising CE + (t - 1) KD over free logits, T = 2, the new label's
+  logit ends below the teacher's preferred old class for every t >= 2 (a tie only at t = 2
+  with a uniform teacher), so the first task is kept and later tasks are barely learned (S1
+  seed 0: 20.69; task accuracies after training them 0.2-3%). In domain-IL (same labels in
+  every experience) and for multi-head layouts both options give the same term.
 - KL divergence instead of the cross-entropy with soft targets: they differ by the teacher's
   entropy, a constant, so the gradients are identical and the term is 0 at the teacher.
 """
@@ -100,6 +122,7 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_back
 _HOOK_FLAGS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                "_forward_pre_hooks_with_kwargs")
 REDUCTIONS = ("mean", "sum")
+CLASS_IL_SOFTMAX = ("old", "seen")
 
 
 class _FeatureTap:
@@ -140,7 +163,7 @@ class LwFPlugin(SupervisedPlugin):
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False
     DEFAULTS: dict = {"alpha": 1.0, "temperature": 2.0, "schedule": "vandeven",
-                      "task_reduction": "mean", "scale_t2": True}
+                      "task_reduction": "mean", "scale_t2": True, "class_il_softmax": "seen"}
     SWEEP: dict = {
         "alpha": {"distribution": "log_uniform_values", "min": 0.1, "max": 10.0},
         "temperature": {"values": [1.0, 2.0, 4.0]},
@@ -152,13 +175,15 @@ class LwFPlugin(SupervisedPlugin):
 
     def __init__(self, alpha: Union[float, Sequence[float]] = 1.0, temperature: float = 2.0,
                  schedule: str = "vandeven", task_reduction: str = "mean",
-                 scale_t2: bool = True):
+                 scale_t2: bool = True, class_il_softmax: str = "seen"):
         super().__init__()
         self.alpha = _check_alpha(alpha)
         self.temperature = float(check_positive("temperature", temperature))
         self.schedule = check_choice("schedule", schedule, SCHEDULES)
         self.task_reduction = check_choice("task_reduction", task_reduction, REDUCTIONS)
         self.scale_t2 = check_bool("scale_t2", scale_t2)
+        self.class_il_softmax = check_choice("class_il_softmax", class_il_softmax,
+                                             CLASS_IL_SOFTMAX)
 
         self.teacher: Optional[nn.Module] = None
         self.n_experiences = 0  # finished experiences (the task count)
@@ -166,6 +191,8 @@ class LwFPlugin(SupervisedPlugin):
         self._pending_teacher: Optional[Dict[str, torch.Tensor]] = None
         self._tap: Optional[_FeatureTap] = None
         self._tap_handle = None
+        # classes of the experience being trained (class_il_softmax="seen"), by task label
+        self._current_classes: Dict[int, List[int]] = {}
 
     # ------------------------------------------------------------------ weights
 
@@ -272,12 +299,15 @@ class LwFPlugin(SupervisedPlugin):
     def distillation_term(self, model: nn.Module, x: torch.Tensor,
                           student_output: Optional[torch.Tensor] = None,
                           task_labels: Optional[torch.Tensor] = None,
-                          features: Optional[torch.Tensor] = None) -> torch.Tensor:
+                          features: Optional[torch.Tensor] = None,
+                          current_classes: Optional[Sequence[int]] = None) -> torch.Tensor:
         """The KD term (without its weight) of ``model`` against the teacher on inputs ``x``.
 
         ``student_output``: the model's output on ``x`` (single-head models; recomputed if None).
         ``features``: the model's backbone output on ``x`` (multi-head ClassifierNet; recomputed
-        if None). Returns a zero tensor before the first experience has ended.
+        if None). ``current_classes``: the classes of the experience being trained, used by
+        ``class_il_softmax="seen"`` on single-head models (default: those recorded at
+        ``before_training_exp``). Returns a zero tensor before the first experience has ended.
         """
         self._ensure_teacher(model)
         if self.teacher is None:
@@ -310,9 +340,27 @@ class LwFPlugin(SupervisedPlugin):
                 avalanche_forward(model, x, task_labels)
             with torch.no_grad():
                 q = avalanche_forward(teacher, x, task_labels)
-            terms.append(kd_loss(out[:, cols], q[:, cols], T, self.scale_t2))
+            if self.class_il_softmax == "old":
+                terms.append(kd_loss(out[:, cols], q[:, cols], T, self.scale_t2))
+            else:
+                if current_classes is None:
+                    current_classes = set().union(set(), *self._current_classes.values())
+                new = sorted(set(int(c) for c in current_classes) - set(cols))
+                terms.append(self._kd_padded(out[:, cols + new], q[:, cols], T))
         total = torch.stack(terms).sum()
         return total / len(terms) if self.task_reduction == "mean" else total
+
+    def _kd_padded(self, student: torch.Tensor, teacher: torch.Tensor, T: float) -> torch.Tensor:
+        """KL(q || p) with p = softmax(student / T) over all its columns and q the teacher's
+        softmax over its (fewer, leading) columns, padded with zeros for the remaining ones;
+        mean over the batch, times T^2 if ``scale_t2``. Equals ``kd_loss`` when no column is
+        padded."""
+        log_p = torch.log_softmax(student / T, dim=1)
+        q = torch.softmax(teacher.detach() / T, dim=1)
+        q = torch.cat([q, q.new_zeros(q.shape[0], student.shape[1] - q.shape[1])], dim=1)
+        # padded entries have q = 0 and contribute 0 (xlogy(0, 0) = 0 in kl_div)
+        loss = torch.nn.functional.kl_div(log_p, q, reduction="batchmean")
+        return loss * (T * T) if self.scale_t2 else loss
 
     # ------------------------------------------------------------------ hooks
 
@@ -324,6 +372,9 @@ class LwFPlugin(SupervisedPlugin):
     def before_training_exp(self, strategy, **kwargs):
         self._ensure_teacher(strategy.model)
         self.alpha_at(self.n_experiences)  # a too-short alpha list fails before any training
+        ds = strategy.experience.dataset
+        self._current_classes = {int(t): sorted(int(c) for c in ds.task_set[t].targets.uniques)
+                                 for t in ds.targets_task_labels.uniques}
         if self.teacher is not None:
             self.teacher.to(strategy.device)
         self._remove_tap()
@@ -351,6 +402,7 @@ class LwFPlugin(SupervisedPlugin):
             self.old_classes[int(t)] = sorted(classes | set(self.old_classes.get(int(t), [])))
         self.n_experiences += 1
         self._pending_teacher = None
+        self._current_classes = {}
         self.teacher = self.frozen_copy(strategy.model)
 
     def after_training(self, strategy, **kwargs):
@@ -365,7 +417,8 @@ class LwFPlugin(SupervisedPlugin):
 
     def _config(self) -> Dict:
         return {"alpha": self.alpha, "temperature": self.temperature, "schedule": self.schedule,
-                "task_reduction": self.task_reduction, "scale_t2": self.scale_t2}
+                "task_reduction": self.task_reduction, "scale_t2": self.scale_t2,
+                "class_il_softmax": self.class_il_softmax}
 
     def state_dict(self) -> Dict:
         if self.teacher is not None:
