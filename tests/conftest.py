@@ -9,6 +9,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+
+# One intra-op thread for the whole suite: the tests run tiny models, where a second thread
+# brings no speed-up, and on a loaded 2-core machine thread contention made small steps up to
+# 100x slower (measured while several jobs shared the box).
+torch.set_num_threads(1)
 
 SHARED_DATA = Path(os.environ.get("CL_SHARED_DATA",
                                   Path(__file__).resolve().parents[1].parent / "shared" / "data"))
