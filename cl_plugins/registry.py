@@ -69,6 +69,8 @@ PLUGIN_CLASSES = [
     "cl_plugins.projection.rgo:RGOPlugin",
     "cl_plugins.replay.er:ERPlugin",
     "cl_plugins.replay.der:DERPlugin",
+    "cl_plugins.replay.gdumb:GDumbPlugin",
+    "cl_plugins.replay.mir:MIRPlugin",
 ]
 
 
@@ -142,8 +144,13 @@ def _register_avalanche_references() -> None:
         ("avalanche_rwalk", avl.RWalkPlugin, {"ewc_lambda": 0.1, "ewc_alpha": 0.9, "delta_t": 10}),
         ("avalanche_lwf", avl.LwFPlugin, {"alpha": 1.0, "temperature": 2.0}),
         ("avalanche_er", avl.ReplayPlugin, {"mem_size": 500}),
+        # Its buffer balances by class label only: task-IL labels restart at 0 in every task.
+        ("avalanche_gdumb", avl.GDumbPlugin, {"mem_size": 4400}, ("class",)),
+        ("avalanche_mir", avl.MIRPlugin, {"batch_size_mem": 10, "mem_size": 500,
+                                          "subsample": 50}),
     ]
-    for name, factory, defaults in refs:
+    for name, factory, defaults, *scenarios in refs:
         register(MethodSpec(name, "plugin", factory, defaults=defaults, reference=True,
+                            scenarios=tuple(scenarios[0]) if scenarios else ALL_SCENARIOS,
                             paper=f"Avalanche 0.6's {getattr(factory, '__name__', name)}",
                             summary="reference: Avalanche's own implementation, run side by side"))
