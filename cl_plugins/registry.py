@@ -71,6 +71,7 @@ PLUGIN_CLASSES = [
     "cl_plugins.replay.der:DERPlugin",
     "cl_plugins.replay.gdumb:GDumbPlugin",
     "cl_plugins.replay.mir:MIRPlugin",
+    "cl_plugins.replay.icarl:ICaRLPlugin",
 ]
 
 
@@ -131,6 +132,17 @@ def _avalanche_online_ewc(ewc_lambda: float, decay_factor: float = 1.0):
     return EWCPlugin(ewc_lambda=ewc_lambda, mode="online", decay_factor=decay_factor)
 
 
+def _avalanche_icarl(*, model, optimizer, criterion=None, memory_size: int = 2000,
+                     fixed_memory: bool = True, buffer_transform=None, **kwargs):
+    """Avalanche's ICaRL template on the runner's ClassifierNet (backbone = feature extractor,
+    head = classifier). It builds its own iCaRL loss, so the runner's criterion is dropped."""
+    from avalanche.training import ICaRL
+
+    return ICaRL(feature_extractor=model.backbone, classifier=model.head, optimizer=optimizer,
+                 memory_size=memory_size, buffer_transform=buffer_transform,
+                 fixed_memory=fixed_memory, **kwargs)
+
+
 def _register_avalanche_references() -> None:
     """Avalanche's own versions of methods we also implement, for side-by-side runs in the same
     script (``avalanche_<name>``). Arguments are Avalanche's, with Avalanche's meaning."""
@@ -149,6 +161,11 @@ def _register_avalanche_references() -> None:
         ("avalanche_mir", avl.MIRPlugin, {"batch_size_mem": 10, "mem_size": 500,
                                           "subsample": 50}),
     ]
+    register(MethodSpec("avalanche_icarl", "template", _avalanche_icarl, scenarios=("class",),
+                        defaults={"memory_size": 2000, "fixed_memory": True}, reference=True,
+                        paper="Avalanche 0.6's ICaRL template",
+                        summary="reference: Avalanche's ICaRL strategy on the runner's backbone "
+                                "and head"))
     for name, factory, defaults, *scenarios in refs:
         register(MethodSpec(name, "plugin", factory, defaults=defaults, reference=True,
                             scenarios=tuple(scenarios[0]) if scenarios else ALL_SCENARIOS,
