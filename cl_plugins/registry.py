@@ -72,6 +72,8 @@ PLUGIN_CLASSES = [
     "cl_plugins.replay.gdumb:GDumbPlugin",
     "cl_plugins.replay.mir:MIRPlugin",
     "cl_plugins.replay.icarl:ICaRLPlugin",
+    "cl_plugins.replay.gem:GEMPlugin",
+    "cl_plugins.replay.agem:AGEMPlugin",
 ]
 
 
@@ -156,6 +158,10 @@ def _register_avalanche_references() -> None:
         ("avalanche_rwalk", avl.RWalkPlugin, {"ewc_lambda": 0.1, "ewc_alpha": 0.9, "delta_t": 10}),
         ("avalanche_lwf", avl.LwFPlugin, {"alpha": 1.0, "temperature": 2.0}),
         ("avalanche_er", avl.ReplayPlugin, {"mem_size": 500}),
+        ("avalanche_gem", avl.GEMPlugin, {"patterns_per_experience": 256,
+                                          "memory_strength": 0.5}),
+        ("avalanche_agem", avl.AGEMPlugin, {"patterns_per_experience": 250,
+                                            "sample_size": 256}),
         # Its buffer balances by class label only: task-IL labels restart at 0 in every task.
         ("avalanche_gdumb", avl.GDumbPlugin, {"mem_size": 4400}, ("class",)),
         ("avalanche_mir", avl.MIRPlugin, {"batch_size_mem": 10, "mem_size": 500,
