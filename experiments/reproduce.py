@@ -156,6 +156,40 @@ PROTOCOLS = {
         "source": "no verified published number (projection.md): methods compared in the same runs",
         "published": {},
     },
+    "S1-replay": {
+        "title": "Split MNIST, 5 tasks (Hsu et al. 2018), rehearsal and GEM, ours and Avalanche's",
+        "config": "experiments/configs/hsu2018_split_mnist_replay.yaml",
+        "benchmark": "split_mnist",
+        "variants": {sc: [f"--benchmark.scenario={sc}"] for sc in ("task", "domain", "class")},
+        "seeds": list(range(10)),
+        "source": "Hsu et al. 2018, Table 2 (10 runs, mean ± std); their GEM row also rehearsed "
+                  "the memory (see the config)",
+        "published": {
+            sc: {"gem-1100": g, "gem-1100+rehearsal": g, "avalanche-gem-275x4": g,
+                 "naive-rehearsal-1100": r, "naive-rehearsal-1100-reservoir": r}
+            for sc, g, r in [("task", (98.42, 0.10), (99.40, 0.08)),
+                             ("domain", (96.16, 0.35), (95.16, 0.49)),
+                             ("class", (92.20, 0.12), (90.78, 0.85))]
+        },
+    },
+    "B1-GEM": {
+        "title": "Permuted MNIST, 5 experiences, GEM (continual-learning-baselines target)",
+        "config": "experiments/configs/b1_permuted_mnist_gem.yaml",
+        "benchmark": "permuted_mnist",
+        "variants": {"domain": []},
+        "seeds": [0, 1, 2],
+        "source": "Avalanche continual-learning-baselines target (ANCHORS B1; no spread: ±1 point)",
+        "published": {"domain": {"gem": (93.0, None), "avalanche_gem": (93.0, None)}},
+    },
+    "B1-AGEM": {
+        "title": "Permuted MNIST, 17 experiences, A-GEM (continual-learning-baselines target)",
+        "config": "experiments/configs/b1_permuted_mnist_agem.yaml",
+        "benchmark": "permuted_mnist",
+        "variants": {"domain": []},
+        "seeds": [0, 1, 2],
+        "source": "Avalanche continual-learning-baselines target (ANCHORS B1; no spread: ±1 point)",
+        "published": {"domain": {"agem": (81.0, None), "avalanche_agem": (81.0, None)}},
+    },
 }
 
 
