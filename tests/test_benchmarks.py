@@ -181,3 +181,55 @@ def test_subsample_is_class_balanced_and_seeded():
     other = subsample(y, 9, torch.Generator().manual_seed(1))
     assert torch.equal(idx, again) and not torch.equal(idx, other)
     assert torch.equal(subsample(y, None, torch.Generator()), torch.arange(100))
+
+
+def test_permuted_and_rotated_experiences_are_stored_compactly(mnist_root):
+    # 20 float32 copies of MNIST would be ~5 GB per process: permuted experiences share one
+    # source tensor, rotated ones keep uint8 images.
+    per = build_benchmark("permuted_mnist", "domain", n_experiences=3, samples_per_task=50,
+                          test_samples_per_task=20, data_root=mnist_root)
+    from cl_plugins.benchmarks.stored import PixelPermutedDataset, UInt8ImageDataset
+
+    sets = _leaf_datasets(per.benchmark.train_stream)
+    assert len(sets) == 3 and all(isinstance(d, PixelPermutedDataset) for d in sets)
+    assert len({d.source.data_ptr() for d in sets}) == 1
+    rot = build_benchmark("rotated_mnist", "domain", n_experiences=2, samples_per_task=30,
+                          test_samples_per_task=20, data_root=mnist_root)
+    sets = _leaf_datasets(rot.benchmark.train_stream)
+    assert len(sets) == 2
+    assert all(isinstance(d, UInt8ImageDataset) and d.images.dtype == torch.uint8 for d in sets)
+
+
+def _leaf_datasets(stream):
+    """The datasets handed to nc_benchmark, found inside Avalanche's wrappers."""
+    from cl_plugins.benchmarks.stored import PixelPermutedDataset, UInt8ImageDataset
+
+    found, todo = {}, [e.dataset for e in stream]
+    while todo:
+        d = todo.pop()
+        if isinstance(d, (PixelPermutedDataset, UInt8ImageDataset)):
+            found[id(d)] = d
+            continue
+        for attr in ("_datasets", "datasets", "dataset", "_flat_data"):
+            sub = getattr(d, attr, None)
+            if isinstance(sub, (list, tuple)):
+                todo.extend(sub)
+            elif sub is not None and sub is not d:
+                todo.append(sub)
+    return list(found.values())
+
+
+def test_uint8_lookup_matches_float_normalisation():
+    from cl_plugins.benchmarks import preprocess as pp
+    from cl_plugins.benchmarks.stored import UInt8ImageDataset
+
+    g = torch.Generator().manual_seed(0)
+    for c, mean, std in [(1, [0.1307], [0.3081]), (3, [0.5, 0.4, 0.3], [0.2, 0.25, 0.3])]:
+        imgs = torch.randint(0, 256, (4, c, 5, 6), generator=g, dtype=torch.uint8)
+        ds = UInt8ImageDataset(imgs, torch.arange(4), mean, std)
+        want = pp.normalize(pp.to_float(imgs), mean, std)
+        assert torch.equal(torch.stack([ds[i][0] for i in range(4)]), want)
+        raw = UInt8ImageDataset(imgs, torch.arange(4), None, None)
+        assert torch.equal(raw[2][0], pp.to_float(imgs[2:3])[0])
+    with pytest.raises(TypeError, match="uint8"):
+        UInt8ImageDataset(imgs.float(), torch.arange(4), None, None)

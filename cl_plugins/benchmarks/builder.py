@@ -28,6 +28,7 @@ from cl_plugins.core.checks import check_choice, check_int, unknown_name_error
 
 from . import preprocess as pp
 from .arrays import ImageArrays
+from .stored import PixelPermutedDataset, UInt8ImageDataset
 
 SCENARIOS = ("task", "domain", "class")
 _SCENARIO_ALIASES = {"task-il": "task", "til": "task", "domain-il": "domain", "dil": "domain",
@@ -225,11 +226,14 @@ def build_benchmark(
     g = torch.Generator().manual_seed(seed + 1)  # independent of the class-order stream
     train_sets, test_sets, orig_classes = [], [], []
 
-    def finish(x, y, cap, what="samples_per_task"):
+    def check_cap(y, cap, what):
         n_cls = int(torch.unique(y).numel())
         if cap is not None and cap < n_cls:
             raise ValueError(f"benchmark.{what}={cap} is smaller than the {n_cls} classes of an "
                              "experience; every class needs at least one sample")
+
+    def finish(x, y, cap, what="samples_per_task"):
+        check_cap(y, cap, what)
         idx = pp.subsample(y, cap, g)
         x = x[idx]
         if normalize:
@@ -253,27 +257,41 @@ def build_benchmark(
             test_sets.append(finish(x_test[mte], test_raw.y[mte], test_samples_per_task,
                                    "test_samples_per_task"))
     elif spec.kind == "permuted":
+        # One normalised source shared by every experience (pixel-wise normalisation commutes
+        # with a pixel permutation); each experience keeps only its permutation and indices.
         n_pix = x_train.shape[-1] * x_train.shape[-2]
         gp = torch.Generator().manual_seed(seed)
         perms = [None if (t == 0 and first_task_identity) else torch.randperm(n_pix, generator=gp)
                  for t in range(n_exp)]
         options["first_task_identity"] = first_task_identity
+        sources = []
+        for x in (x_train, x_test):
+            sources.append(pp.normalize(x, mean, std).contiguous() if normalize else x)
         for perm in perms:
             orig_classes.append(list(range(n_classes)))
-            train_sets.append(finish(pp.permute_pixels(x_train, perm), train_raw.y, samples_per_task))
-            test_sets.append(finish(pp.permute_pixels(x_test, perm), test_raw.y, test_samples_per_task,
-                                   "test_samples_per_task"))
+            for source, raw, cap, what, sets in (
+                    (sources[0], train_raw, samples_per_task, "samples_per_task", train_sets),
+                    (sources[1], test_raw, test_samples_per_task, "test_samples_per_task",
+                     test_sets)):
+                check_cap(raw.y, cap, what)
+                sets.append(PixelPermutedDataset(source, raw.y, pp.subsample(raw.y, cap, g), perm))
     else:  # rotated: rotate the raw images, then pad, so corners are not cut by the padding
+        # Stored as uint8 (a quarter of float32) and normalised per sample by a lookup table.
         degs = _angles(n_exp, angles, angle_range, angle_sampling, seed)
         options.update(angles=degs, angle_sampling=angle_sampling, angle_range=list(angle_range))
         for a in degs:
             orig_classes.append(list(range(n_classes)))
-            xr = [pp.to_float(pp.rotate(r.x, a)) for r in (train_raw, test_raw)]
-            if pad_to_32:
-                xr = [pp.pad_to(x, 32) for x in xr]
-            train_sets.append(finish(xr[0], train_raw.y, samples_per_task))
-            test_sets.append(finish(xr[1], test_raw.y, test_samples_per_task,
-                                   "test_samples_per_task"))
+            for raw, cap, what, sets in (
+                    (train_raw, samples_per_task, "samples_per_task", train_sets),
+                    (test_raw, test_samples_per_task, "test_samples_per_task", test_sets)):
+                check_cap(raw.y, cap, what)
+                idx = pp.subsample(raw.y, cap, g)
+                x = pp.rotate(raw.x[idx], a)
+                if pad_to_32:
+                    x = pp.pad_to(x, 32)
+                sets.append(UInt8ImageDataset(x.contiguous(), raw.y[idx],
+                                              mean if normalize else None,
+                                              std if normalize else None))
 
     from avalanche.benchmarks import nc_benchmark
 
@@ -286,6 +304,6 @@ def build_benchmark(
     n_outputs = (sum(len(c) for c in classes_per_exp) if scenario == "class"
                  else max(len(c) for c in classes_per_exp))
     return BenchmarkInfo(benchmark=bm, name=name, scenario=scenario, n_experiences=n_exp,
-                         input_shape=tuple(train_sets[0].tensors[0].shape[1:]),
+                         input_shape=tuple(train_sets[0][0][0].shape),
                          classes_per_exp=classes_per_exp, original_classes_per_exp=orig_classes,
                          n_outputs=n_outputs, options=options)
