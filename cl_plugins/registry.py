@@ -172,6 +172,13 @@ def _register_avalanche_references() -> None:
                         paper="Avalanche 0.6's ICaRL template",
                         summary="reference: Avalanche's ICaRL strategy on the runner's backbone "
                                 "and head"))
+    from avalanche.training import DER
+
+    # Avalanche's DER/DER++ owns its training loop (a SupervisedTemplate); class-balanced memory.
+    register(MethodSpec("avalanche_der", "template", DER, defaults={"mem_size": 200, "alpha": 0.1,
+                                                                    "beta": 0.5},
+                        reference=True, paper="Avalanche 0.6's DER strategy",
+                        summary="reference: Avalanche's DER/DER++ template (beta 0 gives DER)"))
     for name, factory, defaults, *scenarios in refs:
         register(MethodSpec(name, "plugin", factory, defaults=defaults, reference=True,
                             scenarios=tuple(scenarios[0]) if scenarios else ALL_SCENARIOS,
