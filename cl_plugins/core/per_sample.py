@@ -9,7 +9,7 @@ their single-task path (no data-dependent branching under vmap).
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn
@@ -48,3 +48,78 @@ def per_sample_gradients(
 
 def cross_entropy_sample(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits, target)
+
+
+def per_sample_gradient_sums(
+    model: nn.Module,
+    params: Dict[str, torch.Tensor],
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    sample_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    task_label: int = 0,
+    transform: str = "square",
+    weights: Optional[torch.Tensor] = None,
+) -> Dict[str, torch.Tensor]:
+    """``sum_n w_n f(g_n)`` per parameter, with ``g_n`` sample n's gradient (as in
+    :func:`per_sample_gradients`), ``f`` = ``transform`` ("square" or "abs", element-wise) and
+    ``w_n`` = ``weights`` (all ones when None), in the parameters' dtype.
+
+    Why: importance estimates (Fisher, MAS) only need this sum, and for a ``Linear`` layer the
+    per-sample gradient is the outer product ``delta_n a_n^T`` of the gradient at the layer's
+    output and the layer's input, so ``sum_n w_n (delta_n a_n^T)^2 = (w * delta^2)^T (a^2)``
+    (and the same with ``|.|``): one matmul per layer, exact, with no ``[B, *shape]``
+    per-sample tensor. A Linear layer qualifies when it runs once per forward on [B, in]
+    inputs; every other parameter (convolutions, normalisation, layers called twice) takes the
+    ``torch.func`` path of :func:`per_sample_gradients`. Same eval-mode requirement.
+    """
+    if transform not in ("square", "abs"):
+        raise ValueError(f"transform must be 'square' or 'abs'; got {transform!r}")
+    f = (lambda t: t.pow(2)) if transform == "square" else torch.abs
+    modules = dict(model.named_modules())
+    owners: Dict[str, tuple] = {}  # param name -> (Linear module name, "weight" | "bias")
+    for name in params:
+        mod_name, _, attr = name.rpartition(".")
+        if isinstance(modules.get(mod_name), nn.Linear) and attr in ("weight", "bias"):
+            owners[name] = (mod_name, attr)
+    seen: Dict[str, list] = {}  # module name -> [(input, output), ...]
+
+    def recorder(mod_name):
+        def hook(_module, inputs, output):
+            seen.setdefault(mod_name, []).append((inputs[0].detach(), output))
+        return hook
+
+    handles = [modules[m].register_forward_hook(recorder(m)) for m in {o[0] for o in owners.values()}]
+    try:
+        with torch.enable_grad():
+            from avalanche.models import MultiTaskModule
+
+            out = model(x, task_label) if isinstance(model, MultiTaskModule) else model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    ok = {m for m, calls in seen.items() if len(calls) == 1 and calls[0][0].dim() == 2
+          and calls[0][0].shape[0] == len(x) and calls[0][1].requires_grad}
+    factorised = [n for n, (m, _) in owners.items() if m in ok]
+    result: Dict[str, torch.Tensor] = {}
+    if factorised:
+        per_sample_loss = vmap(lambda o, t: sample_loss(o.unsqueeze(0), t.unsqueeze(0)))
+        total_loss = per_sample_loss(out, targets).sum()
+        mods = sorted({owners[n][0] for n in factorised})
+        deltas = torch.autograd.grad(total_loss, [seen[m][0][1] for m in mods])
+        for m, delta in zip(mods, deltas):
+            a = seen[m][0][0]
+            d_f = f(delta)
+            if weights is not None:
+                d_f = d_f * weights.to(d_f.dtype).unsqueeze(1)
+            for n in factorised:
+                if owners[n][0] != m:
+                    continue
+                result[n] = (d_f.T @ f(a)) if owners[n][1] == "weight" else d_f.sum(0)
+    rest = {n: p for n, p in params.items() if n not in result}
+    if rest:
+        grads = per_sample_gradients(model, rest, x, targets, sample_loss, task_label)
+        for n, g in grads.items():
+            g = f(g)
+            result[n] = (torch.tensordot(weights.to(g.dtype), g, dims=1) if weights is not None
+                         else g.sum(0))
+    return {n: result[n] for n in params}

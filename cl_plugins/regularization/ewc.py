@@ -126,8 +126,10 @@ this one does not.
 
 Deviations from the paper / official code, and why:
 
-- The Fisher uses per-sample gradients (``torch.func`` vmap over grad) in batches of
-  ``fisher_batch_size``: the same value as the batch-size-1 loops of the official code, faster.
+- The Fisher uses per-sample gradients in batches of ``fisher_batch_size``: the same value as
+  the batch-size-1 loops of the official code, faster. Linear layers sum the squared per-sample
+  gradients as one matmul, ``(delta^2)^T (a^2)`` (exact, see
+  ``core.per_sample.per_sample_gradient_sums``); other layers use ``torch.func`` vmap.
 - Importances are accumulated over batches in float64 and stored in the parameters' dtype, so
   the penalty does not change the loss's dtype.
 - ``fisher="true"`` draws each sample's label by inverse-CDF sampling from one uniform number
@@ -159,7 +161,7 @@ from torch.utils.data import DataLoader, Subset
 
 from cl_plugins.core.checks import check_choice, check_int, check_non_negative
 from cl_plugins.core.params import check_same_keys, shared_parameters, snapshot
-from cl_plugins.core.per_sample import cross_entropy_sample, per_sample_gradients
+from cl_plugins.core.per_sample import cross_entropy_sample, per_sample_gradient_sums
 from cl_plugins.core.quadratic import QuadraticPenalty
 
 FISHER_TYPES = ("exact", "true", "empirical", "predicted")
@@ -344,16 +346,18 @@ class EWCPlugin(SupervisedPlugin):
     def _accumulate(self, model, params, x, y, u, task: int, total: Tensors) -> None:
         """Add sum over the batch of E_y[g_n(y)^2] to ``total``.
 
-        Squares are taken in the gradients' dtype and summed over the batch there (at most
-        ``fisher_batch_size`` terms), then accumulated over batches in float64: the [B, *shape]
-        per-sample gradients are the memory peak (B x n_params x 4 bytes in float32), so no
-        float64 copy of them is made.
+        The batch sums come from ``per_sample_gradient_sums`` (one matmul per Linear layer, the
+        ``torch.func`` per-sample path for other layers) in the parameters' dtype, over at most
+        ``fisher_batch_size`` samples; the running total over batches is float64.
         """
+        def add(target, weights=None):
+            sums = per_sample_gradient_sums(model, params, x, target, cross_entropy_sample,
+                                            task_label=task, weights=weights)
+            for n, s_ in sums.items():
+                total[n] += s_.double()
+
         if self.fisher == "empirical":
-            grads = per_sample_gradients(model, params, x, y.long(), cross_entropy_sample,
-                                         task_label=task)
-            for n, g in grads.items():
-                total[n] += g.pow_(2).sum(0, dtype=torch.float64)
+            add(y.long())
             return
         with torch.no_grad():
             logits = model(x, task) if isinstance(model, MultiTaskModule) else model(x)
@@ -366,11 +370,7 @@ class EWCPlugin(SupervisedPlugin):
                 weight = probs[:, c]
                 if not bool((weight > 0).any()):
                     continue  # masked (never seen) classes have p = 0: nothing to add
-                target = torch.full((len(x),), c, dtype=torch.long, device=x.device)
-                grads = per_sample_gradients(model, params, x, target, cross_entropy_sample,
-                                             task_label=task)
-                for n, g in grads.items():
-                    total[n] += torch.tensordot(weight.to(g.dtype), g.pow_(2), dims=1).double()
+                add(torch.full((len(x),), c, dtype=torch.long, device=x.device), weight)
             return
         if self.fisher == "predicted":
             target = logits.argmax(dim=1)
@@ -380,10 +380,7 @@ class EWCPlugin(SupervisedPlugin):
             cdf = F.softmax(logits.double(), dim=1).cumsum(dim=1)
             target = (cdf < u.unsqueeze(1) * cdf[:, -1:]).sum(dim=1)
             target = target.clamp(max=logits.shape[1] - 1)
-        grads = per_sample_gradients(model, params, x, target, cross_entropy_sample,
-                                     task_label=task)
-        for n, g in grads.items():
-            total[n] += g.pow_(2).sum(0, dtype=torch.float64)
+        add(target)
 
     # ---------------------------------------------------------------------------- state
 

@@ -8,8 +8,9 @@ Equations (the paper's Eqs. 2-4, global version), for every shared parameter i, 
 task n, with F the network's output function (the logits of the task's head):
 
 - ``Omega_i^n = 1/N sum_k | d ||F(x_k)||_2^2 / d theta_i |`` over the N training samples of the
-  task. The gradient is taken per sample (``per_sample_gradients``), so the absolute value is
-  applied to each sample's gradient as in the paper's Eq. (4); no labels are used;
+  task. The gradient is taken per sample (``per_sample_gradient_sums``: for a Linear layer
+  ``sum_k |delta_k a_k^T| = |delta|^T |a|``, one matmul), so the absolute value is applied to
+  each sample's gradient as in the paper's Eq. (4); no labels are used;
 - the importances accumulate over tasks, ``Omega <- Omega + Omega^n`` (the paper's
   "accumulated importance"), and the anchor theta* becomes the parameters after task n;
 - penalty while training later tasks: ``L = L_n + lambda * sum_i Omega_i (theta_i - theta*_i)^2``
@@ -61,7 +62,7 @@ from torch.utils.data import DataLoader
 
 from cl_plugins.core.checks import check_choice, check_int, check_non_negative
 from cl_plugins.core.params import shared_parameters, snapshot
-from cl_plugins.core.per_sample import per_sample_gradients
+from cl_plugins.core.per_sample import per_sample_gradient_sums
 from cl_plugins.core.quadratic import QuadraticPenalty
 
 OUTPUTS = ("experience", "seen")
@@ -136,12 +137,12 @@ class MASPlugin(SupervisedPlugin):
         try:
             for batch in loader:
                 x = batch[0].to(device)
-                grads = per_sample_gradients(model, params, x, torch.zeros(len(x), device=device),
-                                             sq_norm, task_label=task_label)
-                for n, g in grads.items():
-                    # per-chunk sums in the parameters' dtype (a float64 reduction over the
-                    # chunk is ~10x slower on CPU); the running total is float64
-                    total[n] += g.abs_().sum(0)
+                sums = per_sample_gradient_sums(model, params, x,
+                                                torch.zeros(len(x), device=device), sq_norm,
+                                                task_label=task_label, transform="abs")
+                for n, s_ in sums.items():
+                    # per-chunk sums in the parameters' dtype; the running total is float64
+                    total[n] += s_
                 count += len(x)
         finally:
             model.train(was_training)
