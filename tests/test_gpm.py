@@ -226,10 +226,11 @@ def test_input_side_path_equals_gradient_path_and_keeps_other_gradient_terms(bia
                            input_side=input_side)
         plugin.after_training_exp(st)
         plugin.before_training_exp(st)
-        assert bool(plugin._handles) == input_side  # capture hooks only on the input side
+        gp = plugin._grad_projector
+        assert bool(gp._handles) == input_side  # capture hooks only on the input side
         used = []
-        inner = plugin._project_from_inputs
-        plugin._project_from_inputs = lambda *a: used.append(inner(*a) is not None) or inner(*a)
+        inner = gp._from_inputs
+        gp._from_inputs = lambda *a: used.append(inner(*a) is not None) or inner(*a)
         plugin.before_training_iteration(st)
         loss = model(xa).pow(2).sum() + model(xb).sin().sum()
         loss = loss + 0.3 * model[0].weight.pow(2).sum()  # a penalty term on W itself
@@ -237,7 +238,7 @@ def test_input_side_path_equals_gradient_path_and_keeps_other_gradient_terms(bia
         with torch.no_grad():
             model(xc)  # a forward without gradient: ignored
         if input_side:
-            assert [len(e) for e in plugin._captured.values()] == [2, 2]
+            assert [len(e) for e in gp._captured.values()] == [2, 2]
         plugin.before_update(st)
         # layer 0 (out 60, n = 10 rows) takes the input side; layer 2 (out 3) cannot gain
         assert used == ([True, False] if input_side else [])

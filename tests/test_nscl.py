@@ -57,6 +57,8 @@ def _strategy(model, optimizer, x, y, t=None):
 
 def _step(model, opt, x, y, plugin=None, strategy=None):
     """One training step in Avalanche's hook order."""
+    if plugin is not None:
+        plugin.before_training_iteration(strategy)
     opt.zero_grad()
     loss = F.cross_entropy(model(x, 0), y)
     if plugin is not None:
@@ -69,6 +71,7 @@ def _step(model, opt, x, y, plugin=None, strategy=None):
     opt.step()
     if plugin is not None:
         plugin.after_update(strategy)
+        plugin.after_training_iteration(strategy)
 
 
 def _params(model):
@@ -506,20 +509,12 @@ def test_bad_arguments(kwargs, match):
 
 def test_split_digits_less_forgetting_than_naive(digits_cfg):
     from cl_plugins.experiment.runner import run_experiment
-    from cl_plugins.registry import MethodSpec, _REGISTRY
 
-    added = "nscl" not in _REGISTRY
-    if added:
-        _REGISTRY["nscl"] = MethodSpec.from_plugin(NSCLPlugin)
-    try:
-        digits_cfg["benchmark"]["scenario"] = "domain"  # one shared head: naive forgets
-        digits_cfg["strategy"]["epochs"] = 3
-        digits_cfg["methods"] = ["naive", {"name": "nscl", "params": {
-            "lambda_min_floor": 1e-10, "frobenius_scale": False}}]
-        naive, nscl = run_experiment(digits_cfg, echo=lambda *a: None)
-    finally:
-        if added:
-            del _REGISTRY["nscl"]
+    digits_cfg["benchmark"]["scenario"] = "domain"  # one shared head: naive forgets
+    digits_cfg["strategy"]["epochs"] = 3
+    digits_cfg["methods"] = ["naive", {"name": "nscl", "params": {
+        "lambda_min_floor": 1e-10, "frobenius_scale": False}}]
+    naive, nscl = run_experiment(digits_cfg, echo=lambda *a: None)
     assert naive["status"] == nscl["status"] == "finished", nscl.get("error")
     a = np.asarray(nscl["matrix"])
     assert naive["summary"]["bwt"] < -0.05
@@ -553,3 +548,60 @@ def test_bias_freeze_keeps_biases_and_drops_the_bias_column():
     # rank-deficient task-1 inputs (4 samples in R^6): their layer outputs are unchanged
     torch.testing.assert_close(model.backbone[0](x1), nn.functional.linear(
         x1, frozen["backbone.0.weight"], frozen["backbone.0.bias"]), rtol=1e-9, atol=1e-12)
+
+
+# ------------------------------------------------------------ plain-SGD gradient path
+
+@pytest.mark.parametrize("bias", ["append", "freeze"])
+def test_gradient_path_equals_update_path_under_plain_sgd(bias):
+    # With plain SGD the update is -lr * grad, so projecting the gradient (from the step's
+    # inputs, rank <= batch) must give the same parameters as projecting the update.
+    torch.manual_seed(3)
+    x1, y1 = torch.randn(40, 30, dtype=DT), torch.randint(0, 3, (40,))
+    x2, y2 = torch.randn(4, 30, dtype=DT), torch.randint(0, 3, (4,))
+    results, used = {}, {}
+    for path in ("update", "gradient"):
+        model = _mlp(d_in=30, hidden=40, seed=1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        plugin = NSCLPlugin(bias=bias, bn_ewc_lambda=0.0, projection_path=path,
+                            lambda_min_floor=1e-10, stats_batch_size=1)
+        st = _strategy(model, opt, x1, y1)
+        plugin.after_training_exp(st)
+        plugin.before_training_exp(st)
+        gp = plugin._grad_projector
+        calls = []
+        inner = gp._from_inputs
+        gp._from_inputs = lambda *a: calls.append(inner(*a) is not None) or inner(*a)
+        for _ in range(3):
+            _step(model, opt, x2, y2, plugin, st)
+        assert plugin._path == path
+        results[path], used[path] = _params(model), calls
+    assert any(used["gradient"]) and not used["update"]  # the input side was taken
+    for n in results["update"]:
+        torch.testing.assert_close(results["gradient"][n], results["update"][n],
+                                   rtol=0, atol=1e-12)
+
+
+def test_projection_path_choice_follows_the_optimizer():
+    model = _mlp()
+    x, y = torch.randn(8, 6, dtype=DT), torch.randint(0, 3, (8,))
+    for opt, path, want in [
+            (torch.optim.SGD(model.parameters(), lr=0.1), "auto", "gradient"),
+            (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), "auto", "update"),
+            (torch.optim.Adam(model.parameters()), "auto", "update"),
+            (torch.optim.SGD(model.parameters(), lr=0.1), "update", "update")]:
+        plugin = NSCLPlugin(bn_ewc_lambda=0.0, projection_path=path)
+        st = _strategy(model, opt, x, y)
+        plugin.after_training_exp(st)
+        plugin.before_training_exp(st)
+        _step(model, opt, x, y, plugin, st)
+        assert plugin._path == want, (type(opt).__name__, path)
+    plugin = NSCLPlugin(bn_ewc_lambda=0.0, projection_path="gradient")
+    opt = torch.optim.Adam(model.parameters())
+    st = _strategy(model, opt, x, y)
+    plugin.after_training_exp(st)
+    plugin.before_training_exp(st)
+    with pytest.raises(ValueError, match="projection_path='gradient' needs plain SGD"):
+        _step(model, opt, x, y, plugin, st)
+    with pytest.raises(ValueError, match="projection_path"):
+        NSCLPlugin(projection_path="fast")

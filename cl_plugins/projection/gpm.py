@@ -140,6 +140,7 @@ from torch import nn
 from cl_plugins.core.checks import check_bool, check_choice, check_int, check_range
 from cl_plugins.core.layer_inputs import (call_model, input_rows, iterate_batches,
                                           protected_layers, record_inputs)
+from cl_plugins.core.input_side import InputSideGradientProjector
 from cl_plugins.core.subspace import FanInProjector, energy_rank
 
 BIAS_MODES = ("freeze", "append", "free")
@@ -204,10 +205,8 @@ class GPMPlugin(SupervisedPlugin):
         self._frozen: List[torch.Tensor] = []
         self._frozen_values: List[torch.Tensor] = []
         self._warned = False
-        # input-side path (Linear layers): (input, output gradient) pairs of the current step
-        self._capturing = False
-        self._captured: Dict[str, list] = {}
-        self._handles: list = []
+        # input-side path (Linear layers): see cl_plugins.core.input_side
+        self._grad_projector = InputSideGradientProjector()
 
     # ------------------------------------------------------------------ layers and thresholds
     @property
@@ -312,7 +311,7 @@ class GPMPlugin(SupervisedPlugin):
     # ------------------------------------------------------------------ hooks
     def before_training_exp(self, strategy, **kwargs):
         layers, norms = self.find_layers(strategy.model)
-        self._remove_capture_hooks()
+        self._grad_projector.detach()
         self._layers = layers
         self._projectors = {}
         device = strategy.device
@@ -321,12 +320,7 @@ class GPMPlugin(SupervisedPlugin):
                 continue
             dtype = layers[name].weight.dtype
             self._projectors[name] = FanInProjector(basis, mode="out_of", dtype=dtype).to(device)
-        if self.input_side:
-            for name in self._projectors:
-                if isinstance(layers[name], nn.Linear):
-                    self._captured[name] = []
-                    self._handles.append(
-                        layers[name].register_forward_hook(self._capture_hook(name)))
+        self._grad_projector.attach(layers, self._projectors, self.input_side)
         frozen: List[torch.Tensor] = []
         if self.tasks_seen > 0:
             if self.bias == "freeze":
@@ -353,99 +347,15 @@ class GPMPlugin(SupervisedPlugin):
                           "the step is no longer orthogonal to the old tasks' inputs. GPM's "
                           "protocols use plain SGD.", stacklevel=2)
 
-    # Input-side path. For a Linear layer the data part of the weight gradient is D^T X (D the
-    # output gradients, X the inputs, n rows), so its projection is D^T (X - X M M^T): about
-    # 4 n d (out + k') multiply-adds instead of 4 out d k' -- far cheaper when n is small
-    # (P1: n = 10, out = 100). The forward hook keeps a reference to X (autograd keeps it
-    # anyway) and a tensor hook on the output receives D. Whatever else is in the gradient
-    # (other plugins' terms, forward passes outside the step) is G - D^T X; it is projected the
-    # usual way unless it is rounding noise.
-    def _capture_hook(self, name):
-        def hook(module, inputs, output):
-            if not (self._capturing and torch.is_grad_enabled()
-                    and isinstance(output, torch.Tensor) and output.requires_grad):
-                return
-            entry = [inputs[0].detach(), None]
-            self._captured[name].append(entry)
-
-            def grad_hook(grad, entry=entry):
-                entry[1] = grad.detach() if entry[1] is None else entry[1] + grad.detach()
-
-            output.register_hook(grad_hook)
-        return hook
-
-    def _remove_capture_hooks(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles, self._captured, self._capturing = [], {}, False
-
     def before_training_iteration(self, strategy, **kwargs):
-        for entries in self._captured.values():
-            entries.clear()
-        self._capturing = bool(self._captured)
+        self._grad_projector.start_step()
 
     def after_training_iteration(self, strategy, **kwargs):
-        self._capturing = False
-        for entries in self._captured.values():
-            entries.clear()
-
-    def _project_from_inputs(self, module, proj, entries, grad):
-        """The projected gradient matrix from captured (input, output-gradient) pairs, or None
-        when the full-gradient path is cheaper."""
-        pairs = [(x, d) for x, d in entries if d is not None]
-        if not pairs or proj.factor_rank == 0:
-            return None
-        out, k = grad.shape[0], proj.factor_rank
-        n = sum(d.numel() // out for _, d in pairs)
-        if n * (out + k) >= out * k:
-            return None
-        if len(pairs) == 1:  # the usual case: one forward pass per step
-            x, dlt = pairs[0][0].reshape(-1, module.in_features), pairs[0][1].reshape(-1, out)
-        else:
-            x = torch.cat([x.reshape(-1, module.in_features) for x, _ in pairs])
-            dlt = torch.cat([d.reshape(-1, out) for _, d in pairs])
-        x, dlt = x.to(grad.dtype), dlt.to(grad.dtype)
-        if grad.shape[1] == module.in_features + 1:  # bias="append": constant-1 column
-            x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
-        dt = dlt.T
-        rest = grad - dt @ x  # autograd computes the same product: usually exactly 0
-        new = dt @ proj.apply(x)
-        residual = float(rest.norm())
-        if residual > 0.0:
-            # |fl(D^T X) - D^T X| <= n eps |D|^T |X| (Frobenius bound): beyond it, rest is real
-            tol = n * torch.finfo(grad.dtype).eps * float(dlt.norm()) * float(x.norm())
-            if residual > tol:
-                new += proj.apply(rest)
-        return new
+        self._grad_projector.end_step()
 
     @torch.no_grad()
     def before_update(self, strategy, **kwargs):
-        self._capturing = False
-        for name, proj in self._projectors.items():
-            module = self._layers[name]
-            w = module.weight
-            if w.grad is None:
-                continue
-            b = module.bias if self.with_bias else None
-            if b is not None:
-                gb = b.grad if b.grad is not None else torch.zeros_like(b)
-                g = torch.cat([w.grad.reshape(w.shape[0], -1), gb.reshape(-1, 1)], dim=1)
-            else:
-                g = w.grad.reshape(w.shape[0], -1)
-            new = None
-            if name in self._captured:
-                new = self._project_from_inputs(module, proj, self._captured[name], g)
-                self._captured[name].clear()
-            if new is None:
-                new = proj.apply(g)
-            if b is not None:
-                w.grad.copy_(new[:, :-1].reshape(w.shape))
-                if b.grad is not None:
-                    b.grad.copy_(new[:, -1].reshape(b.shape))
-                else:
-                    b.grad = new[:, -1].reshape(b.shape).clone()
-            else:
-                w.grad.copy_(new.reshape(w.shape))
+        self._grad_projector.project(self._layers, self._projectors, self.with_bias)
         for p in self._frozen:
             if p.grad is not None:
                 p.grad.zero_()
@@ -456,7 +366,7 @@ class GPMPlugin(SupervisedPlugin):
             p.copy_(value)
 
     def after_training_exp(self, strategy, **kwargs):
-        self._remove_capture_hooks()
+        self._grad_projector.detach()
         self.update_memory(strategy.model, strategy.experience.dataset, strategy.device)
         self._projectors, self._frozen, self._frozen_values = {}, [], []
 
@@ -482,5 +392,5 @@ class GPMPlugin(SupervisedPlugin):
         self.tasks_seen = int(state["tasks_seen"])
         self.history = [dict(h) for h in state["history"]]
         self.generator.set_state(state["generator"])
-        self._remove_capture_hooks()
+        self._grad_projector.detach()
         self._projectors, self._frozen, self._frozen_values = {}, [], []

@@ -62,8 +62,11 @@ Hooks:
   them against the stored statistics, moves the projectors to the parameters' device and dtype,
   allocates the step buffers, and applies ``lr_after_first``;
 - ``before_backward``: ``strategy.loss += `` the BN EWC penalty (from task 2 on);
-- ``before_update``: snapshot of the protected parameters (one fused copy);
-- ``after_update``: the projection above (two matrix products per layer, into preallocated
+- ``before_training_iteration`` / ``after_training_iteration``: start/stop capturing the step's
+  layer inputs (gradient path only);
+- ``before_update``: snapshot of the protected parameters (one fused copy), or, on the gradient
+  path, the gradient projection;
+- ``after_update``: (update path) the projection above (two matrix products per layer, into preallocated
   buffers; the projector acts through the cheaper of B_l or its complement, see
   :class:`~cl_plugins.core.subspace.FanInProjector`);
 - ``after_training_exp``: the statistics pass, the eigendecompositions and projectors, the BN
@@ -108,6 +111,16 @@ Hyper-parameters (defaults = the official code on 10-split CIFAR-100, ACC 73.77 
   with a config whose default group is the protected layers' and whose BN/head groups are
   separate, see experiments/configs/wang2021_nscl_*.yaml). If such a group also holds other
   parameters, their learning rate changes too: a warning names them.
+- ``projection_path`` (``"auto"`` (default) | ``"update"`` | ``"gradient"``): how the projected
+  step is obtained. ``"update"``: the optimizer's update is projected after the step (above;
+  any optimizer). ``"gradient"``: the gradient is projected before the step
+  (:class:`~cl_plugins.core.input_side.InputSideGradientProjector`: for a Linear layer from the
+  step's inputs and output gradients, ``D^T (X T)``, rank <= batch), which is the same step
+  only for plain SGD (no momentum, no weight decay: the update is ``-lr g``), so it raises for
+  any other optimizer. ``"auto"`` takes ``"gradient"`` for plain SGD and ``"update"`` otherwise;
+  both give the same parameters up to rounding (tested), the gradient path at a fraction of the
+  cost with small batches (P1, batch 10). With another plugin that edits gradients in
+  ``before_update`` after this one, use ``"update"`` so its changes are projected too.
 - ``seed`` (int >= 0, default 0): seeds the generator of the statistics pass order; its state
   is part of ``state_dict()``.
 
@@ -154,9 +167,11 @@ from cl_plugins.core.layer_inputs import (call_model, fan_in, input_rows, iterat
 from cl_plugins.core.params import snapshot
 from cl_plugins.core.per_sample import cross_entropy_sample, per_sample_gradients
 from cl_plugins.core.quadratic import QuadraticPenalty
+from cl_plugins.core.input_side import InputSideGradientProjector
 from cl_plugins.core.subspace import FanInProjector, sym_eigh
 
 FEATURES = ("batch_mean", "per_sample")
+PROJECTION_PATHS = ("auto", "update", "gradient")
 BIAS_MODES = ("append", "freeze")
 Tensors = Dict[str, torch.Tensor]
 
@@ -167,6 +182,7 @@ class _LayerStep:
     def __init__(self, module: torch.nn.Module, projector: Optional[FanInProjector],
                  bias_mode: str):
         w = module.weight
+        self.module = module
         self.w = w.detach().view(w.shape[0], -1)  # [out, d] view sharing storage
         self.old_w = torch.empty_like(self.w)
         self.delta_w = torch.empty_like(self.w)
@@ -234,7 +250,7 @@ class NSCLPlugin(SupervisedPlugin):
     DEFAULTS: dict = {"a": 10.0, "features": "batch_mean", "frobenius_scale": True,
                       "lambda_min_floor": None, "bias": "append", "stats_batch_size": 32,
                       "stats_shuffle": True, "bn_ewc_lambda": 100.0, "lr_after_first": None,
-                      "seed": 0}
+                      "projection_path": "auto", "seed": 0}
     SWEEP: dict = {"a": {"distribution": "log_uniform_values", "min": 1.0, "max": 1000.0},
                    "bn_ewc_lambda": {"distribution": "log_uniform_values", "min": 1.0,
                                      "max": 1e4}}
@@ -247,7 +263,7 @@ class NSCLPlugin(SupervisedPlugin):
                  frobenius_scale: bool = True, lambda_min_floor: Optional[float] = None,
                  bias: str = "append", stats_batch_size: int = 32, stats_shuffle: bool = True,
                  bn_ewc_lambda: float = 100.0, lr_after_first: Optional[float] = None,
-                 seed: int = 0):
+                 projection_path: str = "auto", seed: int = 0):
         super().__init__()
         self.a = float(check_range("a", a, 1.0, None))
         self.features = check_choice("features", features, FEATURES)
@@ -264,6 +280,7 @@ class NSCLPlugin(SupervisedPlugin):
         if lr_after_first is not None:
             lr_after_first = float(check_positive("lr_after_first", lr_after_first))
         self.lr_after_first = lr_after_first
+        self.projection_path = check_choice("projection_path", projection_path, PROJECTION_PATHS)
         self.seed = check_int("seed", seed, 0)
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -278,6 +295,9 @@ class NSCLPlugin(SupervisedPlugin):
         self._old: List[torch.Tensor] = []
         self._norm_params: Tensors = {}
         self._collapsed = None
+        self._grad_projector = InputSideGradientProjector()  # plain-SGD path
+        self._layers: Dict[str, torch.nn.Module] = {}
+        self._path: Optional[str] = None  # "update" | "gradient", decided at the first step
 
     # ------------------------------------------------------------------------------ hooks
 
@@ -289,13 +309,19 @@ class NSCLPlugin(SupervisedPlugin):
         self.covariances = {n: c.to(layers[n].weight.device) for n, c in self.covariances.items()}
         self._norm_params = self._norm_parameters(model, norms)
         self._steps, self._cur, self._old = [], [], []
+        self._grad_projector.detach()
+        self._layers, self._path = layers, None
         if self.projectors:
             for name, module in layers.items():
+                w = module.weight
+                self.projectors[name].to(device=w.device, dtype=w.dtype)
                 step = _LayerStep(module, self.projectors[name], self.bias)
                 self._steps.append(step)
                 cur, old = step.tensors()
                 self._cur += cur
                 self._old += old
+            if self.projection_path != "update":
+                self._grad_projector.attach(layers, self.projectors)
             if self.lr_after_first is not None:
                 self._set_lr(strategy.optimizer, model, layers)
         self._collapsed = None
@@ -312,17 +338,55 @@ class NSCLPlugin(SupervisedPlugin):
         if self.bn_ewc_lambda > 0 and len(self.quadratic_penalty) and self._norm_params:
             strategy.loss += self.bn_penalty(self._norm_params)
 
+    def before_training_iteration(self, strategy, **kwargs):
+        self._grad_projector.start_step()
+
+    def after_training_iteration(self, strategy, **kwargs):
+        self._grad_projector.end_step()
+
     @torch.no_grad()
     def before_update(self, strategy, **kwargs):
-        if self._steps:
+        if not self._steps:
+            return
+        if self._path is None:
+            self._path = self._choose_path(strategy.optimizer)
+        if self._path == "gradient":
+            # plain SGD: the update is -lr * grad, so projecting the gradient projects the update
+            self._grad_projector.project(self._layers, self.projectors,
+                                         with_bias=self.bias == "append")
+            for step in self._steps:
+                if step.freeze_b and step.module.bias.grad is not None:
+                    step.module.bias.grad.zero_()
+        else:
             torch._foreach_copy_(self._old, self._cur)
 
     @torch.no_grad()
     def after_update(self, strategy, **kwargs):
-        for step in self._steps:
-            step.project()
+        if self._path == "update":
+            for step in self._steps:
+                step.project()
+
+    def _choose_path(self, optimizer) -> str:
+        """"gradient" when the protected parameters' optimizer is plain SGD (no momentum, no
+        weight decay), where it is exact and cheaper; else "update"."""
+        if self.projection_path == "update":
+            return "update"
+        protected = {id(p) for m in self._layers.values() for p in m.parameters(recurse=False)}
+        groups = [g for g in getattr(optimizer, "param_groups", [])
+                  if any(id(p) in protected for p in g["params"])]
+        plain = isinstance(optimizer, torch.optim.SGD) and all(
+            not g.get("momentum", 0) and not g.get("weight_decay", 0) for g in groups)
+        if self.projection_path == "gradient" and not plain:
+            raise ValueError("nscl: projection_path='gradient' needs plain SGD (no momentum, no "
+                             f"weight decay) for the protected layers; the optimizer is "
+                             f"{type(optimizer).__name__} with groups {[{k: v for k, v in g.items() if k != 'params'} for g in groups]}. "
+                             "Use projection_path='update' (or 'auto').")
+        if self.projection_path == "auto" and not plain:
+            self._grad_projector.detach()  # no capture needed on the update path
+        return "gradient" if plain else "update"
 
     def after_training_exp(self, strategy, **kwargs):
+        self._grad_projector.detach()
         model = strategy.model
         dataset = strategy.experience.dataset
         layers, norms = protected_layers(model, self.METHOD_NAME)
@@ -342,6 +406,8 @@ class NSCLPlugin(SupervisedPlugin):
         self.tasks_seen += 1
         self.build_projectors(layers)
         self._steps, self._cur, self._old = [], [], []
+        self._grad_projector.detach()
+        self._path = None
         self._collapsed = None
 
     # ------------------------------------------------------------------------- statistics
@@ -518,4 +584,6 @@ class NSCLPlugin(SupervisedPlugin):
         self.generator.set_state(state["generator"])
         self.quadratic_penalty.load_state_dict(state["penalty"])
         self._steps, self._cur, self._old = [], [], []
+        self._grad_projector.detach()
+        self._path = None
         self._collapsed = None
