@@ -198,6 +198,32 @@ def test_sample_get_iterate_and_dataset():
     assert ret.tolist() == list(range(5, 20)) and buf.is_full and buf.n_seen == 45
 
 
+def test_sample_per_task_draws_ceil_n_over_k_from_each_task():
+    buf = ReplayBuffer(30, seed=0)
+    t = torch.tensor([2] * 12 + [0] * 12 + [1] * 3)
+    x, y = _stream(27)
+    buf.add(x, y, t=t)
+    for n, want in ((9, {0: 3, 1: 3, 2: 3}), (12, {0: 4, 1: 3, 2: 4}), (1, {0: 1, 1: 1, 2: 1})):
+        b = buf.sample_per_task(n)
+        counts = {int(k): int(c) for k, c in zip(*torch.unique(b.t, return_counts=True))}
+        assert counts == want, (n, counts)  # task 1 holds only 3 samples
+        assert b.index.unique().numel() == b.index.numel()  # distinct
+        assert b.t.tolist() == sorted(b.t.tolist())  # grouped by task label
+        assert torch.equal(b.x, buf.x[b.index]) and torch.equal(b.t, buf.t[b.index])
+    # every sample of a task is reachable (uniform within the task)
+    hits = torch.cat([buf.sample_per_task(6).index for _ in range(200)])
+    assert set(hits.tolist()) == set(range(27))
+    # one task label: exactly sample(n), same draws
+    one = ReplayBuffer(20, seed=4)
+    one.add(*_stream(20), t=torch.zeros(20, dtype=torch.long))
+    state = one.generator.get_state()
+    a = one.sample_per_task(7)
+    one.generator.set_state(state)
+    assert torch.equal(a.index, one.sample(7).index)
+    with pytest.raises(ValueError, match="empty"):
+        ReplayBuffer(5, seed=0).sample_per_task(2)
+
+
 def test_global_seed_makes_unseeded_buffers_reproducible():
     torch.manual_seed(3)
     a = ReplayBuffer(10)

@@ -207,8 +207,18 @@ class _ByHand(SupervisedPlugin):
         else:
             gen = torch.Generator()
             gen.set_state(self.state)
-            idx = torch.randperm(len(mem.buffer), generator=gen)[:self.plugin.sample_size]
-            b = mem.buffer.get(idx)
+            n, buf = self.plugin.sample_size, mem.buffer
+            if self.plugin.batch_sampling == "per_task" and buf.t.unique().numel() > 1:
+                k = -(-n // buf.t.unique().numel())
+                idx = []
+                for label in buf.t.unique().tolist():
+                    slots = torch.nonzero(buf.t == label).flatten()
+                    idx.append(slots[torch.randperm(slots.numel(), generator=gen)[:k]])
+                idx = torch.cat(idx)
+                assert idx.numel() == k * buf.t.unique().numel()
+            else:
+                idx = torch.randperm(len(buf), generator=gen)[:n]
+            b = buf.get(idx)
             batches = [(b.x, b.y, b.t)]
         rows = []
         for x, y, t in batches:
@@ -240,7 +250,7 @@ class _ByHand(SupervisedPlugin):
                 expected = g
         else:
             d = g @ G[0]
-            expected = g - d / (G[0] @ G[0]) * G[0] if d < 0 else g
+            expected = g - d / (G[0] @ G[0] + self.plugin.eps) * G[0] if d < 0 else g
             self.projected += int(d < 0)
         # what the plugin left in .grad (restored: our backward passes overwrote it)
         model.zero_grad(set_to_none=True)
@@ -264,10 +274,16 @@ class _AfterSpy(SupervisedPlugin):
                                 for p in strategy.model.parameters()]
 
 
-@pytest.mark.parametrize("kind", ["gem", "agem"])
+@pytest.mark.parametrize("kind", ["gem", "agem", "agem_vandeven"])
 def test_plugin_step_equals_the_projection_by_hand(kind):
-    plugin = (GEMPlugin(patterns_per_experience=40, memory_strength=0.5, seed=0)
-              if kind == "gem" else AGEMPlugin(patterns_per_experience=40, sample_size=50, seed=0))
+    if kind == "gem":
+        plugin = GEMPlugin(patterns_per_experience=40, memory_strength=0.5, seed=0)
+    elif kind == "agem":
+        plugin = AGEMPlugin(patterns_per_experience=40, sample_size=50, seed=0)
+    else:  # van de Ven et al.'s settings: per-class memory, per-task reference batch, eps
+        plugin = AGEMPlugin(patterns_per_experience=None, patterns_per_class=20, sample_size=50,
+                            batch_sampling="per_task", eps=0.5, seed=0)
+        kind = "agem"
     before = _GradSpy()
     by_hand = _ByHand(plugin, before, kind)
     st, info = _strategy([before, plugin, _AfterSpy(by_hand), by_hand], scenario="task")
@@ -307,10 +323,30 @@ def test_memories_hold_random_subsets_of_their_experience():
     assert b.t.unique().numel() == 3
 
 
+def test_agem_patterns_per_class_memory_grows_by_class():
+    agem = AGEMPlugin(patterns_per_experience=None, patterns_per_class=7, sample_size=10, seed=0)
+    st, info = _strategy([agem], scenario="domain")
+    stream = list(info.benchmark.train_stream)
+    for k, e in enumerate(stream[:3]):
+        st.train(e)
+        assert agem.memory.sizes == [14] * (k + 1) and len(agem.memory.buffer) == 14 * (k + 1)
+    off = agem.memory.offsets()
+    for k, e in enumerate(stream[:3]):
+        rows = slice(off[k], off[k + 1])
+        # domain-IL: labels 0/1 in every experience, 7 of each per experience, from its data
+        assert agem.memory.buffer.y[rows].tolist() == [0] * 7 + [1] * 7
+        ds = e.dataset
+        xs = torch.stack([ds[i][0] for i in range(len(ds))]).flatten(1)
+        hit = (xs[None] == agem.memory.buffer.x[rows].flatten(1)[:, None]).all(-1)
+        assert hit.any(1).all() and hit.float().argmax(1).unique().numel() == 14
+
+
 @pytest.mark.parametrize("make", [
     lambda: GEMPlugin(patterns_per_experience=30, seed=1),
     lambda: GEMPlugin(patterns_per_experience=None, mem_size=50, seed=1),
-    lambda: AGEMPlugin(patterns_per_experience=30, sample_size=20, seed=1)])
+    lambda: AGEMPlugin(patterns_per_experience=30, sample_size=20, seed=1),
+    lambda: AGEMPlugin(patterns_per_experience=None, patterns_per_class=10, sample_size=20,
+                       batch_sampling="per_task", eps=1e-7, seed=1)])
 def test_state_round_trip_resumes_identically(make):
     a = make()
     st_a, info = _strategy([a], scenario="class")
@@ -394,6 +430,18 @@ def test_bad_arguments():
         AGEMPlugin(patterns_per_experience=2.5)
     with pytest.raises(ValueError, match="seed"):
         AGEMPlugin(seed="a")
+    with pytest.raises(ValueError, match="patterns_per_class"):
+        AGEMPlugin(patterns_per_experience=None, patterns_per_class=0)
+    with pytest.raises(ValueError, match="exactly one of patterns_per_experience.*"
+                                         "patterns_per_class=100"):
+        AGEMPlugin(patterns_per_class=100)  # the default patterns_per_experience=250 is set
+    with pytest.raises(ValueError, match="batch_sampling"):
+        AGEMPlugin(batch_sampling="task_balanced")
+    with pytest.raises(ValueError, match="eps"):
+        AGEMPlugin(eps=-1e-7)
+    with pytest.raises(ValueError, match="state has patterns_per_experience=None"):
+        AGEMPlugin(seed=0).load_state_dict(  # a state of another budget
+            AGEMPlugin(patterns_per_experience=None, patterns_per_class=5, seed=0).state_dict())
     # a budget smaller than the number of experiences fails at the hook, saying why
     gem = GEMPlugin(patterns_per_experience=None, mem_size=1, seed=0)
     st, info = _strategy([gem], scenario="class")

@@ -168,6 +168,109 @@ def test_er_class_balanced_policy_balances_classes():
     assert er.buffer.class_counts() == {c: 10 for c in range(6)}
 
 
+# ---------------------------------------------------------------------------- ER, van de Ven
+
+
+def _dataset_rows(ds):
+    xs = torch.stack([ds[i][0] for i in range(len(ds))]).flatten(1)
+    ys = torch.tensor([int(ds[i][1]) for i in range(len(ds))])
+    return xs, ys
+
+
+def test_er_mem_per_class_fills_at_experience_end_and_grows():
+    er, spy = ERPlugin(mem_size=None, mem_per_class=5, replay_mb_size=8, seed=0), _BatchSpy()
+    st, info = _strategy([er, spy], scenario="class")
+    stream = list(info.benchmark.train_stream)
+    st.train(stream[0])
+    # nothing is stored or replayed while the first experience is trained
+    assert all(s[1] == s[2] and s[1] <= 32 for s in spy.sizes) and er.n_trained == 1
+    assert er.store.class_counts() == {0: 5, 1: 5} and er.memory.sizes == [10]
+    first = er.store.x.clone()
+    spy.sizes.clear()
+    st.train(stream[1])
+    # every step of the second experience replays 8 samples, of the first experience's classes
+    assert all(s[1] - 8 in {32, len(stream[1].dataset) % 32} for s in spy.sizes), spy.sizes
+    assert er.store.class_counts() == {c: 5 for c in range(4)} and len(er.store) == 20
+    assert torch.equal(er.store.x[:10], first)  # the first experience's samples stay
+    for k, e in enumerate(stream[:2]):
+        xs, ys = _dataset_rows(e.dataset)
+        rows = er.store.x[10 * k:10 * (k + 1)].flatten(1)
+        hit = (xs[None] == rows[:, None]).all(-1)
+        assert hit.any(1).all() and hit.float().argmax(1).unique().numel() == 10  # distinct
+        assert torch.equal(ys[hit.float().argmax(1)], er.store.y[10 * k:10 * (k + 1)])
+
+
+class _LossRecorder(SupervisedPlugin):
+    """Placed after ER: checks strategy.loss against the two weighted means by hand."""
+
+    def __init__(self, er):
+        super().__init__()
+        self.er, self.checked = er, []
+
+    def before_backward(self, strategy, **kwargs):
+        n = self.er._incoming[0].shape[0]
+        out, y = strategy.mb_output, strategy.mb_y
+        if out.shape[0] == n:
+            return
+        t = strategy.experience.current_experience + 1
+        cur, rep = F.cross_entropy(out[:n], y[:n]), F.cross_entropy(out[n:], y[n:])
+        if self.er.loss_weighting == "vandeven":
+            expected = cur / t + (1 - 1 / t) * rep
+        else:
+            expected = F.cross_entropy(out, y)
+        params = [p for p in strategy.model.parameters() if p.requires_grad]
+        g = torch.autograd.grad(strategy.loss, params, retain_graph=True, allow_unused=True)
+        g_exp = torch.autograd.grad(expected, params, retain_graph=True, allow_unused=True)
+        for a, b, p in zip(g, g_exp, params):  # None: a head the loss does not touch
+            a = torch.zeros_like(p) if a is None else a
+            b = torch.zeros_like(p) if b is None else b
+            assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+        assert float(strategy.loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+        self.checked.append(t)
+
+
+@pytest.mark.parametrize("weighting", ["vandeven", "batch"])
+def test_er_loss_weighting_by_hand(weighting):
+    er = ERPlugin(mem_size=None, mem_per_class=10, replay_mb_size=16, seed=0,
+                  loss_weighting=weighting)
+    rec = _LossRecorder(er)
+    st, info = _strategy([er, rec], scenario="class")
+    for e in list(info.benchmark.train_stream)[:3]:
+        st.train(e)
+    assert set(rec.checked) == {2, 3} and len(rec.checked) > 10
+    # the weights themselves
+    assert ERPlugin.vandeven_weights(1) == (1.0, 0.0)
+    assert ERPlugin.vandeven_weights(4) == (0.25, 0.75)
+
+
+def test_er_per_task_sampling_balances_past_tasks():
+    er = ERPlugin(mem_size=None, mem_per_class=5, replay_mb_size=8, seed=0,
+                  batch_sampling="per_task")
+    tails = []
+
+    class _Tail(SupervisedPlugin):
+        def after_forward(self, strategy, **kwargs):
+            n = er._incoming[0].shape[0]
+            tails.append((strategy.experience.current_experience,
+                          strategy.mb_task_id[n:].tolist()))
+
+    st, info = _strategy([er, _Tail()], scenario="task")
+    for e in list(info.benchmark.train_stream)[:4]:
+        st.train(e)
+    for exp, t in tails:
+        if exp == 0:
+            assert t == []
+        else:  # ceil(8 / exp) samples of each past task, grouped by task
+            k = -(-8 // exp)
+            assert t == sorted(t) and all(t.count(j) == k for j in range(exp)), (exp, t)
+            assert len(t) == k * exp
+    # an online memory with one task label per sample is left as it was
+    online = ERPlugin(mem_size=30, replay_mb_size=8, seed=0, batch_sampling="per_task")
+    st, info = _strategy([online], scenario="class")
+    st.train(info.benchmark.train_stream[0])
+    assert len(online.store) == 30
+
+
 # ---------------------------------------------------------------------------- DER
 
 
@@ -256,6 +359,9 @@ def test_der_variants_run_in_task_and_domain_il(scenario):
 
 @pytest.mark.parametrize("make", [lambda: ERPlugin(mem_size=40, seed=1),
                                   lambda: ERPlugin(mem_size=40, seed=1, policy="class_balanced"),
+                                  lambda: ERPlugin(mem_size=None, mem_per_class=8, seed=1,
+                                                   loss_weighting="vandeven",
+                                                   batch_sampling="per_task"),
                                   lambda: DERPlugin(mem_size=40, seed=1)])
 def test_state_round_trip_resumes_identically(make):
     a = make()
@@ -266,7 +372,11 @@ def test_state_round_trip_resumes_identically(make):
     state = copy.deepcopy(a.state_dict())
     model_state = copy.deepcopy(st_a.model.state_dict())
     b = make()
-    b.buffer.generator.manual_seed(12345)  # must be overwritten by the state
+    if getattr(b, "memory", None) is not None:  # ER's experience-end memory
+        b.memory.generator.manual_seed(12345)  # must be overwritten by the state
+        assert b.store is None and a.n_trained == 2
+    else:
+        b.buffer.generator.manual_seed(12345)  # must be overwritten by the state
     b.load_state_dict(state)
     st_b, _ = _strategy([b], sgd=True, seed=7)
     # the model must have the same heads/masks before loading its weights: adapt it first
@@ -278,7 +388,10 @@ def test_state_round_trip_resumes_identically(make):
         st.train(stream[2])
     for pa, pb in zip(st_a.model.parameters(), st_b.model.parameters()):
         assert torch.equal(pa, pb)
-    assert torch.equal(a.buffer.x, b.buffer.x) and a.buffer.n_seen == b.buffer.n_seen
+    sa, sb = (p.store if isinstance(p, ERPlugin) else p.buffer for p in (a, b))
+    assert torch.equal(sa.x, sb.x) and sa.n_seen == sb.n_seen
+    if isinstance(a, ERPlugin):
+        assert a.n_trained == b.n_trained == 3
 
 
 # ---------------------------------------------------------------------------- end to end
@@ -325,6 +438,23 @@ def test_bad_arguments():
         ERPlugin(policy="ring")
     with pytest.raises(ValueError, match="x_dtype"):
         ERPlugin(x_dtype="float8")
+    with pytest.raises(ValueError, match="mem_per_class"):
+        ERPlugin(mem_size=None, mem_per_class=0)
+    with pytest.raises(ValueError, match="set mem_size=None"):
+        ERPlugin(mem_per_class=100)  # the default mem_size=500 is the online memory's
+    with pytest.raises(ValueError, match="mem_size=None needs mem_per_class"):
+        ERPlugin(mem_size=None)
+    with pytest.raises(ValueError, match="leave policy"):
+        ERPlugin(mem_size=None, mem_per_class=10, policy="class_balanced")
+    with pytest.raises(ValueError, match="x_dtype"):
+        ERPlugin(mem_size=None, mem_per_class=10, x_dtype="float8")
+    with pytest.raises(ValueError, match="loss_weighting"):
+        ERPlugin(loss_weighting="1/t")
+    with pytest.raises(ValueError, match="batch_sampling"):
+        ERPlugin(batch_sampling="balanced")
+    with pytest.raises(ValueError, match="mem_per_class"):  # a state of the other memory kind
+        ERPlugin(mem_size=10, seed=0).load_state_dict(
+            ERPlugin(mem_size=None, mem_per_class=3, seed=0).state_dict())
     with pytest.raises(ValueError, match="alpha"):
         DERPlugin(alpha=-0.1)
     with pytest.raises(ValueError, match="beta"):

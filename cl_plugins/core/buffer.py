@@ -37,10 +37,11 @@ capacity 500), against 0.06 ms for the loop-free reservoir update and 9 ms for a
 step of the S1 MLP (1024-400-400, batch 128), so the loop is not a hot-path cost.
 
 Sampling and iteration: ``sample(n)`` returns min(n, len) distinct random slots (as Mammoth's
-``Buffer.get_data``); ``get(index)`` returns given slots; ``iter_batches(batch_size)`` walks the
-whole buffer (optionally shuffled). All randomness comes from the buffer's own
-``torch.Generator`` (``seed``), whose state is part of ``state_dict()``: a run stopped and
-restored from the state continues with identical draws.
+``Buffer.get_data``); ``sample_per_task(n)`` draws ceil(n / K) of them from each of the K task
+labels stored (van de Ven et al.'s task-IL replay); ``get(index)`` returns given slots;
+``iter_batches(batch_size)`` walks the whole buffer (optionally shuffled). All randomness comes
+from the buffer's own ``torch.Generator`` (``seed``), whose state is part of ``state_dict()``: a
+run stopped and restored from the state continues with identical draws.
 
 Memory: ``nbytes`` counts the bytes of the allocated storage (all ``capacity`` slots of every
 stored field); ``bytes_per_sample = nbytes / capacity``. Storage is allocated at the first
@@ -381,6 +382,28 @@ class ReplayBuffer:
             raise ValueError("ReplayBuffer.sample: the buffer is empty")
         index = torch.randperm(self._size, generator=self.generator)[:n]
         return self.get(index, device)
+
+    def sample_per_task(self, n: int, device=None) -> ReplayBatch:
+        """ceil(n / K) distinct slots drawn uniformly from the samples of each of the K task
+        labels stored (all of a task's samples when it holds fewer), grouped by task label in
+        increasing order: van de Ven et al.'s task-IL replay, one batch of ceil(n / K) per past
+        task. With a single task label (or none stored) this is exactly ``sample(n)``, same
+        draws included."""
+        check_int("n", n, 1)
+        if self._size == 0:
+            raise ValueError("ReplayBuffer.sample_per_task: the buffer is empty")
+        if "t" not in self._store:
+            return self.sample(n, device)
+        tasks = self.t.cpu()
+        labels = torch.unique(tasks)
+        if labels.numel() == 1:
+            return self.sample(n, device)
+        k = -(-n // labels.numel())  # ceil
+        parts = []
+        for label in labels.tolist():
+            slots = torch.nonzero(tasks == label).flatten()
+            parts.append(slots[torch.randperm(slots.numel(), generator=self.generator)[:k]])
+        return self.get(torch.cat(parts), device)
 
     def iter_batches(self, batch_size: int, device=None,
                      shuffle: bool = False) -> Iterator[ReplayBatch]:

@@ -95,26 +95,52 @@ from cl_plugins.core.buffer import ReplayBuffer
 from cl_plugins.core.checks import check_int, check_non_negative
 
 
-def _check_memory_args(patterns_per_experience, mem_size) -> None:
+def _check_memory_args(patterns_per_experience, mem_size, patterns_per_class=None,
+                       per_class_allowed: bool = False) -> None:
+    """Exactly one budget must be set: ``patterns_per_experience``, ``mem_size`` or (where the
+    plugin offers it, ``per_class_allowed``) ``patterns_per_class``."""
     if patterns_per_experience is not None:
         check_int("patterns_per_experience", patterns_per_experience, 1)
     if mem_size is not None:
         check_int("mem_size", mem_size, 1)
-    if (patterns_per_experience is None) == (mem_size is None):
-        raise ValueError("exactly one of patterns_per_experience (slots per experience) and "
-                         "mem_size (total slots, split evenly over the experiences seen) must be "
-                         f"set; got patterns_per_experience={patterns_per_experience!r}, "
-                         f"mem_size={mem_size!r}")
+    if patterns_per_class is not None:
+        check_int("patterns_per_class", patterns_per_class, 1)
+    n_set = sum(v is not None for v in (patterns_per_experience, mem_size, patterns_per_class))
+    if n_set == 1:
+        return
+    if per_class_allowed:
+        raise ValueError("exactly one of patterns_per_experience (slots per experience), mem_size "
+                         "(total slots, split evenly over the experiences seen) and "
+                         "patterns_per_class (slots per class of each experience; the memory "
+                         "grows) must be set; got patterns_per_experience="
+                         f"{patterns_per_experience!r}, mem_size={mem_size!r}, "
+                         f"patterns_per_class={patterns_per_class!r}")
+    raise ValueError("exactly one of patterns_per_experience (slots per experience) and "
+                     "mem_size (total slots, split evenly over the experiences seen) must be "
+                     f"set; got patterns_per_experience={patterns_per_experience!r}, "
+                     f"mem_size={mem_size!r}")
 
 
 class _EpisodicMemory:
     """Per-experience random subsets of the training data, kept in one ``ReplayBuffer`` with the
     rows grouped by experience (``sizes[k]`` rows for experience k, in order). Shared by GEM
-    (one constraint per experience) and A-GEM (uniform samples over all of it)."""
+    (one constraint per experience), A-GEM (samples over all of it) and ER's experience-end
+    memory.
+
+    Budgets (exactly one): ``patterns_per_experience`` (a uniform random subset of that size
+    per experience), ``mem_size`` (``mem_size // k`` per experience after k experiences, older
+    subsets truncated) or ``patterns_per_class``: ``min(patterns_per_class, n_c)`` samples drawn
+    uniformly without replacement from each class c of the experience (rows grouped by class in
+    increasing label order), never truncated, so the memory grows by ``patterns_per_class`` per
+    class (van de Ven et al.'s ``--budget`` without ``--use-full-capacity``: 100 per class on
+    Split MNIST). In domain-IL the same label in two experiences counts as two classes (as his
+    code, which keeps one memory set per class of every context)."""
 
     def __init__(self, patterns_per_experience: Optional[int], mem_size: Optional[int],
-                 seed: int):
+                 seed: int, patterns_per_class: Optional[int] = None, x_dtype=None):
         self.patterns_per_experience, self.mem_size = patterns_per_experience, mem_size
+        self.patterns_per_class = patterns_per_class
+        self.x_dtype = x_dtype
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)  # which samples are kept
         self.buffer: Optional[ReplayBuffer] = None  # its own generator: A-GEM's batches
@@ -128,7 +154,10 @@ class _EpisodicMemory:
     def __len__(self) -> int:
         return sum(self.sizes)
 
-    def quota(self, n_experiences: int) -> int:
+    def quota(self, n_experiences: int) -> Optional[int]:
+        """Slots per experience after ``n_experiences`` (None: per-class budget, no quota)."""
+        if self.patterns_per_class is not None:
+            return None
         if self.mem_size is None:
             return self.patterns_per_experience
         q = self.mem_size // n_experiences
@@ -140,26 +169,46 @@ class _EpisodicMemory:
     def offsets(self) -> List[int]:
         return np.cumsum([0] + self.sizes).tolist()
 
+    def _select(self, dataset, q: Optional[int]) -> torch.Tensor:
+        """Rows of ``dataset`` to keep: a uniform random q-subset, or per class."""
+        if q is not None:
+            return torch.randperm(len(dataset), generator=self.generator)[:min(q, len(dataset))]
+        targets = torch.as_tensor(list(dataset.targets), dtype=torch.long)
+        parts = []
+        for c in torch.unique(targets).tolist():  # sorted
+            rows = torch.nonzero(targets == c).flatten()
+            pick = torch.randperm(rows.numel(), generator=self.generator)
+            parts.append(rows[pick[:self.patterns_per_class]])
+        return torch.cat(parts)
+
     @torch.no_grad()
     def add_experience(self, dataset) -> None:
         k = self.n_experiences + 1
         q = self.quota(k)
-        n_new = min(q, len(dataset))
-        idx = torch.randperm(len(dataset), generator=self.generator)[:n_new]
+        idx = self._select(dataset, q)
+        n_new = idx.numel()
         x, y, t = _load_rows(dataset, idx)
         parts = []
         if self.buffer is not None and len(self.buffer):
             old = self.buffer.get(torch.arange(len(self.buffer)), "cpu")
-            off = self.offsets()
-            keep = torch.cat([torch.arange(off[j], off[j] + min(s, q))
-                              for j, s in enumerate(self.sizes)])
-            parts.append((old.x[keep], old.y[keep], old.t[keep]))
-            self.sizes = [min(s, q) for s in self.sizes]
+            if q is not None:
+                off = self.offsets()
+                keep = torch.cat([torch.arange(off[j], off[j] + min(s, q))
+                                  for j, s in enumerate(self.sizes)])
+                old = old.x[keep], old.y[keep], old.t[keep]
+                self.sizes = [min(s, q) for s in self.sizes]
+            else:
+                old = old.x, old.y, old.t
+            parts.append(old)
         parts.append((x, y, t))
         xs, ys, ts = (torch.cat(f) for f in zip(*parts))
-        capacity = self.mem_size or self.patterns_per_experience * k
+        if self.patterns_per_class is not None:
+            capacity = xs.shape[0]
+        else:
+            capacity = self.mem_size or self.patterns_per_experience * k
         if self.buffer is None or self.buffer.capacity < capacity:
-            grown = ReplayBuffer(capacity, seed=self.seed + 1)  # a stream apart from ours
+            grown = ReplayBuffer(capacity, seed=self.seed + 1,  # a stream apart from ours
+                                 x_dtype=self.x_dtype)
             if self.buffer is not None:  # keep the sampling stream going
                 grown.generator.set_state(self.buffer.generator.get_state())
             self.buffer = grown
@@ -184,14 +233,15 @@ class _EpisodicMemory:
 
     def state_dict(self) -> dict:
         return {"patterns_per_experience": self.patterns_per_experience,
-                "mem_size": self.mem_size, "seed": self.seed, "sizes": list(self.sizes),
+                "mem_size": self.mem_size, "patterns_per_class": self.patterns_per_class,
+                "seed": self.seed, "sizes": list(self.sizes),
                 "generator": self.generator.get_state(),
                 "buffer": None if self.buffer is None else self.buffer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("patterns_per_experience", "mem_size"):
-            if state[key] != getattr(self, key):
-                raise ValueError(f"load_state_dict: the state has {key}={state[key]!r}, this "
+        for key in ("patterns_per_experience", "mem_size", "patterns_per_class"):
+            if state.get(key) != getattr(self, key):
+                raise ValueError(f"load_state_dict: the state has {key}={state.get(key)!r}, this "
                                  f"plugin {getattr(self, key)!r}")
         self.seed = state["seed"]
         self.sizes = [int(s) for s in state["sizes"]]
