@@ -69,18 +69,40 @@ def measure(cfg, entry, n_exp, seed=0):
     opt = build_optimizer(section_for(cfg, entry, "optimizer"), model)
     st = section_for(cfg, entry, "strategy")
     spec = get_method(entry["name"])
-    plugins = [] if spec.kind == "template" else [_instantiate(spec, entry["params"])]
+    # a template method (Avalanche's DER, iCaRL, ...) owns its training loop: time that loop
+    template, template_kwargs, plugins = Naive, {}, []
+    if spec.kind == "template":
+        template, template_kwargs = spec.factory, {**spec.defaults, **entry["params"]}
+    else:
+        plugins = [_instantiate(spec, entry["params"])]
     record = {}
-    strategy = Naive(model=model, optimizer=opt, train_mb_size=st["train_mb_size"],
-                     train_epochs=st["epochs"], eval_mb_size=st["eval_mb_size"],
-                     device=st["device"] if st["device"] != "auto" else "cpu",
-                     plugins=[_Clock("first", record), *plugins, _Clock("last", record)],
-                     evaluator=EvaluationPlugin(loggers=[]))
+    strategy = template(model=model, optimizer=opt, criterion=torch.nn.CrossEntropyLoss(),
+                        train_mb_size=st["train_mb_size"], train_epochs=st["epochs"],
+                        eval_mb_size=st["eval_mb_size"],
+                        device=st["device"] if st["device"] != "auto" else "cpu",
+                        plugins=[_Clock("first", record), *plugins, _Clock("last", record)],
+                        evaluator=EvaluationPlugin(loggers=[]), **template_kwargs)
     for exp in list(info.benchmark.train_stream)[:n_exp]:
         strategy.train(exp)
     last = n_exp - 1
     steps = record["steps"][last][5:]  # skip warm-up steps
-    return statistics.median(steps), record.get("exp_end", {}).get(0, float("nan"))
+    return (statistics.median(steps), record.get("exp_end", {}).get(0, float("nan")),
+            _bytes_per_sample(plugins))
+
+
+def _bytes_per_sample(plugins):
+    """Storage bytes per stored sample of the first ReplayBuffer a plugin holds (or None)."""
+    from cl_plugins.core.buffer import ReplayBuffer
+
+    for p in plugins:
+        todo = list(vars(p).values())
+        while todo:
+            v = todo.pop(0)
+            if isinstance(v, ReplayBuffer) and v.capacity:
+                return v.bytes_per_sample
+            if hasattr(v, "__dict__") and not isinstance(v, (torch.Tensor, torch.nn.Module)):
+                todo.extend(x for x in vars(v).values() if isinstance(x, ReplayBuffer))
+    return None
 
 
 def main(argv=None):
@@ -108,15 +130,17 @@ def main(argv=None):
     entries = [in_config.get(n) or normalize_methods([n])[0] for n in ["naive"] + names]
     rows = []
     for e in entries:
-        step, end = measure(cfg, e, args.experiences)
-        rows.append((e.get("label") or e["name"], step, end))
+        step, end, bps = measure(cfg, e, args.experiences)
+        rows.append((e.get("label") or e["name"], step, end, bps))
     base = rows[0][1]
     print(f"\n{cfg['name']}: {cfg['benchmark']['name']} {cfg['benchmark']['scenario']}-IL, "
           f"batch {cfg['strategy']['train_mb_size']}, torch threads {torch.get_num_threads()}")
-    print("| method | step (ms, median) | ratio to naive | end-of-experience work (s) |")
-    print("|---|---|---|---|")
-    for name, step, end in rows:
-        print(f"| {name} | {1000 * step:.3f} | {step / base:.2f} | {end:.3f} |")
+    print("| method | step (ms, median) | ratio to naive | end-of-experience work (s) | "
+          "buffer bytes per sample |")
+    print("|---|---|---|---|---|")
+    for name, step, end, bps in rows:
+        print(f"| {name} | {1000 * step:.3f} | {step / base:.2f} | {end:.3f} | "
+              f"{'–' if bps is None else f'{bps:,.0f}'} |")
     return 0
 
 
