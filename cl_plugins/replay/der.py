@@ -41,6 +41,11 @@ R1 DER 500 row is alpha 0.5 with beta 0):
 - ``seed`` (int >= 0 or None, default None): the memory's generator seed; None draws it from
   torch's global RNG at construction (it follows the run seed). Part of ``state_dict()``.
 - ``x_dtype`` (None or a dtype name, default None = the inputs' dtype): storage dtype of inputs.
+- ``x_range`` (None, ``[lo, hi]`` or ``[[lo_c, ...], [hi_c, ...]]``, default None): with
+  ``x_dtype="uint8"``, the input values of pixel levels 0 and 255 (``[0.0, 1.0]`` without
+  normalisation, ``cl_plugins.core.buffer.grid_range(mean, std)`` with it): the inputs are stored as
+  their 1-byte pixel levels (784 bytes per 28x28 image instead of 3,136) and read back as the
+  exact float32 inputs; inputs off that grid raise a ValueError. See ``cl_plugins.core.buffer``.
 
 Choices and deviations:
 
@@ -93,7 +98,7 @@ class DERPlugin(SupervisedPlugin):
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False
     DEFAULTS: dict = {"mem_size": 500, "alpha": 0.5, "beta": 1.0, "replay_mb_size": None,
-                      "seed": None, "x_dtype": None}
+                      "seed": None, "x_dtype": None, "x_range": None}
     SWEEP: dict = {"alpha": {"values": [0.1, 0.2, 0.5, 1.0]},
                    "beta": {"values": [0.0, 0.5, 1.0]},
                    "mem_size": {"values": [200, 500, 5120]}}
@@ -105,7 +110,7 @@ class DERPlugin(SupervisedPlugin):
 
     def __init__(self, mem_size: int = 500, alpha: float = 0.5, beta: float = 1.0,
                  replay_mb_size: Optional[int] = None, seed: Optional[int] = None,
-                 x_dtype: Optional[str] = None):
+                 x_dtype: Optional[str] = None, x_range=None):
         super().__init__()
         check_int("mem_size", mem_size, 1)
         self.alpha = check_non_negative("alpha", alpha)
@@ -115,7 +120,8 @@ class DERPlugin(SupervisedPlugin):
         if seed is not None:
             check_int("seed", seed, 0)
         self.mem_size, self.replay_mb_size = mem_size, replay_mb_size
-        self.buffer = ReplayBuffer(mem_size, policy="reservoir", seed=seed, x_dtype=x_dtype)
+        self.buffer = ReplayBuffer(mem_size, policy="reservoir", seed=seed, x_dtype=x_dtype,
+                                   x_range=x_range)
         self._incoming = None
         self._augment = None
         self._hook = None  # forward hook on a masked head's linear layer

@@ -49,16 +49,22 @@ Hyper-parameters (defaults = ANCHORS R1, buffer 500, DER paper Table 2 / Mammoth
   the current experience is never replayed while it is trained on. In domain-IL a label seen
   in two experiences counts twice (his code keeps one set per class of every context). Needs
   ``mem_size=None`` and ``policy="reservoir"`` (the online memory's settings, unused here);
-  ``x_dtype`` and ``seed`` apply. His ``--use-full-capacity`` (a fixed total split over the
-  classes seen) is not modelled.
+  ``x_dtype``, ``x_range`` and ``seed`` apply. His ``--use-full-capacity`` (a fixed total split
+  over the classes seen) is not modelled.
 - ``replay_mb_size`` (int >= 1 or None = ``train_mb_size``, default None).
 - ``policy`` (default ``"reservoir"``): ``"reservoir"``, ``"class_balanced"`` (CBRS) or
   ``"greedy_class_balanced"`` (GDumb's sampler); see ``cl_plugins.core.buffer``.
 - ``seed`` (int >= 0 or None, default None): seed of the memory's generator (sampling and
   reservoir draws); None draws it from torch's global RNG at construction, so it follows the run
   seed. Its state is part of ``state_dict()``.
-- ``x_dtype`` (None, ``"float32"``, ``"float16"``, ..., default None = the inputs' dtype):
-  storage dtype of the inputs; see the memory accounting in ``cl_plugins.core.buffer``.
+- ``x_dtype`` (None, ``"float32"``, ``"float16"``, ``"uint8"``, ..., default None = the
+  inputs' dtype): storage dtype of the inputs; see the memory accounting in
+  ``cl_plugins.core.buffer``.
+- ``x_range`` (None, ``[lo, hi]`` or ``[[lo_c, ...], [hi_c, ...]]``, default None): with
+  ``x_dtype="uint8"``, the input values of pixel levels 0 and 255 (``[0.0, 1.0]`` without
+  normalisation; ``cl_plugins.core.buffer.grid_range(mean, std)`` for normalised inputs): the
+  memory stores every input value as its 1-byte pixel level (784 bytes per 28x28 image instead
+  of 3,136) and replays the float32 values exactly; inputs off that grid raise a ValueError.
 - ``loss_weighting`` (default ``"batch"``): ``"batch"`` = the replayed samples join the
   minibatch and the criterion averages over all n + m samples (Chaudhry et al., Mammoth), i.e.
   weights n / (n + m) and m / (n + m); ``"vandeven"`` = separate means over the stream rows and
@@ -82,7 +88,8 @@ Choices and deviations:
   ER in the plugin list (the runner's order) augments the whole extended batch; one placed
   before ER has already run, so ER augments its memory batch itself with the same settings.
 - Inputs are stored as float32 by default (our benchmarks hold normalised float tensors; the
-  uint8 source is not available from the Avalanche datasets): 3,136 bytes per 28x28 sample.
+  uint8 source is not available from the Avalanche datasets): 3,136 bytes per 28x28 sample;
+  ``x_dtype="uint8"`` with ``x_range`` stores the pixel levels (784 bytes).
 - Cost: a step trains on n + m samples, so with m = ``train_mb_size`` it costs up to ~2x
   naive's (measured: 2.05x on the R1 MLP 100-100, 1.46x on the S1 MLP-400, batch 128); the
   memory update and the draw take ~0.1 ms per step (the class-balanced loop included).
@@ -108,7 +115,7 @@ import torch
 from avalanche.core import SupervisedPlugin
 
 from cl_plugins.core.augment import random_crop_flip
-from cl_plugins.core.buffer import POLICIES, ReplayBuffer, _dtype
+from cl_plugins.core.buffer import POLICIES, ReplayBuffer, _dtype, check_x_range
 from cl_plugins.core.checks import check_choice, check_int
 from cl_plugins.core.replay_loader import (augmenter_before, check_minibatch,
                                            require_stream_batches)
@@ -124,7 +131,7 @@ class ERPlugin(SupervisedPlugin):
     NEEDS_TASK_LABELS = False
     DEFAULTS: dict = {"mem_size": 500, "replay_mb_size": None, "policy": "reservoir",
                       "seed": None, "x_dtype": None, "mem_per_class": None,
-                      "loss_weighting": "batch", "batch_sampling": "uniform"}
+                      "loss_weighting": "batch", "batch_sampling": "uniform", "x_range": None}
     SWEEP: dict = {"mem_size": {"values": [200, 500, 1100, 4400]},
                    "replay_mb_size": {"values": [10, 32, 128]},
                    "policy": {"values": ["reservoir", "class_balanced"]}}
@@ -138,7 +145,8 @@ class ERPlugin(SupervisedPlugin):
     def __init__(self, mem_size: Optional[int] = 500, replay_mb_size: Optional[int] = None,
                  policy: str = "reservoir", seed: Optional[int] = None,
                  x_dtype: Optional[str] = None, mem_per_class: Optional[int] = None,
-                 loss_weighting: str = "batch", batch_sampling: str = "uniform"):
+                 loss_weighting: str = "batch", batch_sampling: str = "uniform",
+                 x_range=None):
         super().__init__()
         if replay_mb_size is not None:
             check_int("replay_mb_size", replay_mb_size, 1)
@@ -166,15 +174,17 @@ class ERPlugin(SupervisedPlugin):
         self.mem_per_class = mem_per_class
         self.loss_weighting, self.batch_sampling = loss_weighting, batch_sampling
         if mem_per_class is None:
-            self.buffer = ReplayBuffer(mem_size, policy=policy, seed=seed, x_dtype=x_dtype)
+            self.buffer = ReplayBuffer(mem_size, policy=policy, seed=seed, x_dtype=x_dtype,
+                                       x_range=x_range)
             self.memory = None
         else:
             if seed is None:
                 seed = int(torch.randint(0, 2**62, (1,)).item())
             check_int("seed", seed, 0)
             self.buffer = None
+            dtype = _dtype("x_dtype", x_dtype)
             self.memory = _EpisodicMemory(None, None, seed, patterns_per_class=mem_per_class,
-                                          x_dtype=_dtype("x_dtype", x_dtype))
+                                          x_dtype=dtype, x_range=check_x_range(x_range, dtype))
         self.n_trained = 0  # experiences trained so far (t - 1 while training the t-th)
         self._incoming = None  # (x, y, t) of the current step, before any extension
         self._n_replayed = 0  # rows appended this step

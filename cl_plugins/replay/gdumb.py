@@ -88,6 +88,11 @@ Hyper-parameters (defaults = G1, GDumb's Split MNIST protocol, MLP-400 row):
   plugin's generator (memory shuffling, crops); None draws them from torch's global RNG at
   construction, so they follow the run seed. Both states are in ``state_dict()``.
 - ``x_dtype`` (None / ``"float16"`` / ..., default None = the inputs' dtype): storage dtype.
+- ``x_range`` (None, ``[lo, hi]`` or ``[[lo_c, ...], [hi_c, ...]]``, default None): with
+  ``x_dtype="uint8"``, the input values of pixel levels 0 and 255 (``[0.0, 1.0]`` without
+  normalisation, ``cl_plugins.core.buffer.grid_range(mean, std)`` with it): the inputs are stored as
+  their 1-byte pixel levels (784 bytes per 28x28 image instead of 3,136) and read back as the
+  exact float32 inputs; inputs off that grid raise a ValueError. See ``cl_plugins.core.buffer``.
 
 Re-initialisation. The paper retrains "from scratch" at every inference request; the official
 code builds the model once and trains it once. Here the weights of the model when the plugin
@@ -201,7 +206,7 @@ class GDumbPlugin(SupervisedPlugin):
     DEFAULTS: dict = {"mem_size": 4400, "epochs_on_memory": 128, "lr_max": 0.05,
                       "lr_min": 0.0005, "warm_restarts": True, "clip_grad_norm": 10.0,
                       "crop_padding": 4, "hflip": False, "train_only_last": False,
-                      "seed": None, "x_dtype": None}
+                      "seed": None, "x_dtype": None, "x_range": None}
     SWEEP: dict = {"mem_size": {"values": [200, 300, 500, 1000, 4400]},
                    "epochs_on_memory": {"values": [16, 32, 64, 128, 256]},
                    "lr_max": {"distribution": "log_uniform_values", "min": 0.005, "max": 0.5}}
@@ -215,7 +220,7 @@ class GDumbPlugin(SupervisedPlugin):
                  lr_max: float = 0.05, lr_min: float = 0.0005, warm_restarts: bool = True,
                  clip_grad_norm: Optional[float] = 10.0, crop_padding: int = 4,
                  hflip: bool = False, train_only_last: bool = False,
-                 seed: Optional[int] = None, x_dtype: Optional[str] = None):
+                 seed: Optional[int] = None, x_dtype: Optional[str] = None, x_range=None):
         super().__init__()
         self.mem_size = check_int("mem_size", mem_size, 1)
         if epochs_on_memory is not None:
@@ -237,7 +242,7 @@ class GDumbPlugin(SupervisedPlugin):
         self.seed = seed
         # the memory's generator (evictions) and ours (shuffling, crops) are seeded apart
         self.buffer = ReplayBuffer(mem_size, policy="greedy_class_balanced", seed=seed,
-                                   x_dtype=x_dtype)
+                                   x_dtype=x_dtype, x_range=x_range)
         self.generator = torch.Generator().manual_seed(seed + 1)
         self.initial_state: Optional[Dict[str, torch.Tensor]] = None  # CPU copies
         self._epoch = 0

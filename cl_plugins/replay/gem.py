@@ -91,7 +91,7 @@ from avalanche.core import SupervisedPlugin
 from avalanche.models import avalanche_forward
 from torch.utils.data import DataLoader, Subset
 
-from cl_plugins.core.buffer import ReplayBuffer
+from cl_plugins.core.buffer import ReplayBuffer, check_x_range
 from cl_plugins.core.checks import check_int, check_non_negative
 
 
@@ -137,10 +137,12 @@ class _EpisodicMemory:
     code, which keeps one memory set per class of every context)."""
 
     def __init__(self, patterns_per_experience: Optional[int], mem_size: Optional[int],
-                 seed: int, patterns_per_class: Optional[int] = None, x_dtype=None):
+                 seed: int, patterns_per_class: Optional[int] = None, x_dtype=None,
+                 x_range=None):
         self.patterns_per_experience, self.mem_size = patterns_per_experience, mem_size
         self.patterns_per_class = patterns_per_class
         self.x_dtype = x_dtype
+        self.x_range = check_x_range(x_range, x_dtype)  # the storage grid (ReplayBuffer)
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)  # which samples are kept
         self.buffer: Optional[ReplayBuffer] = None  # its own generator: A-GEM's batches
@@ -208,7 +210,7 @@ class _EpisodicMemory:
             capacity = self.mem_size or self.patterns_per_experience * k
         if self.buffer is None or self.buffer.capacity < capacity:
             grown = ReplayBuffer(capacity, seed=self.seed + 1,  # a stream apart from ours
-                                 x_dtype=self.x_dtype)
+                                 x_dtype=self.x_dtype, x_range=self.x_range)
             if self.buffer is not None:  # keep the sampling stream going
                 grown.generator.set_state(self.buffer.generator.get_state())
             self.buffer = grown

@@ -85,6 +85,12 @@ Hyper-parameters (DEFAULTS = the paper's CIFAR-100 protocol: K = 2000, NME, BCE)
   turns it on.
 - ``x_dtype`` (None or a dtype name, default None = the inputs' dtype): storage dtype of the
   exemplars, see ``cl_plugins.core.buffer``.
+- ``x_range`` (None, ``[lo, hi]`` or ``[[lo_c, ...], [hi_c, ...]]``, default None): with
+  ``x_dtype="uint8"``, the input values of pixel levels 0 and 255 (``[0.0, 1.0]`` without
+  normalisation, ``cl_plugins.core.buffer.grid_range(mean, std)`` with it): the exemplars are
+  stored as their 1-byte pixel levels (3,072 bytes per 32x32x3 image instead of 12,288) and read
+  back as the exact float32 inputs; inputs off that grid raise a ValueError. See
+  ``cl_plugins.core.buffer``.
 
 Deviations and choices
 ----------------------
@@ -252,7 +258,7 @@ class ICaRLPlugin(SupervisedPlugin):
     SCENARIOS = ("class",)
     NEEDS_TASK_LABELS = False
     DEFAULTS: dict = {"mem_size": 2000, "fixed_memory": True, "classifier": "nme",
-                      "loss": "bce", "flip_means": False, "x_dtype": None}
+                      "loss": "bce", "flip_means": False, "x_dtype": None, "x_range": None}
     SWEEP: dict = {"mem_size": {"values": [200, 500, 1000, 2000]}}
     PAPER = "iCaRL (Rebuffi, Kolesnikov, Sperl & Lampert, CVPR 2017)"
     SUMMARY = ("herding-selected exemplars (K in total) replayed with the current data; sigmoid "
@@ -262,16 +268,18 @@ class ICaRLPlugin(SupervisedPlugin):
     supports_distributed = False
 
     def __init__(self, mem_size: int = 2000, fixed_memory: bool = True, classifier: str = "nme",
-                 loss: str = "bce", flip_means: bool = False, x_dtype: Optional[str] = None):
+                 loss: str = "bce", flip_means: bool = False, x_dtype: Optional[str] = None,
+                 x_range=None):
         super().__init__()
         self.mem_size = check_int("mem_size", mem_size, 1)
         self.fixed_memory = check_bool("fixed_memory", fixed_memory)
         self.classifier = check_choice("classifier", classifier, CLASSIFIERS)
         self.loss = check_choice("loss", loss, LOSSES)
         self.flip_means = check_bool("flip_means", flip_means)
-        self.x_dtype = x_dtype
         # no randomness is drawn from the buffer (herding is deterministic): fixed seed
-        self.buffer = ReplayBuffer(mem_size, policy="reservoir", seed=0, x_dtype=x_dtype)
+        self.buffer = ReplayBuffer(mem_size, policy="reservoir", seed=0, x_dtype=x_dtype,
+                                   x_range=x_range)  # validates x_dtype and x_range
+        self.x_dtype, self.x_range = x_dtype, self.buffer.x_range
 
         self.seen_classes: List[int] = []  # in the order first seen
         self.class_means: Optional[torch.Tensor] = None  # [len(mean_classes), d], normalised
@@ -438,7 +446,7 @@ class ICaRLPlugin(SupervisedPlugin):
         t_mem = torch.cat([p[2] for p in parts])
         if x_mem.shape[0] > self.buffer.capacity:  # fixed_memory=False: the memory grows
             self.buffer = ReplayBuffer(x_mem.shape[0], policy="reservoir", seed=0,
-                                       x_dtype=self.x_dtype)
+                                       x_dtype=self.x_dtype, x_range=self.x_range)
         self.buffer.set_contents(x_mem, y_mem, t_mem)
         self.seen_classes = seen
 
@@ -535,7 +543,7 @@ class ICaRLPlugin(SupervisedPlugin):
         buf = state["buffer"]
         if buf["capacity"] != self.buffer.capacity:  # a grown memory (fixed_memory=False)
             self.buffer = ReplayBuffer(buf["capacity"], policy="reservoir", seed=0,
-                                       x_dtype=self.x_dtype)
+                                       x_dtype=self.x_dtype, x_range=self.x_range)
         self.buffer.load_state_dict(buf)
         self.n_experiences = int(state["n_experiences"])
         self.seen_classes = [int(c) for c in state["seen_classes"]]

@@ -52,6 +52,11 @@ classes, ``--subsample 50``, ``--buffer_batch_size 10``; with SGD lr 0.1, batch 
 - ``seed`` (int >= 0 or None, default None): the memory's generator (reservoir draws and
   candidate draws); None follows torch's global RNG at construction. Part of ``state_dict()``.
 - ``x_dtype`` (None, ``"float16"``, ..., default None = the inputs' dtype): storage dtype.
+- ``x_range`` (None, ``[lo, hi]`` or ``[[lo_c, ...], [hi_c, ...]]``, default None): with
+  ``x_dtype="uint8"``, the input values of pixel levels 0 and 255 (``[0.0, 1.0]`` without
+  normalisation, ``cl_plugins.core.buffer.grid_range(mean, std)`` with it): the inputs are stored as
+  their 1-byte pixel levels (784 bytes per 28x28 image instead of 3,136) and read back as the
+  exact float32 inputs; inputs off that grid raise a ValueError. See ``cl_plugins.core.buffer``.
 
 Choices and deviations:
 
@@ -150,7 +155,7 @@ class MIRPlugin(SupervisedPlugin):
     NEEDS_TASK_LABELS = False
     DEFAULTS: dict = {"mem_size": 500, "subsample": 50, "mem_mb_size": 10,
                       "exclude_current_experience": True, "policy": "reservoir", "seed": None,
-                      "x_dtype": None}
+                      "x_dtype": None, "x_range": None}
     SWEEP: dict = {"mem_size": {"values": [200, 500, 1000]},
                    "subsample": {"values": [25, 50, 100, 200]},
                    "mem_mb_size": {"values": [10, 32, 128]}}
@@ -162,7 +167,7 @@ class MIRPlugin(SupervisedPlugin):
 
     def __init__(self, mem_size: int = 500, subsample: int = 50, mem_mb_size: int = 10,
                  exclude_current_experience: bool = True, policy: str = "reservoir",
-                 seed: Optional[int] = None, x_dtype: Optional[str] = None):
+                 seed: Optional[int] = None, x_dtype: Optional[str] = None, x_range=None):
         super().__init__()
         self.mem_size = check_int("mem_size", mem_size, 1)
         self.subsample = check_int("subsample", subsample, 1)
@@ -172,7 +177,8 @@ class MIRPlugin(SupervisedPlugin):
         self.policy = check_choice("policy", policy, POLICIES)
         if seed is not None:
             check_int("seed", seed, 0)
-        self.buffer = ReplayBuffer(mem_size, policy=policy, seed=seed, x_dtype=x_dtype)
+        self.buffer = ReplayBuffer(mem_size, policy=policy, seed=seed, x_dtype=x_dtype,
+                                   x_range=x_range)
         self.slot_experience = torch.full((mem_size,), -1, dtype=torch.long)  # per memory slot
         self._experience = 0
         self._incoming = None
