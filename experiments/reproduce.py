@@ -342,6 +342,17 @@ def build_table(rows) -> str:
 
     lines += ["", "Protocols: " + "; ".join(f"**{k}** {v['title']} ({configs(v)})"
                                              for k, v in PROTOCOLS.items()), ""]
+    # Speed tables: measured with experiments/speed.py; each file under results/speed/ holds
+    # one table with the command that produced it and the date (copied here verbatim).
+    speed = sorted((RESULTS_DIR / "speed").glob("*.md"))
+    if speed:
+        lines += ["## Speed and memory", "",
+                  "Per-step time as a ratio to naive training measured in the same process "
+                  "(`experiments/speed.py`: median step of the last trained experience, data "
+                  "loading excluded, one thread), end-of-experience work (importances, "
+                  "statistics, SVDs) and replay-buffer bytes per stored sample.", ""]
+        for f in speed:
+            lines += [f.read_text().strip(), ""]
     return "\n".join(lines)
 
 

@@ -9,7 +9,9 @@ active from the second one on) and time, on the LAST trained experience, every t
 the first plugin's ``before_training_iteration`` to the last plugin's
 ``after_training_iteration`` (forward, loss terms, backward, update: data loading excluded), and
 the end-of-experience work of the first trained experience (``after_training_exp``: importances,
-statistics, SVDs). Prints a markdown table; naive is always measured first as the reference.
+statistics, SVDs). Prints a markdown table. Each method's ratio uses a naive run measured right
+before it (``--no-paired``: the first naive run for all), so slow drifts of the machine's load
+cancel.
 """
 
 from __future__ import annotations
@@ -114,6 +116,9 @@ def main(argv=None):
     ap.add_argument("--experiences", type=int, default=2)
     ap.add_argument("--data-root")
     ap.add_argument("--set", action="append", default=[], help="KEY=VALUE config override")
+    ap.add_argument("--no-paired", dest="paired", action="store_false",
+                    help="one naive reference for all methods (default: a naive run right "
+                         "before each method, its ratio's denominator)")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = load_config(args.config)
@@ -128,18 +133,24 @@ def main(argv=None):
     # optimizer/strategy overrides); others run with their registry defaults.
     in_config = {e.get("label") or e["name"]: e for e in normalize_methods(cfg["methods"])}
     entries = [in_config.get(n) or normalize_methods([n])[0] for n in ["naive"] + names]
+    # Each method is paired with a naive run measured right before it: on a shared machine the
+    # load drifts over minutes, and a ratio to one naive run at the start would absorb the drift.
     rows = []
+    naive_entry = entries[0]
     for e in entries:
         step, end, bps = measure(cfg, e, args.experiences)
-        rows.append((e.get("label") or e["name"], step, end, bps))
-    base = rows[0][1]
+        if e is naive_entry:
+            ref = step
+        else:
+            ref = measure(cfg, naive_entry, args.experiences)[0] if args.paired else rows[0][4]
+        rows.append((e.get("label") or e["name"], step, end, bps, ref))
     print(f"\n{cfg['name']}: {cfg['benchmark']['name']} {cfg['benchmark']['scenario']}-IL, "
           f"batch {cfg['strategy']['train_mb_size']}, torch threads {torch.get_num_threads()}")
     print("| method | step (ms, median) | ratio to naive | end-of-experience work (s) | "
           "buffer bytes per sample |")
     print("|---|---|---|---|---|")
-    for name, step, end, bps in rows:
-        print(f"| {name} | {1000 * step:.3f} | {step / base:.2f} | {end:.3f} | "
+    for name, step, end, bps, ref in rows:
+        print(f"| {name} | {1000 * step:.3f} | {step / ref:.2f} | {end:.3f} | "
               f"{'–' if bps is None else f'{bps:,.0f}'} |")
     return 0
 

@@ -1,0 +1,28 @@
+#!/bin/bash
+# Regenerates the speed tables under results/speed/ (copied into RESULTS.md by
+# experiments/reproduce.py --table). Pause other work on the machine first. Data root: $CL_DATA_ROOT.
+run() {  # file title intro cmd...
+  local file=$1 title=$2 intro=$3; shift 3
+  {
+    echo "### $title"; echo; echo "$intro"; echo
+    for cmd in "$@"; do
+      echo "\`${cmd}\`"; echo
+      eval "${cmd//DATA/${CL_DATA_ROOT:-data}}" 2>/dev/null | grep "^|"
+      echo
+    done
+  } > "results/speed/$file.tmp" && mv "results/speed/$file.tmp" "results/speed/$file"
+}
+NOTE="Measured $(date +%F) on the 2-core CPU with the machine otherwise idle (background runs paused), one thread; each method's ratio uses a naive run measured right before it in the same process (the naive row shows the first one)."
+run 1_projection.md "Projection (issue 3): P1 MLP 784-100-100-10 (batch 10) and LeNet on Split MNIST (batch 10)" "$NOTE End-of-experience work: statistics, eigendecompositions/SVDs, RLS pass, stored gradients." \
+ "OMP_NUM_THREADS=1 python experiments/speed.py --config experiments/configs/saha2021_gpm_permuted_mnist.yaml --methods gpm,nscl,rgo,ogd --experiences 3 --set strategy.train_iterations=400 --set strategy.epochs=1 --set benchmark.samples_per_task=6000 --data-root DATA" \
+ "OMP_NUM_THREADS=1 python experiments/speed.py --config experiments/configs/speed_conv_split_mnist.yaml --methods gpm,nscl,rgo,ogd --experiences 3 --set strategy.train_iterations=400 --data-root DATA"
+run 2_penalties.md "Penalties (issue 4): S1 MLP 1024-400-400, batch 128" "$NOTE End-of-experience work is the importance computation (Fisher / MAS over the task's ~12,000 samples, SCP's slices); SI and RWalk accumulate during training. Avalanche's RWalk fails on multi-head models (its running scores are indexed by the first experience's parameter names; a new task head adds parameters: KeyError), so the two RWalks are compared in domain-IL." \
+ "OMP_NUM_THREADS=1 python experiments/speed.py --config experiments/configs/hsu2018_split_mnist_regularization.yaml --methods ewc,online_ewc,si,mas,rwalk,scp,lwf,avalanche_ewc,avalanche_online_ewc,avalanche_si,avalanche_mas,avalanche_lwf --experiences 2 --data-root DATA" \
+ "OMP_NUM_THREADS=1 python experiments/speed.py --config experiments/configs/hsu2018_split_mnist_regularization.yaml --methods rwalk,avalanche_rwalk --experiences 2 --set benchmark.scenario=domain --data-root DATA"
+run 3_replay.md "Replay (issue 5): R1 MLP 784-100-100 (batch 128), B1 MLPs (batch 10), S1 MLP-400 class-IL (batch 128)" "$NOTE Buffer bytes per sample: the plugin's ReplayBuffer storage / capacity (float32 inputs by default; x_dtype uint8 with x_range stores 784 + 8 bytes per MNIST image); Avalanche's plugins keep dataset references, shown as –. Our ER draws its memory batch inside the step (counted); Avalanche's ReplayPlugin draws it in its dataloader (not counted)." \
+ "OMP_NUM_THREADS=1 python experiments/speed.py --config experiments/configs/buzzega2020_der_rotated_mnist.yaml --methods er-500,der-500,derpp-500,mir,avalanche_er-500,avalanche_der-500,avalanche_derpp-500,avalanche_mir --experiences 2 --set benchmark.test_samples_per_task=100 --data-root DATA" \
+ "OMP_NUM_THREADS=1 python experiments/speed.py --config experiments/configs/b1_permuted_mnist_gem.yaml --methods gem,avalanche_gem --experiences 3 --set strategy.train_iterations=500 --set benchmark.test_samples_per_task=100 --data-root DATA" \
+ "OMP_NUM_THREADS=1 python experiments/speed.py --config experiments/configs/b1_permuted_mnist_agem.yaml --methods agem,avalanche_agem --experiences 3 --set strategy.train_iterations=500 --set benchmark.test_samples_per_task=100 --data-root DATA" \
+ "OMP_NUM_THREADS=1 python experiments/speed.py --config experiments/configs/hsu2018_split_mnist_replay.yaml --methods icarl,avalanche_icarl,naive-rehearsal-1100 --experiences 2 --set benchmark.scenario=class --data-root DATA"
+
+echo done
