@@ -461,3 +461,28 @@ def test_bad_arguments():
         DERPlugin(beta=-1)
     with pytest.raises(ValueError, match="seed"):
         DERPlugin(seed=-3)
+
+
+def test_per_experience_policy_replays_only_past_experiences_with_an_equal_split():
+    # Hsu et al.'s Naive_Rehearsal memory: filled at the end of each experience, mem_size split
+    # equally over the experiences seen, never the current experience's samples.
+    from types import SimpleNamespace
+
+    from torch.utils.data import TensorDataset
+
+    plugin = ERPlugin(mem_size=10, policy="per_experience", seed=0)
+    assert plugin.store is None  # nothing before the first experience ends
+    for k in range(3):
+        x = torch.full((20, 2), float(k))
+        ds = TensorDataset(x, torch.full((20,), k), torch.zeros(20, dtype=torch.long))
+        st = SimpleNamespace(experience=SimpleNamespace(dataset=ds))
+        plugin.after_training_exp(st)
+        xs = plugin.store.get(torch.arange(len(plugin.store))).x
+        counts = torch.bincount(xs[:, 0].long(), minlength=k + 1).tolist()
+        assert counts == [10 // (k + 1)] * (k + 1), counts  # 10 // k per experience
+    state = plugin.state_dict()
+    other = ERPlugin(mem_size=10, policy="per_experience", seed=5)
+    other.load_state_dict(state)
+    assert len(other.store) == len(plugin.store)
+    with pytest.raises(ValueError, match="experience-end memory"):
+        ERPlugin(mem_size=10, policy="reservoir").load_state_dict(state)
