@@ -210,6 +210,7 @@ PROTOCOLS = {
         "source": "GDumb README (MLP-400 / 4400 and MLP-100 / 500, mean ± std); Avalanche rows "
                   "vs the same row",
         "published": {"class": {"gdumb": (97.8, 0.1), "gdumb-mlp100": (90.2, 0.4),
+                                "gdumb-bn": (97.8, 0.1), "gdumb-mlp100-bn": (90.2, 0.4),
                                 "avalanche_gdumb": (97.8, 0.1),
                                 "avalanche_gdumb-mlp100": (90.2, 0.4)}},
     },

@@ -251,3 +251,22 @@ def test_same_seed_same_parameters(make):
     assert sa.keys() == sb.keys()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_mlp_batch_norm_option():
+    from cl_plugins.models.mlp import MLP
+
+    net = MLP(12, hidden=[5, 4], bias=False, batch_norm=True, bn_eps=1e-6)
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert [b.num_features for b in bns] == [5, 4] and all(b.eps == 1e-6 for b in bns)
+    # order: Linear -> BN -> activation, per hidden layer
+    kinds = [type(m).__name__ for m in net.layers]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU"]
+    net.train()
+    h = net.layers[1](net.layers[0](torch.randn(32, 12)))
+    assert torch.allclose(h.mean(0), torch.zeros(5), atol=1e-5)  # batch statistics applied
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in MLP(12, hidden=[5]).modules())
+    with pytest.raises(ValueError, match="model.batch_norm"):
+        MLP(12, batch_norm="yes")
+    with pytest.raises(ValueError, match="model.bn_eps"):
+        MLP(12, batch_norm=True, bn_eps=0.0)

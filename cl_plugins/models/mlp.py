@@ -26,10 +26,14 @@ class MLP(nn.Module):
         bias: whether the Linear layers have a bias (GPM's network has none).
         activation: one of ``ACTIVATIONS``.
         dropout: dropout probability after each activation (0 = none).
+        batch_norm: ``Linear -> BatchNorm1d -> activation`` (GDumb's MLP: BN with eps
+            ``bn_eps`` = 1e-6 after every hidden Linear, whose bias is then redundant).
+        bn_eps: BatchNorm's epsilon.
     """
 
     def __init__(self, input_size: int, hidden: Sequence[int] = (400, 400), bias: bool = True,
-                 activation: str = "relu", dropout: float = 0.0):
+                 activation: str = "relu", dropout: float = 0.0, batch_norm: bool = False,
+                 bn_eps: float = 1e-5):
         super().__init__()
         check_int("model.input_size", input_size, 1)
         hidden = list(hidden)
@@ -39,9 +43,15 @@ class MLP(nn.Module):
             check_int(f"model.hidden[{i}]", h, 1)
         check_choice("model.activation", activation, sorted(ACTIVATIONS))
         check_range("model.dropout", dropout, 0.0, 1.0, high_inclusive=False)
+        if not isinstance(batch_norm, bool):
+            raise ValueError(f"model.batch_norm must be true or false; got {batch_norm!r}")
+        check_range("model.bn_eps", bn_eps, 0.0, None, low_inclusive=False)
         layers, width = [], input_size
         for h in hidden:
-            layers += [nn.Linear(width, h, bias=bias), ACTIVATIONS[activation]()]
+            layers.append(nn.Linear(width, h, bias=bias))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(h, eps=bn_eps))
+            layers.append(ACTIVATIONS[activation]())
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             width = h
