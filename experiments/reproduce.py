@@ -223,6 +223,18 @@ PROTOCOLS = {
         "source": "Avalanche continual-learning-baselines target (ANCHORS B1; no spread: ±1 point)",
         "published": {"domain": {"gem": (93.0, None), "avalanche_gem": (93.0, None)}},
     },
+    "B1-SI-RWALK": {
+        "title": "Split MNIST, 5 tasks, task-IL, SI and RWalk (continual-learning-baselines "
+                 "targets)",
+        "config": "experiments/configs/b1_split_mnist_si_rwalk.yaml",
+        "benchmark": "split_mnist",
+        "variants": {"task": []},
+        "seeds": [0, 1, 2],
+        "source": "Avalanche continual-learning-baselines targets (ANCHORS B1; no spread: ±1 "
+                  "point)",
+        "published": {"task": {"si": (97.0, None), "avalanche_si": (97.0, None),
+                               "rwalk": (99.0, None), "avalanche_rwalk": (99.0, None)}},
+    },
     "B1-AGEM": {
         "title": "Permuted MNIST, 17 experiences, A-GEM (continual-learning-baselines target)",
         "config": "experiments/configs/b1_permuted_mnist_agem.yaml",
