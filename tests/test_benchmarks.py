@@ -69,6 +69,21 @@ def test_class_order_fixed_seeded_explicit():
         build_benchmark("split_digits", "task", class_order=[0, 1, 2])
 
 
+def test_class_order_vandeven2022_matches_his_relabelling():
+    # His code: seed 0 keeps the digits in order; seed s relabels digit y as p[y] with
+    # p = permutation drawn right after np.random.seed(s); task t = new labels {2t, 2t+1}.
+    zero = build_benchmark("split_digits", "task", class_order="vandeven2022", seed=0)
+    assert zero.original_classes_per_exp == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    for seed in (1, 7):
+        np.random.seed(seed)
+        p = np.random.permutation(10)
+        expected = [sorted(int(y) for y in range(10) if p[y] in (2 * t, 2 * t + 1))
+                    for t in range(5)]
+        info = build_benchmark("split_digits", "class", class_order="vandeven2022", seed=seed)
+        assert info.original_classes_per_exp == expected
+    assert expected != zero.original_classes_per_exp
+
+
 def test_samples_per_task_cap():
     info = build_benchmark("split_digits", "task", samples_per_task=50, test_samples_per_task=20)
     assert [len(e.dataset) for e in info.benchmark.train_stream] == [50] * 5

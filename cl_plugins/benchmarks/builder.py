@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
@@ -134,12 +135,22 @@ def _class_order(n_classes: int, class_order, seed: int) -> List[int]:
     if class_order == "seeded":
         g = torch.Generator().manual_seed(seed)
         return torch.randperm(n_classes, generator=g).tolist()
+    if class_order == "vandeven2022":
+        # van de Ven et al.'s code (GMvandeVen/continual-learning, data/load.py): seed 0 keeps
+        # the digits in order; any other seed relabels digit y as p[y], p the first draw of
+        # numpy's global RNG after np.random.seed(seed), and task t holds new labels 2t, 2t+1.
+        # Position i of our order is the original class of new label i, i.e. the inverse of p.
+        if seed == 0:
+            return list(range(n_classes))
+        p = np.random.RandomState(seed).permutation(n_classes)
+        return np.argsort(p).tolist()
     if isinstance(class_order, (list, tuple)):
         if sorted(int(c) for c in class_order) != list(range(n_classes)):
             raise ValueError(f"benchmark.class_order must be a permutation of 0..{n_classes - 1}; "
                              f"got {list(class_order)}")
         return [int(c) for c in class_order]
-    raise ValueError("benchmark.class_order must be 'fixed', 'seeded' or an explicit list of "
+    raise ValueError("benchmark.class_order must be 'fixed', 'seeded', 'vandeven2022' or an "
+                     "explicit list of "
                      f"class ids; got {class_order!r}")
 
 
