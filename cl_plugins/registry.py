@@ -150,10 +150,13 @@ def _register_avalanche_references() -> None:
     script (``avalanche_<name>``). Arguments are Avalanche's, with Avalanche's meaning."""
     from avalanche.training import plugins as avl
 
+    from cl_plugins.baselines.avalanche_si import AvalancheSIPlugin
+
     refs = [
         ("avalanche_ewc", avl.EWCPlugin, {"ewc_lambda": 1.0, "mode": "separate"}),
         ("avalanche_online_ewc", _avalanche_online_ewc, {"ewc_lambda": 1.0, "decay_factor": 1.0}),
-        ("avalanche_si", avl.SynapticIntelligencePlugin, {"si_lambda": 1.0}),
+        # Avalanche's SI with its CPU snapshot aliasing worked around (else a no-op on CPU).
+        ("avalanche_si", AvalancheSIPlugin, {"si_lambda": 1.0}),
         ("avalanche_mas", avl.MASPlugin, {"lambda_reg": 1.0, "alpha": 0.5}),
         ("avalanche_rwalk", avl.RWalkPlugin, {"ewc_lambda": 0.1, "ewc_alpha": 0.9, "delta_t": 10}),
         ("avalanche_lwf", avl.LwFPlugin, {"alpha": 1.0, "temperature": 2.0}),
