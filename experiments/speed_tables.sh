@@ -1,8 +1,12 @@
 #!/bin/bash
 # Regenerates the speed tables under results/speed/ (copied into RESULTS.md by
 # experiments/reproduce.py --table). Pause other work on the machine first. Data root: $CL_DATA_ROOT.
+# Usage: speed_tables.sh [TABLE...]  (TABLE: projection, penalties, replay; default all)
+ONLY="$*"
 run() {  # file title intro cmd...
   local file=$1 title=$2 intro=$3; shift 3
+  local name=${file#*_}; name=${name%.md}
+  if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
   {
     echo "### $title"; echo; echo "$intro"; echo
     for cmd in "$@"; do
