@@ -294,7 +294,6 @@ class NSCLPlugin(SupervisedPlugin):
         self._cur: List[torch.Tensor] = []
         self._old: List[torch.Tensor] = []
         self._norm_params: Tensors = {}
-        self._collapsed = None
         self._grad_projector = InputSideGradientProjector()  # plain-SGD path
         self._layers: Dict[str, torch.nn.Module] = {}
         self._path: Optional[str] = None  # "update" | "gradient", decided at the first step
@@ -324,7 +323,6 @@ class NSCLPlugin(SupervisedPlugin):
                 self._grad_projector.attach(layers, self.projectors)
             if self.lr_after_first is not None:
                 self._set_lr(strategy.optimizer, model, layers)
-        self._collapsed = None
         if len(self.quadratic_penalty):
             stored = self.quadratic_penalty.terms[0][0]
             if set(stored) != set(self._norm_params):
@@ -408,7 +406,6 @@ class NSCLPlugin(SupervisedPlugin):
         self._steps, self._cur, self._old = [], [], []
         self._grad_projector.detach()
         self._path = None
-        self._collapsed = None
 
     # ------------------------------------------------------------------------- statistics
 
@@ -499,27 +496,9 @@ class NSCLPlugin(SupervisedPlugin):
         return {n: s / n_seen for n, s in total.items()}
 
     def bn_penalty(self, params: Tensors) -> torch.Tensor:
-        """bn_ewc_lambda * sum_k sum_i F_k,i (theta_i - theta*_k,i)^2, evaluated as
-        lambda * (sum_i W_i (theta_i - c_i)^2 + r) with W = sum_k F_k, c the F-weighted mean
-        anchor and r a constant (an exact identity), so the cost does not grow with the
-        number of tasks: one concatenation and three element-wise kernels per step."""
-        if self._collapsed is None:
-            self._collapse(next(iter(params.values())))
-        names, weight, center, const = self._collapsed
-        flat = torch.cat([params[n].reshape(-1) for n in names])
-        return self.quadratic_penalty.coef * ((weight * (flat - center).pow(2)).sum() + const)
-
-    def _collapse(self, like: torch.Tensor) -> None:
-        terms = self.quadratic_penalty.terms
-        names = list(terms[0][0])
-        f = torch.stack([torch.cat([imp[n].reshape(-1) for n in names]) for imp, _ in terms]
-                        ).to(like.device, torch.float64)
-        a = torch.stack([torch.cat([anc[n].reshape(-1) for n in names]) for _, anc in terms]
-                        ).to(like.device, torch.float64)
-        w = f.sum(0)
-        c = torch.where(w > 0, (f * a).sum(0) / torch.where(w > 0, w, 1.0), a[-1])
-        const = float((f * (a - c).pow(2)).sum())
-        self._collapsed = (names, w.to(like.dtype), c.to(like.dtype), const)
+        """bn_ewc_lambda * sum_k sum_i F_k,i (theta_i - theta*_k,i)^2, evaluated as one collapsed
+        term (``QuadraticPenalty.loss``), so the cost does not grow with the number of tasks."""
+        return self.quadratic_penalty.loss(params)
 
     # -------------------------------------------------------------------------- helpers
 
@@ -586,4 +565,3 @@ class NSCLPlugin(SupervisedPlugin):
         self._steps, self._cur, self._old = [], [], []
         self._grad_projector.detach()
         self._path = None
-        self._collapsed = None

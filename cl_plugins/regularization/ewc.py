@@ -85,7 +85,7 @@ trained. This is not an implementation error; what was
 checked (float64 unless said):
 
 - after one task, ``mode="separate"``, ``"accumulate"`` and online EWC hold the same term: equal
-  values and gradients; the collapsed evaluation (``_collapse`` / ``_CollapsedQuadratic``) equals
+  values and gradients; the collapsed evaluation (``QuadraticPenalty.loss``) equals
   the plain sum of the terms in value and gradient, also in float32 with Fisher entries down to
   1e-25 (relative gradient error ~1e-6, from rounding the centre c to float32); tests in
   tests/test_ewc.py;
@@ -145,7 +145,7 @@ Deviations from the paper / official code, and why:
   not grow with the number of tasks. The terms themselves stay separate in
   ``quadratic_penalty`` (state, bookkeeping). Value and gradient 2 (lambda / 2) W (theta - c)
   are computed together with fused multi-tensor kernels in one autograd node
-  (``_CollapsedQuadratic``); it has no double backward (create_graph=True).
+  (``cl_plugins.core.quadratic.QuadraticFn``); it has no double backward (create_graph=True).
 - ``supports_distributed = False``: the Fisher is not all-reduced across ranks yet.
 """
 
@@ -205,8 +205,6 @@ class EWCPlugin(SupervisedPlugin):
         # (lambda / 2) * sum_k sum_i F_k,i (theta_i - theta*_k,i)^2
         self.quadratic_penalty = QuadraticPenalty(coef=self.ewc_lambda / 2, mode=mode,
                                                   gamma=gamma)
-        self._collapsed = None  # (sqrt(W), center, constant, device): see _collapse
-        self._collapsed_names: list = []
         self._params_cache = None
 
     # ------------------------------------------------------------------------------ hooks
@@ -249,44 +247,15 @@ class EWCPlugin(SupervisedPlugin):
         params = shared_parameters(model)
         fisher = {n: f.to(params[n].dtype) for n, f in fisher.items()}
         self.quadratic_penalty.add(fisher, snapshot(params))
-        self._collapse(next(iter(params.values())).device)  # at the boundary, not in a step
         self._params_cache = None
 
     # --------------------------------------------------------------------------- penalty
 
     def penalty(self, params: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """(lambda / 2) sum_k sum_i F_k,i (theta_i - theta*_k,i)^2 for ``params`` (by name).
-
-        Equal to ``self.quadratic_penalty.loss(params)``, but evaluated as one term whatever
-        the number of tasks (see ``_collapse``), so the per-step cost does not grow with T.
-        """
-        device = next(iter(params.values())).device
-        if self._collapsed is None or self._collapsed[3] != device:
-            self._collapse(device)
-        sqrt_weight, center, const, _ = self._collapsed
-        return _CollapsedQuadratic.apply(self.quadratic_penalty.coef, const, sqrt_weight,
-                                         center, *[params[n] for n in self._collapsed_names])
-
-    def _collapse(self, device) -> None:
-        """Rewrite sum_k F_k (theta - a_k)^2 = W (theta - c)^2 + r, element-wise, with
-        W = sum_k F_k, c = sum_k F_k a_k / W (any a_k where W = 0) and the constant
-        r = sum_k F_k (a_k - c)^2: an exact identity (same value, same gradient), computed in
-        float64 once per change of the terms. Keeps sqrt(W), c and r on ``device``."""
-        names = list(self.quadratic_penalty.terms[0][0])
-        terms = self.quadratic_penalty.terms
-        sqrt_weight, center, const = [], [], 0.0
-        for n in names:
-            dtype = terms[0][0][n].dtype
-            f = torch.stack([imp[n].to(device, torch.float64) for imp, _ in terms])
-            a = torch.stack([anc[n].to(device, torch.float64) for _, anc in terms])
-            w = f.sum(0)
-            c = torch.where(w > 0, (f * a).sum(0) / torch.where(w > 0, w, 1.0), a[-1])
-            if len(terms) > 1:
-                const += float((f * (a - c).pow(2)).sum())
-            sqrt_weight.append(w.sqrt().to(dtype))
-            center.append(c.to(dtype))
-        self._collapsed = (sqrt_weight, center, const, device)
-        self._collapsed_names = names
+        """(lambda / 2) sum_k sum_i F_k,i (theta_i - theta*_k,i)^2 for ``params`` (by name),
+        evaluated as one collapsed term whatever the number of tasks (``QuadraticPenalty.loss``),
+        so the per-step cost does not grow with T."""
+        return self.quadratic_penalty.loss(params)
 
     # ---------------------------------------------------------------------------- Fisher
 
@@ -398,29 +367,3 @@ class EWCPlugin(SupervisedPlugin):
                                  f"{state.get(key)!r}, this plugin {mine!r}")
         self.quadratic_penalty.load_state_dict(state["penalty"])
         self.generator.set_state(state["generator"])
-        self._collapsed = None  # rebuilt on the model's device at the next step
-
-
-class _CollapsedQuadratic(torch.autograd.Function):
-    """coef * (sum_n ||sqrt(W_n) (theta_n - c_n)||^2 + r) as one autograd node.
-
-    The value and the gradient 2 coef W (theta - c) are computed together with fused multi-tensor
-    (``torch._foreach_*``) kernels, without recording a graph through the penalty: a handful of
-    kernel launches per step whatever the number of parameter tensors, which matters on a GPU
-    where small steps are launch-bound. No double backward (create_graph=True) through it.
-    """
-
-    @staticmethod
-    def forward(ctx, coef, const, sqrt_weight, center, *params):
-        scaled = torch._foreach_sub(list(params), center)
-        torch._foreach_mul_(scaled, sqrt_weight)  # sqrt(W) (theta - c)
-        dtype = params[0].dtype
-        value = torch.stack([v.to(dtype) for v in torch._foreach_norm(scaled)]).pow(2).sum()
-        torch._foreach_mul_(scaled, sqrt_weight)  # W (theta - c)
-        ctx.grads, ctx.scale = scaled, 2.0 * coef
-        return coef * (value + const)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        grads = torch._foreach_mul(ctx.grads, grad_output * ctx.scale)
-        return (None, None, None, None, *grads)
