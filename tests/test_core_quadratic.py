@@ -78,3 +78,24 @@ def test_float32_parameters_with_float64_importances_keep_their_dtype():
     grads = torch.autograd.grad(value, list(params.values()))
     assert value.dtype == torch.float32 and all(gr.dtype == torch.float32 for gr in grads)
     assert value.item() == pytest.approx(pen.reference_loss(params).item(), rel=1e-5)
+
+
+def test_subtract_gradient_reuses_the_step_and_notices_a_parameter_update():
+    g = torch.Generator().manual_seed(6)
+    pen = QuadraticPenalty(coef=1.5, mode="separate")
+    for imp, anc in _terms(g, 2):
+        pen.add(imp, anc)
+    params = _params(g)
+    pen.loss(params)  # records W (theta - c) for this step
+    out = {n: torch.zeros_like(p) for n, p in params.items()}
+    pen.subtract_gradient(params, out)
+    ref = pen.gradient({n: p.detach() for n, p in params.items()})
+    for n in params:
+        torch.testing.assert_close(out[n], -ref[n], rtol=1e-10, atol=1e-12)
+    with torch.no_grad():  # an optimizer step after loss(): the recorded values are stale
+        params["a"].add_(1.0)
+    out = {n: torch.zeros_like(p) for n, p in params.items()}
+    pen.subtract_gradient(params, out)
+    ref = pen.gradient({n: p.detach() for n, p in params.items()})
+    for n in params:
+        torch.testing.assert_close(out[n], -ref[n], rtol=1e-10, atol=1e-12)

@@ -129,7 +129,7 @@ def _two_task_si(gradient, extra=()):
 
 
 def test_si_task_and_full_gradients_differ_by_the_penalty_gradient():
-    class OtherPenalty(QuadraticPenalty):  # another method's subclass: its own gradient() is used
+    class OtherPenalty(QuadraticPenalty):  # another method's penalty, found by penalties_of
         pass
 
     other = SimpleNamespace(quadratic_penalty=OtherPenalty(coef=0.7))
@@ -145,8 +145,7 @@ def test_si_task_and_full_gradients_differ_by_the_penalty_gradient():
     drv.loss.backward()
     drv.call("after_backward")
     params = {"theta": model.theta}
-    buffers = ({"theta": torch.zeros_like(model.theta)}, {"theta": torch.zeros_like(model.theta)})
-    full = _loss_gradients(drv, params, "full", *buffers)["theta"]
+    full = _loss_gradients(drv, params, "full", {"theta": torch.zeros_like(model.theta)})["theta"]
     (want_task,) = torch.autograd.grad(task_loss(model), model.theta)
     assert torch.allclose(si._steps.grads["theta"], want_task, atol=1e-12)
     pen = si.quadratic_penalty.loss(params) + other.quadratic_penalty.loss(params)

@@ -33,14 +33,13 @@ def accumulator_dtype(p: torch.Tensor) -> torch.dtype:
 
 @torch.no_grad()
 def loss_gradients(strategy, params: Dict[str, torch.nn.Parameter], which: str,
-                   out: Tensors, scratch: Tensors) -> Tensors:
+                   out: Tensors) -> Tensors:
     """Write ``param.grad`` (``full``) minus every quadratic penalty's closed-form gradient
-    (``task``) into the buffers ``out`` (zeros where a parameter has no gradient); ``scratch`` is
-    overwritten.
+    (``task``) into the buffers ``out`` (zeros where a parameter has no gradient).
 
-    For a plain ``QuadraticPenalty`` its gradient ``2 coef sum_k omega_k (theta - anchor_k)`` is
-    subtracted in place (two passes per term, no allocation: this runs at every step); any other
-    penalty class goes through its own ``gradient()``."""
+    Each penalty subtracts its gradient ``2 coef sum_k omega_k (theta - anchor_k)`` itself
+    (``QuadraticPenalty.subtract_gradient``: one pass per tensor when it reuses the values of
+    this step's ``loss``)."""
     for n, p in params.items():
         if p.grad is None:
             out[n].zero_()
@@ -48,19 +47,7 @@ def loss_gradients(strategy, params: Dict[str, torch.nn.Parameter], which: str,
             out[n].copy_(p.grad)
     if which == "task":
         for pen in penalties_of(strategy):
-            if not len(pen):
-                continue
-            if type(pen) is QuadraticPenalty:
-                for importance, anchor in pen.terms:
-                    for n, p in params.items():
-                        if n in importance:
-                            torch.sub(p, anchor[n], out=scratch[n])
-                            out[n].addcmul_(importance[n], scratch[n], value=-2.0 * pen.coef)
-            else:
-                covered = pen.terms[0][0]
-                sub = {n: params[n] for n in params if n in covered}
-                for n, g in pen.gradient(sub).items():
-                    out[n].sub_(g)
+            pen.subtract_gradient(params, out)
     return out
 
 
@@ -73,8 +60,7 @@ class StepTracker:
         self._before = {n: torch.zeros_like(p) for n, p in params.items()}
 
     def record_gradients(self, strategy, which: str) -> None:
-        # _before is free until before_step: it serves as scratch space here.
-        loss_gradients(strategy, self.params, which, self.grads, self._before)
+        loss_gradients(strategy, self.params, which, self.grads)
 
     @torch.no_grad()
     def before_step(self) -> None:

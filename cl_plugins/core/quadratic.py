@@ -45,6 +45,7 @@ class QuadraticPenalty:
         self.gamma = check_range("gamma", gamma, 0.0, 1.0)
         self.terms: List[Tuple[Tensors, Tensors]] = []  # (importance, anchor)
         self._collapsed = None  # (device, names, weight, center, const) for the current terms
+        self._last_step = None  # (params, their _version, W (theta - c)) of the latest loss()
 
     def __len__(self) -> int:
         return len(self.terms)
@@ -52,7 +53,7 @@ class QuadraticPenalty:
     def add(self, importance: Tensors, anchor: Tensors) -> None:
         importance = {n: t.detach().clone() for n, t in importance.items()}
         anchor = {n: t.detach().clone() for n, t in anchor.items()}
-        self._collapsed = None
+        self._collapsed = self._last_step = None
         if self.mode == "separate" or not self.terms:
             self.terms.append((importance, anchor))
             return
@@ -71,7 +72,31 @@ class QuadraticPenalty:
         if cached[2] is None:  # not collapsible: several terms with mixed signs
             return self.reference_loss(params)
         _, names, weight, center, const = cached
-        return QuadraticFn.apply(self.coef, const, weight, center, *[params[n] for n in names])
+        tensors = [params[n] for n in names]
+        sink: list = []
+        value = QuadraticFn.apply(self.coef, const, weight, center, sink, *tensors)
+        self._last_step = (dict(zip(names, tensors)), [t._version for t in tensors],
+                           dict(zip(names, sink[0])))
+        return value
+
+    @torch.no_grad()
+    def subtract_gradient(self, params: Dict[str, torch.Tensor], out: Tensors) -> None:
+        """``out[n] -= d loss / d params[n]`` for every name covered by the penalty.
+
+        Right after ``loss`` at the same parameter values (SI's ``after_backward``), the
+        ``W (theta - c)`` computed there is reused: one pass per tensor. The parameters' version
+        counters tell whether they changed in between (an optimizer step)."""
+        if not self.terms:
+            return
+        names = [n for n in params if n in self.terms[0][0]]
+        last = self._last_step
+        if last is not None and all(last[0].get(n) is params[n] for n in names) \
+                and [last[0][n]._version for n in last[0]] == last[1]:
+            for n in names:
+                out[n].add_(last[2][n], alpha=-2.0 * self.coef)
+            return
+        for n, g in self.gradient({n: params[n] for n in names}).items():
+            out[n].sub_(g)
 
     def _collapse(self, params: Dict[str, torch.Tensor], device):
         names = tuple(params)
@@ -123,12 +148,12 @@ class QuadraticPenalty:
         self.terms = [({n: t.to(device) for n, t in imp.items()},
                        {n: t.to(device) for n, t in anc.items()})
                       for imp, anc in state["terms"]]
-        self._collapsed = None
+        self._collapsed = self._last_step = None
 
     def to(self, device) -> "QuadraticPenalty":
         self.terms = [({n: t.to(device) for n, t in imp.items()},
                        {n: t.to(device) for n, t in anc.items()}) for imp, anc in self.terms]
-        self._collapsed = None
+        self._collapsed = self._last_step = None
         return self
 
 
@@ -141,18 +166,19 @@ class QuadraticFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, coef, const, weight, center, *params):
+    def forward(ctx, coef, const, weight, center, sink, *params):
         diff = torch._foreach_sub(list(params), center)
         weighted = torch._foreach_mul(diff, weight)  # W (theta - c)
         value = torch.stack([torch.dot(w.reshape(-1), d.reshape(-1))
                              for w, d in zip(weighted, diff)]).sum()
         ctx.grads, ctx.scale = weighted, 2.0 * coef
+        sink.append(weighted)  # read, never modified, by QuadraticPenalty.subtract_gradient
         return coef * (value + const)
 
     @staticmethod
     def backward(ctx, grad_output):
         grads = torch._foreach_mul(ctx.grads, grad_output * ctx.scale)
-        return (None, None, None, None, *grads)
+        return (None, None, None, None, None, *grads)
 
 
 def penalties_of(strategy) -> List[QuadraticPenalty]:
