@@ -364,6 +364,11 @@ def build_table(rows) -> str:
 
     lines += ["", "Protocols: " + "; ".join(f"**{k}** {v['title']} ({configs(v)})"
                                              for k, v in PROTOCOLS.items()), ""]
+    # Why rows are outside the published spread: written by hand in results/deviations.md
+    # (each reason with the measurement behind it), copied here verbatim.
+    deviations = RESULTS_DIR / "deviations.md"
+    if deviations.exists():
+        lines += [deviations.read_text().strip(), ""]
     # Speed tables: measured with experiments/speed.py; each file under results/speed/ holds
     # one table with the command that produced it and the date (copied here verbatim).
     speed = sorted((RESULTS_DIR / "speed").glob("*.md"))

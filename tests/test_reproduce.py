@@ -41,6 +41,10 @@ def test_table_rows_and_spread_check(tmp_path, monkeypatch):
     table = rp.build_table(rows)
     assert "| S1 | naive-sgd | split_mnist | task-IL | 98.00 ± 0.14 | -1.00 ± 0.00 | 0,1 |" in table
     assert "`python experiments/reproduce.py S1 --variant task`" in table
+    assert "outside the published spread" not in table  # no deviations file yet
+    (tmp_path / "deviations.md").write_text("## Rows outside the published spread\n- naive-adam: x\n")
+    table = rp.build_table(rows)
+    assert table.index("- naive-adam: x") > table.index("| S1 | naive-sgd |")
 
 
 def test_readme_block_is_rewritten(tmp_path, monkeypatch):
