@@ -19,6 +19,7 @@ from cl_plugins.core.params import shared_parameters
 from cl_plugins.models import build_model
 from cl_plugins.models.classifier import ClassifierNet
 from cl_plugins.models.mlp import MLP
+from cl_plugins.projection import ogd as ogd_module
 from cl_plugins.projection.ogd import OGDPlugin
 
 
@@ -110,6 +111,34 @@ def test_basis_orthonormal_and_projection_equals_brute_force(variant):
     plugin.before_update(st)
     got = torch.cat([p.grad.reshape(-1) for p in params])
     torch.testing.assert_close(got, brute, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("block_rows", [1, 3, 1000])
+def test_blocked_step_equals_the_projection(monkeypatch, block_rows):
+    """The step reads S^T in blocks of rows (sized for a CPU cache); any block size gives the
+    projection of the whole gradient, also when a parameter has no gradient (taken as 0)."""
+    model = _mlp()
+    plugin = OGDPlugin(memory_per_task=10, grad_batch_size=4)
+    for seed in (1, 2):
+        plugin.after_training_exp(_strategy(model, _data(10, seed=seed)[2]))
+        _perturb(model)
+    assert plugin.n_directions == 20
+    params = list(model.parameters())
+    n = sum(p.numel() for p in params)
+    monkeypatch.setattr(ogd_module, "STEP_BLOCK_BYTES", block_rows * n * 8)
+    g = torch.randn(n, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    offs = torch.tensor([0] + [p.numel() for p in params]).cumsum(0)
+    for p, a, b in zip(params, offs[:-1], offs[1:]):
+        p.grad = g[a:b].view_as(p).clone()
+    params[1].grad = None
+    g[offs[1]:offs[2]] = 0
+    st = _strategy(model)
+    plugin.before_training_exp(st)
+    plugin.before_update(st)
+    got = torch.cat([p.grad.reshape(-1) for p in params])
+    torch.testing.assert_close(got, plugin.project(g), rtol=0, atol=1e-12)
+    assert (plugin.basis.T @ got).abs().max() < 1e-12 * g.norm()
+    assert got.norm() > 0.5 * g.norm()
 
 
 def test_dependent_vectors_are_dropped_and_count_is_the_rank():

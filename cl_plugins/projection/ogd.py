@@ -45,9 +45,13 @@ Hooks:
   shapes, one dtype), puts S on ``strategy.device`` in the parameters' dtype, caches the
   parameters and their row ranges in S, warns once if the optimizer is not plain SGD.
 - ``before_update`` (after backward, before ``optimizer.step()``): the projection above, in place
-  on the ``.grad`` of the shared parameters, as two matrix-vector products per step done by row
-  blocks of S (one per parameter tensor; no flattening copy). A shared parameter whose ``.grad``
-  is None is treated as having a zero gradient; its projected gradient is written to ``.grad``.
+  on the ``.grad`` of the shared parameters: the gradients are copied into one flat buffer
+  (n_params values, reused), projected, and copied back. S is stored transposed (``directions``,
+  one direction per contiguous row); on a CPU the two matrix-vector products run block by block
+  of ~2 MiB of rows, so each block is still in cache for the second product and S crosses the
+  memory bus once per step instead of twice (on a GPU: one block). A shared parameter whose
+  ``.grad`` is None is treated as having a zero gradient; its projected gradient is written to
+  ``.grad``.
 - ``after_training_exp``: draws ``memory_per_task`` samples of the experience's training data
   (eval transforms) with this plugin's generator, computes the variant's output gradients per
   sample with ``core.per_sample.per_sample_gradients`` (``torch.func``, model in eval mode; no
@@ -117,14 +121,15 @@ Deviations from the paper, and why:
   generator (the paper does not say how the 200 are chosen).
 - ``supports_distributed = False``: S is not all-reduced across ranks.
 
-Cost: per step, two passes over S (n_params * m multiply-adds each), memory-bound on a CPU, so
-the ratio to naive's step grows linearly with m and is far above the 1.3x target of the cheaper
-families: it is the method's own cost (the paper lists the memory as its main limitation).
-Measured on a shared 2-core CPU (heavily loaded, so absolute times are inflated), after 3 tasks of
-200 gtl directions (m = 600), batch 10, plain SGD: P1 MLP 784-100-100-10 without biases (89,400
-parameters, S 205 MiB) 25x naive's step; a small conv net (conv 16, conv 32, fc 100, 162,700
-parameters, S 372 MiB) 2.6x. On a GPU the two matrix-vector products are a fraction of a
-millisecond at these sizes.
+Cost: per step, two products with S (n_params * m multiply-adds each) reading S once (blocked,
+above), memory-bound on a CPU, so the ratio to naive's step grows linearly with m and is far
+above the 1.3x target of the cheaper families: it is the method's own cost (the paper lists the
+memory as its main limitation). On the P1 MLP 784-100-100-10 without biases (89,400 parameters),
+batch 10, plain SGD, one thread of this 2-core CPU with another job running, the projection adds
+4.9 ms per step at m = 200 (S 68 MiB), 22 ms at m = 1,000 and 38 ms at m = 1,800 (S 614 MiB;
+~17 GB/s, one core's memory bandwidth); without the blocking 6.0 / 27 / 47 ms. A P1 run (9 tasks
+of 27,000 steps with S growing by 200 per task) therefore spends ~1.5 h in the projection on
+this CPU. On a GPU the two matrix-vector products are a fraction of a millisecond at these sizes.
 """
 
 from __future__ import annotations
@@ -144,6 +149,9 @@ from cl_plugins.core.per_sample import per_sample_gradients
 VARIANTS = ("gtl", "ave", "all")
 GS_BLOCK = 16  # vectors orthonormalised vector by vector together (see "Numerics")
 UPCAST_ROWS = 4096  # rows of S upcast to float64 at a time (into one reused buffer)
+# Directions read per block in the CPU step: a block this size stays in a core's cache between
+# its two matrix-vector products, so S is read from memory once per step instead of twice.
+STEP_BLOCK_BYTES = 2 * 2**20
 
 
 def _gtl(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -260,23 +268,31 @@ class OGDPlugin(SupervisedPlugin):
         self.grad_batch_size = check_int("grad_batch_size", grad_batch_size, 1)
         self.seed = check_int("seed", seed, 0)
         self.generator = torch.Generator().manual_seed(seed)
-        self.basis: Optional[torch.Tensor] = None  # S, [n_params, m], orthonormal columns
+        # S^T, [m, n_params]: one orthonormal direction per contiguous row (``basis`` = S)
+        self.directions: Optional[torch.Tensor] = None
         self.layout: List[Tuple[str, Tuple[int, ...]]] = []  # (name, shape) per row block of S
         self.directions_per_exp: List[int] = []
         self.memory_indices: List[List[int]] = []  # stored samples (dataset indices) per exp
-        self._cache = None  # (model, [(param, row0, row1)])
+        self._cache = None  # (model, [(param, row0, row1)], flat gradient buffer)
         self._warned = False
+
+    @property
+    def basis(self) -> Optional[torch.Tensor]:
+        """S, [n_params, m], orthonormal columns (a view of ``directions``); None before the
+        first experience ends."""
+        return None if self.directions is None else self.directions.T
 
     # ------------------------------------------------------------------------- properties
 
     @property
     def n_directions(self) -> int:
-        return 0 if self.basis is None else int(self.basis.shape[1])
+        return 0 if self.directions is None else int(self.directions.shape[0])
 
     @property
     def memory_bytes(self) -> int:
         """Bytes held by S (n_params * m * element size)."""
-        return 0 if self.basis is None else self.basis.numel() * self.basis.element_size()
+        d = self.directions
+        return 0 if d is None else d.numel() * d.element_size()
 
     # ------------------------------------------------------------------------------ hooks
 
@@ -286,20 +302,22 @@ class OGDPlugin(SupervisedPlugin):
         for p in params.values():
             slices.append((p, rows, rows + p.numel()))
             rows += p.numel()
-        self._cache = (strategy.model, slices)
-        if self.basis is not None:
-            first = next(iter(params.values()))
-            self.basis = self.basis.to(device=first.device, dtype=first.dtype).contiguous()
+        first = next(iter(params.values()))
+        flat = torch.empty(rows, device=first.device, dtype=first.dtype)
+        self._cache = (strategy.model, slices, flat)
+        if self.directions is not None:
+            self.directions = self.directions.to(device=first.device,
+                                                 dtype=first.dtype).contiguous()
         self._warn_optimizer(getattr(strategy, "optimizer", None))
 
     def before_update(self, strategy, **kwargs):
-        if self.basis is None or not self.basis.shape[1]:
+        if not self.n_directions:
             return  # first task: plain SGD
         cache = self._cache
         if cache is None or cache[0] is not strategy.model:
             self.before_training_exp(strategy)
             cache = self._cache
-        self.project_grads_(cache[1])
+        self.project_grads_(cache[1], cache[2])
 
     def after_training_exp(self, strategy, **kwargs):
         model = strategy.model
@@ -307,8 +325,8 @@ class OGDPlugin(SupervisedPlugin):
         task = int(strategy.experience.task_labels[0]) if hasattr(strategy.experience,
                                                                   "task_labels") else 0
         first = next(iter(params.values()))
-        if self.basis is not None:  # restored states live on the CPU
-            self.basis = self.basis.to(device=first.device, dtype=first.dtype)
+        if self.directions is not None:  # restored states live on the CPU
+            self.directions = self.directions.to(device=first.device, dtype=first.dtype)
         new = self.new_directions(model, strategy.experience.dataset, params, task)
         m_new = self.n_directions + new.shape[0]
         if self.max_directions is not None and m_new > self.max_directions:
@@ -321,42 +339,52 @@ class OGDPlugin(SupervisedPlugin):
                 "dropping stored directions, so none is dropped silently.")
         if not self.layout:
             self.layout = [(name, tuple(p.shape)) for name, p in params.items()]
-        block = new.T.to(device=first.device, dtype=first.dtype)
-        self.basis = block.contiguous() if self.basis is None else torch.cat(
-            [self.basis, block], dim=1).contiguous()
+        block = new.to(device=first.device, dtype=first.dtype)
+        self.directions = block.contiguous() if self.directions is None else torch.cat(
+            [self.directions, block], dim=0)
         self.directions_per_exp.append(int(new.shape[0]))
         self._cache = None
 
     # ------------------------------------------------------------------------- projection
 
     @torch.no_grad()
-    def project_grads_(self, slices) -> None:
-        """g <- g - S (S^T g) in place on the ``.grad`` of the cached shared parameters."""
-        s = self.basis
-        coef = None
-        for p, r0, r1 in slices:
-            if p.grad is None:
-                continue
-            g = p.grad.reshape(-1)
-            coef = s[r0:r1].T @ g if coef is None else coef.addmv_(s[r0:r1].T, g)
-        if coef is None:
+    def project_grads_(self, slices, flat: Optional[torch.Tensor] = None) -> None:
+        """g <- g - S (S^T g) on the ``.grad`` of the cached shared parameters.
+
+        The gradients are gathered into one flat vector (``flat``, reused across steps) and
+        projected off S block of rows of S^T by block, each block's two products back to back
+        while it is in cache (on a CPU). Each block sees the gradient already projected off the
+        blocks before it; with orthonormal directions that is the same projection (the blocks
+        are mutually orthogonal), like modified Gram-Schmidt against classical."""
+        if all(p.grad is None for p, _, _ in slices):
             return  # no gradient at all: nothing to project
+        d = self.directions
+        n = slices[-1][2]
+        if flat is None or flat.numel() != n:
+            flat = torch.empty(n, device=d.device, dtype=d.dtype)
         for p, r0, r1 in slices:
             if p.grad is None:
-                p.grad = (s[r0:r1] @ coef).neg_().view_as(p)
-            elif p.grad.is_contiguous():
-                p.grad.view(-1).addmv_(s[r0:r1], coef, alpha=-1)
+                flat[r0:r1].zero_()
             else:
-                p.grad.copy_((p.grad.reshape(-1) - s[r0:r1] @ coef).view_as(p))
+                flat[r0:r1].view_as(p).copy_(p.grad)
+        rows = d.shape[0] if d.is_cuda else max(1, STEP_BLOCK_BYTES // (n * d.element_size()))
+        for j0 in range(0, d.shape[0], rows):
+            block = d[j0:j0 + rows]
+            flat.addmv_(block.T, block @ flat, alpha=-1)
+        for p, r0, r1 in slices:
+            if p.grad is None:
+                p.grad = flat[r0:r1].view_as(p).clone()
+            else:
+                p.grad.copy_(flat[r0:r1].view_as(p))
 
     @torch.no_grad()
     def project(self, g: torch.Tensor) -> torch.Tensor:
         """The projection of a flat vector g [n_params] (the shared parameters in ``layout``
         order, concatenated): g - S (S^T g); g itself when S is empty."""
-        if self.basis is None or not self.basis.shape[1]:
+        if not self.n_directions:
             return g.clone()
-        s = self.basis.to(g.device, g.dtype)
-        return g - s @ (s.T @ g)
+        d = self.directions.to(g.device, g.dtype)
+        return g - d.T @ (d @ g)
 
     # -------------------------------------------------------------------- memory vectors
 
@@ -477,7 +505,8 @@ class OGDPlugin(SupervisedPlugin):
                 "memory_per_task": self.memory_per_task, "max_directions": self.max_directions,
                 "drop_tol": self.drop_tol, "seed": self.seed,
                 "generator": self.generator.get_state(),
-                "basis": None if self.basis is None else self.basis.detach().cpu().clone(),
+                "basis": None if self.directions is None else
+                self.directions.detach().T.cpu().contiguous(),  # S, [n_params, m]
                 "layout": [(n, list(s)) for n, s in self.layout],
                 "directions_per_exp": list(self.directions_per_exp),
                 "memory_indices": [list(i) for i in self.memory_indices]}
@@ -489,7 +518,7 @@ class OGDPlugin(SupervisedPlugin):
                 raise ValueError(f"saved OGDPlugin state has {key}={state.get(key)!r}, this "
                                  f"plugin {mine!r}")
         self.generator.set_state(state["generator"])
-        self.basis = None if state["basis"] is None else state["basis"].clone()
+        self.directions = None if state["basis"] is None else state["basis"].T.contiguous()
         self.layout = [(n, tuple(s)) for n, s in state["layout"]]
         self.directions_per_exp = list(state["directions_per_exp"])
         self.memory_indices = [list(i) for i in state["memory_indices"]]
