@@ -7,7 +7,11 @@
 Overrides use the ``--section.key=value`` form that a wandb sweep agent passes (values are read
 as YAML: numbers, booleans, [lists]). Shortcuts: ``--data-root=PATH`` (benchmark.data_root),
 ``--out=DIR`` (output_dir), ``--wandb`` (loggers.wandb=true), ``--no-progress``,
-``--only=LABEL[,LABEL]`` (run only the config's method entries with these labels or names).
+``--only=LABEL[,LABEL]`` (run only the config's method entries with these labels or names),
+``--no-checkpoint`` (no per-experience checkpoint, so no resume).
+
+A run that stops part-way (crash, pre-emption, Ctrl-C) resumes from its last finished experience
+when the same command is run again (``loggers.checkpoint``, on by default).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ USAGE = __doc__
 SHORTCUTS = {"data-root": "benchmark.data_root", "data_root": "benchmark.data_root",
              "out": "output_dir", "methods": "methods", "seeds": "seeds"}
 FLAGS = {"wandb": ("loggers.wandb", True), "no-progress": ("loggers.progress", False),
-         "no-plots": ("loggers.plots", False)}
+         "no-plots": ("loggers.plots", False), "no-checkpoint": ("loggers.checkpoint", False)}
 
 
 def parse_args(argv: List[str]):

@@ -38,7 +38,8 @@ DEFAULT_CONFIG: Dict[str, Any] = {
     "method_params": {},
     "seeds": [0],
     "loggers": {"progress": True, "wandb": False, "wandb_project": "cl_plugins",
-                "wandb_entity": None, "wandb_group": None, "json": True, "plots": True},
+                "wandb_entity": None, "wandb_group": None, "json": True, "plots": True,
+                "checkpoint": True},
     "output_dir": "runs",
 }
 

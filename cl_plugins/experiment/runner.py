@@ -14,6 +14,7 @@ import os
 import random
 import re
 import resource
+import sys
 import time
 import traceback
 import warnings
@@ -31,6 +32,7 @@ from cl_plugins.core.iterations import IterationBudgetPlugin
 from cl_plugins.models import build_model
 from cl_plugins.registry import get_method, list_methods
 
+from . import checkpoint as ckpt_io
 from . import results as res
 from .config import section_for, validate
 from .evaluation import ACC_KEY, TASK_VIEW_KEY, TaskILAccuracy, matrix_row, summarize
@@ -189,6 +191,20 @@ def run_single(cfg: Dict[str, Any], entry: Dict[str, Any], seed: int, out_dir: P
     if progress:
         extra.append(ProgressBarPlugin(f"{label} s{seed}"))
 
+    path = out_dir / cfg["name"] / label / f"seed{seed}.json"
+    ckpt_path = ckpt_io.checkpoint_path(path)
+    run_id = ckpt_io.fingerprint(cfg, entry, seed)
+    not_resumable = ckpt_io.why_not_resumable(template_cls, template_kwargs, plugins,
+                                              trains_on_stream)
+    checkpointing = cfg["loggers"]["checkpoint"] and not_resumable is None
+    saved = None
+    if checkpointing and ckpt_path.exists():
+        saved = ckpt_io.load(ckpt_path)
+        if saved["fingerprint"] != run_id:
+            warnings.warn(f"{ckpt_path} was written by a different config, method entry or seed "
+                          f"(fingerprint {saved['fingerprint']}, this run {run_id}); starting "
+                          "afresh and replacing it")
+            saved = None
     metrics = [accuracy_metrics(experience=True), bwt_metrics(stream=True),
                forgetting_metrics(stream=True)]
     if info.scenario == "class":
@@ -200,6 +216,8 @@ def run_single(cfg: Dict[str, Any], entry: Dict[str, Any], seed: int, out_dir: P
 
         lg = cfg["loggers"]
         params = {"reinit": "finish_previous"}
+        if saved is not None and saved["result"].get("wandb_run_id"):
+            params.update(id=saved["result"]["wandb_run_id"], resume="allow")
         if lg.get("wandb_entity"):
             params["entity"] = lg["wandb_entity"]
         if lg.get("wandb_group"):
@@ -217,24 +235,40 @@ def run_single(cfg: Dict[str, Any], entry: Dict[str, Any], seed: int, out_dir: P
                             plugins=plugins + extra, evaluator=evaluator, eval_every=-1,
                             **template_kwargs)
 
-    path = out_dir / cfg["name"] / label / f"seed{seed}.json"
     result: Dict[str, Any] = {
         "status": "running", "method": label, "seed": seed, "config": cfg,
         "method_entry": entry, "benchmark": info.describe(), "versions": res.package_versions(),
         "device": str(device), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "view": info.scenario, "matrix": [], "matrix_task_view": [] if info.scenario == "class"
         else None, "train_time_s_per_exp": [], "steps_per_exp": [], "peak_rss_mb": [],
-        "peak_cuda_mb": [], "avalanche": {},
+        "peak_cuda_mb": [], "avalanche": {}, "run_fingerprint": run_id,
+        "checkpoint": str(ckpt_path) if checkpointing else
+        f"off: {not_resumable or 'loggers.checkpoint is false'}", "resumed": [],
     }
+    if saved is not None:  # carry on: the results measured before the stop come from the file
+        result = {**saved["result"], "status": "running", "config": cfg, "device": str(device)}
+        result["resumed"] = result.get("resumed", []) + [
+            {"after_experiences": saved["experiences_done"],
+             "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]
     write = (lambda: res.write_json_atomic(path, result)) if cfg["loggers"]["json"] else \
         (lambda: None)
     train_stream, test_stream = info.benchmark.train_stream, info.benchmark.test_stream
     T = info.n_experiences
     reset_opt = bool(st_cfg["reset_optimizer"])
+    if wandb_logger is not None:
+        result["wandb_run_id"] = wandb_logger.init_kwargs.get("id")
     try:
         write()
         todo = [train_stream] if trains_on_stream else list(train_stream)
-        for item in todo:
+        done = 0
+        if saved is not None:
+            done = saved["experiences_done"]
+            counter.steps = sum(result["steps_per_exp"])
+            ckpt_io.restore(saved, strategy=strategy, model=model, optimizer=optimizer,
+                            plugins=plugins, train_experiences=todo,
+                            eval_experiences=list(test_stream))
+            saved = None  # free the memory it holds
+        for i, item in enumerate(todo[done:], start=done):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             steps0 = counter.steps
@@ -251,6 +285,25 @@ def run_single(cfg: Dict[str, Any], entry: Dict[str, Any], seed: int, out_dir: P
                 result["matrix_task_view"].append(matrix_row(metrics_now, T, TASK_VIEW_KEY))
             result["avalanche"] = {k: float(v) for k, v in metrics_now.items()
                                    if k.startswith(("StreamBWT", "StreamForgetting"))}
+            if checkpointing and i + 1 < len(todo):
+                t0 = time.perf_counter()
+                try:
+                    if strategy.model is not model:
+                        raise RuntimeError("a plugin replaced strategy.model (e.g. the ensemble's "
+                                           "wrapper), which a rebuilt run would not reproduce")
+                    ckpt_io.save(ckpt_path, ckpt_io.capture(
+                        strategy=strategy, model=model, optimizer=optimizer, plugins=plugins,
+                        result=result, fingerprint_=run_id, experiences_done=i + 1))
+                except Exception as err:  # a checkpoint must never cost the run itself
+                    checkpointing = False
+                    result["checkpoint"] = (f"off after experience {i + 1}: "
+                                            f"{type(err).__name__}: {err}")
+                    warnings.warn(f"{label} seed {seed}: no checkpoint ({result['checkpoint']});"
+                                  " the run goes on without one")
+                    ckpt_path.unlink(missing_ok=True)
+                else:
+                    result.setdefault("checkpoint_s_per_exp", []).append(
+                        time.perf_counter() - t0)
             write()
         result["summary"] = summarize(result["matrix"])
         result["summary_task_view"] = (summarize(result["matrix_task_view"])
@@ -260,6 +313,8 @@ def run_single(cfg: Dict[str, Any], entry: Dict[str, Any], seed: int, out_dir: P
         result["step_time_ms"] = 1000 * result["train_time_s"] / steps if steps else None
         result["status"] = "finished"
         write()
+        if ckpt_path.exists() and checkpointing:
+            ckpt_path.unlink()  # the finished JSON holds everything the run measured
         if cfg["loggers"]["plots"]:
             title = f"{cfg['name']} {label} seed {seed} ({info.scenario}-IL)"
             result["plots"] = {
@@ -282,6 +337,10 @@ def run_single(cfg: Dict[str, Any], entry: Dict[str, Any], seed: int, out_dir: P
         result["status"] = "failed"
         result["error"] = f"{type(err).__name__}: {err}"
         result["traceback"] = traceback.format_exc()
+        if checkpointing and ckpt_path.exists():
+            result["resume"] = (f"checkpoint after {len(result['steps_per_exp'])} experiences "
+                                f"at {ckpt_path}: run the same command again to resume")
+            print(f"[cl-run] {label} seed {seed}: {result['resume']}", file=sys.stderr)
         write()
         raise
     finally:

@@ -1,0 +1,215 @@
+"""The runner's per-experience checkpoint: an interrupted run resumes into the very same run."""
+
+import copy
+import json
+
+import pytest
+import torch
+from avalanche.training import Naive
+
+from cl_plugins.experiment import checkpoint as ckpt_io
+from cl_plugins.experiment.config import validate
+from cl_plugins.experiment.runner import run_single
+
+
+class SimulatedPreemption(RuntimeError):
+    pass
+
+
+def _interrupt_at(monkeypatch, n_calls):
+    """Make Naive.train raise on its ``n_calls``-th call. Returns a dict counting the calls;
+    setting its "stop_at" to None disarms it."""
+    state = {"calls": 0, "stop_at": n_calls}
+    owner = next(c for c in Naive.__mro__ if "train" in vars(c))  # Cumulative calls it too
+    original = owner.train
+
+    def train(self, *args, **kwargs):
+        state["calls"] += 1
+        if state["calls"] == state["stop_at"]:
+            raise SimulatedPreemption("stopped by the test")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(owner, "train", train)
+    return state
+
+
+def _cfg(digits_cfg, scenario, optimizer):
+    cfg = copy.deepcopy(digits_cfg)
+    cfg["benchmark"]["scenario"] = scenario
+    cfg["optimizer"].update(optimizer)
+    return validate(cfg)
+
+
+def _paths(cfg, entry, seed=0):
+    from pathlib import Path
+
+    from cl_plugins.experiment.runner import method_label
+
+    path = Path(cfg["output_dir"]) / cfg["name"] / method_label(entry) / f"seed{seed}.json"
+    return path, ckpt_io.checkpoint_path(path)
+
+
+def _entry(name, params=None, label=None):
+    e = {"name": name, "params": params or {}, "plus": []}
+    if label:
+        e["label"] = label
+    return e
+
+
+def _all_cases():
+    """Every method of ours with a state_dict, in its first scenario (domain before task before
+    class), with the main job's hyper-parameters for split_digits."""
+    from cl_plugins.experiment.config import MAIN_JOB_METHOD_PARAMS
+    from cl_plugins.registry import list_methods
+
+    cases = []
+    for spec in list_methods():
+        if spec.kind != "plugin" or spec.reference or spec.name == "ensemble":
+            continue  # Avalanche's own plugins have no state_dict; the ensemble: test below
+        scenario = next(s for s in ("domain", "task", "class") if s in spec.scenarios)
+        cases.append((scenario, _entry(spec.name, MAIN_JOB_METHOD_PARAMS.get(spec.name))))
+    return cases
+
+
+# Optimizer state carried across experiences (Adam, no reset) and a per-experience LR schedule,
+# so the optimizer, the plugins' state (importances, buffers, bases, their RNGs), the global RNG
+# and the metric objects must all come back for the accuracies to match bit for bit.
+CASES = _all_cases()
+
+
+@pytest.mark.parametrize("scenario,entry", CASES, ids=[e["name"] for _, e in CASES])
+def test_interrupted_run_resumes_into_the_uninterrupted_run(digits_cfg, monkeypatch, scenario,
+                                                            entry):
+    opt = {"name": "adam", "lr": 3e-3,
+           "scheduler": {"name": "multistep", "milestones": [1], "gamma": 0.5}}
+    if entry["name"] == "gdumb":  # it schedules the learning rate itself (and says so)
+        opt["scheduler"] = None
+    cfg_ref = _cfg(digits_cfg, scenario, opt)
+    cfg_ref["output_dir"] += "_ref"
+    ref = run_single(cfg_ref, entry, 0, __import__("pathlib").Path(cfg_ref["output_dir"]),
+                     progress=False)
+    assert ref["status"] == "finished" and ref["resumed"] == []
+    assert not _paths(cfg_ref, entry)[1].exists()  # removed once the run finished
+
+    cfg = _cfg(digits_cfg, scenario, opt)
+    out = __import__("pathlib").Path(cfg["output_dir"])
+    json_path, ckpt_path = _paths(cfg, entry)
+    calls = _interrupt_at(monkeypatch, 3)
+    with pytest.raises(SimulatedPreemption):
+        run_single(cfg, entry, 0, out, progress=False)
+    stopped = json.loads(json_path.read_text())
+    assert stopped["status"] == "failed" and len(stopped["matrix"]) == 2
+    assert "run the same command again to resume" in stopped["resume"]
+    assert len(stopped["checkpoint_s_per_exp"]) == 2
+    assert ckpt_io.load(ckpt_path)["experiences_done"] == 2
+
+    calls.update(calls=0, stop_at=None)
+    resumed = run_single(cfg, entry, 0, out, progress=False)
+    assert calls["calls"] == len(ref["matrix"]) - 2  # only the experiences left were trained
+    assert resumed["status"] == "finished"
+    assert [r["after_experiences"] for r in resumed["resumed"]] == [2]
+    assert resumed["matrix"] == ref["matrix"]  # bit-identical accuracies, every row
+    assert resumed["steps_per_exp"] == ref["steps_per_exp"]
+    assert resumed["avalanche"] == ref["avalanche"]  # stream BWT / forgetting kept their history
+    assert resumed["summary"] == ref["summary"]
+    assert not ckpt_path.exists()
+
+
+def test_checkpoint_of_another_config_is_not_resumed(digits_cfg, monkeypatch):
+    entry = _entry("naive")
+    cfg = _cfg(digits_cfg, "domain", {"name": "sgd", "lr": 0.05})
+    out = __import__("pathlib").Path(cfg["output_dir"])
+    _interrupt_at(monkeypatch, 2)
+    with pytest.raises(SimulatedPreemption):
+        run_single(cfg, entry, 0, out, progress=False)
+    monkeypatch.undo()
+    assert _paths(cfg, entry)[1].exists()
+    cfg["optimizer"]["lr"] = 0.1
+    with pytest.warns(UserWarning, match="different config, method entry or seed"):
+        fresh = run_single(cfg, entry, 0, out, progress=False)
+    assert fresh["resumed"] == [] and len(fresh["steps_per_exp"]) == len(fresh["matrix"]) == 5
+    # Output settings are not part of the run: they do not block a resume.
+    a = copy.deepcopy(cfg)
+    a["loggers"]["plots"], a["output_dir"] = True, "elsewhere"
+    assert ckpt_io.fingerprint(a, entry, 0) == ckpt_io.fingerprint(cfg, entry, 0)
+    assert ckpt_io.fingerprint(cfg, entry, 1) != ckpt_io.fingerprint(cfg, entry, 0)
+
+
+def test_runs_that_cannot_save_their_state_say_so_and_write_no_checkpoint(digits_cfg,
+                                                                          monkeypatch):
+    cfg = _cfg(digits_cfg, "domain", {"name": "sgd", "lr": 0.05})
+    out = __import__("pathlib").Path(cfg["output_dir"])
+    for entry, why in [(_entry("avalanche_ewc", {"ewc_lambda": 1.0}), "EWCPlugin has no "
+                        "state_dict"), (_entry("cumulative"), "template Cumulative")]:
+        _interrupt_at(monkeypatch, 2)
+        with pytest.raises(SimulatedPreemption):
+            run_single(cfg, entry, 0, out, progress=False)
+        monkeypatch.undo()
+        json_path, ckpt_path = _paths(cfg, entry)
+        assert why in json.loads(json_path.read_text())["checkpoint"]
+        assert not ckpt_path.exists()
+    cfg["loggers"]["checkpoint"] = False
+    _interrupt_at(monkeypatch, 2)
+    with pytest.raises(SimulatedPreemption):
+        run_single(cfg, _entry("naive"), 0, out, progress=False)
+    assert not _paths(cfg, _entry("naive"))[1].exists()
+
+
+def test_optimizer_state_follows_parameter_names_not_positions():
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    opt = torch.optim.Adam([{"params": [a[1].weight, a[0].weight]},
+                            {"params": [a[0].bias, a[1].bias], "lr": 0.5}], lr=0.1)
+    a(torch.randn(5, 3)).sum().backward()
+    opt.step()
+    saved = ckpt_io.optimizer_state_by_name(opt, a)
+    b = copy.deepcopy(a)
+    opt_b = torch.optim.Adam(b.parameters(), lr=0.1)  # one group, another order
+    ckpt_io.load_optimizer_state_by_name(opt_b, b, saved)
+    assert [g["lr"] for g in opt_b.param_groups] == [0.1, 0.5]
+    assert opt_b.param_groups[0]["params"][0] is b[1].weight
+    for pa, pb in [(a[1].weight, b[1].weight), (a[0].bias, b[0].bias)]:
+        assert torch.equal(opt.state[pa]["exp_avg_sq"], opt_b.state[pb]["exp_avg_sq"])
+    x = torch.randn(5, 3)
+    for m, o in ((a, opt), (b, opt_b)):
+        o.zero_grad()
+        m(x).pow(2).sum().backward()
+        o.step()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    with pytest.raises(RuntimeError, match=r"parameters \['2.weight'\]"):
+        bad = {"groups": [{"names": ["2.weight"], "hyper": {}}], "state": {}}
+        ckpt_io.load_optimizer_state_by_name(opt_b, b, bad)
+
+
+def test_resumed_run_logs_to_the_same_wandb_run(digits_cfg, monkeypatch, tmp_path):
+    import glob
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    cfg = _cfg(digits_cfg, "domain", {"name": "sgd", "lr": 0.05})
+    cfg["strategy"]["epochs"] = 1
+    cfg["loggers"].update(wandb=True, wandb_project="test")
+    out, entry = __import__("pathlib").Path(cfg["output_dir"]), _entry("naive")
+    calls = _interrupt_at(monkeypatch, 3)
+    with pytest.raises(SimulatedPreemption):
+        run_single(cfg, entry, 0, out, progress=False)
+    first_id = json.loads(_paths(cfg, entry)[0].read_text())["wandb_run_id"]
+    calls["stop_at"] = None
+    resumed = run_single(cfg, entry, 0, out, progress=False)
+    assert first_id and resumed["wandb_run_id"] == first_id
+    runs = sorted(glob.glob(str(tmp_path / "**" / "offline-run-*"), recursive=True))
+    assert len(runs) == 2 and all(r.endswith(first_id) for r in runs)
+
+
+def test_a_checkpoint_that_cannot_be_written_never_stops_the_run(digits_cfg):
+    # The ensemble replaces strategy.model by a wrapper a rebuilt run would not have.
+    cfg = validate(copy.deepcopy(digits_cfg))
+    entry = _entry("ensemble")
+    out = __import__("pathlib").Path(cfg["output_dir"])
+    with pytest.warns(UserWarning, match="no checkpoint"):
+        result = run_single(cfg, entry, 0, out, progress=False)
+    assert result["status"] == "finished" and len(result["matrix"]) == 5
+    assert result["checkpoint"].startswith("off after experience 1: RuntimeError: a plugin "
+                                           "replaced strategy.model")
+    assert not _paths(cfg, entry)[1].exists()
