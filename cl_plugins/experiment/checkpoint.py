@@ -11,7 +11,14 @@ continuation is identical to a run that never stopped. The file is deleted when 
 Only runs whose every stateful part can be saved are checkpointed: the ``naive`` template plus
 plugins that implement ``state_dict`` / ``load_state_dict``. Other templates (joint, cumulative,
 Avalanche's DER / iCaRL) and Avalanche's own plugins keep state we cannot save faithfully, so for
-them the JSON says ``"checkpoint": "off: <why>"`` rather than resuming into a different run.
+them the JSON says ``"checkpoint": "off: <why>"`` rather than resuming into a different run. A
+checkpoint that cannot be written (e.g. a plugin replaced ``strategy.model``) switches
+checkpointing off with a warning; it never stops the run.
+
+Why not Avalanche's ``avalanche.checkpointing.save_checkpoint``: it dill-pickles the whole
+strategy, datasets and plugin hook closures included, and with avalanche-lib 0.6.0 and the
+current typing_extensions it fails even for a plain ``Naive`` strategy (``PicklingError: Can't
+pickle sentinel``, checked 2026-11-21). The plugins' own ``state_dict`` is the contract we test.
 """
 
 from __future__ import annotations
