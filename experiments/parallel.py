@@ -4,6 +4,10 @@ method and seed), for machines with many cores and/or a GPU. Results land exactl
 reproduce.py puts them; rebuild the tables afterwards with ``reproduce.py --table``.
 
     python experiments/parallel.py P2 --variants task,domain --seeds 0 --jobs 16 --data-root PATH
+
+Other arguments go to every cl-run. Running the same command again after a stop resumes each
+interrupted run from its last checkpoint; add ``--skip-finished`` to read back the runs that
+already finished with the same settings instead of running them again.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@
     python experiments/reproduce.py S1 --variant task --seeds 0,1,2
     python experiments/reproduce.py S1 --only=naive-sgd      # extra arguments go to cl-run
     python experiments/reproduce.py --table              # only rebuild RESULTS.md from results/
+    python experiments/reproduce.py S1 --skip-finished   # after a stop: resume, skip what finished
 
 Each run writes results/<protocol>/<variant>/<config name>/<method>/seed<N>.json (the same JSON
 as cl-run). RESULTS.md is rebuilt from every finished JSON under results/, next to the published

@@ -213,3 +213,37 @@ def test_a_checkpoint_that_cannot_be_written_never_stops_the_run(digits_cfg):
     assert result["checkpoint"].startswith("off after experience 1: RuntimeError: a plugin "
                                            "replaced strategy.model")
     assert not _paths(cfg, entry)[1].exists()
+
+
+def test_skip_finished_reads_back_only_runs_with_the_same_settings(digits_cfg):
+    from cl_plugins.experiment.runner import run_experiment
+
+    cfg = _cfg(digits_cfg, "domain", {"name": "sgd", "lr": 0.05})
+    cfg["methods"], cfg["seeds"] = ["naive"], [0, 1]
+    first = run_experiment(copy.deepcopy(cfg), echo=lambda *a: None)
+    json_path = _paths(cfg, _entry("naive"), seed=1)[0]
+    stamp = json_path.stat().st_mtime_ns
+    said = []
+    again = run_experiment(copy.deepcopy(cfg), echo=said.append, skip_finished=True)
+    assert [r["matrix"] for r in again] == [r["matrix"] for r in first]
+    assert len(said) == 2 and all("skipped (--skip-finished)" in s for s in said)
+    assert json_path.stat().st_mtime_ns == stamp  # read, not rewritten
+    moved = copy.deepcopy(cfg)
+    moved["benchmark"]["data_root"] = "/some/other/copy"  # the same data elsewhere: still same
+    said.clear()
+    run_experiment(moved, echo=said.append, skip_finished=True)
+    assert len(said) == 2
+    cfg["optimizer"]["lr"] = 0.1  # other settings: run again
+    said.clear()
+    rerun = run_experiment(copy.deepcopy(cfg), echo=said.append, skip_finished=True)
+    assert said == [] and rerun[0]["matrix"] != first[0]["matrix"]
+    assert json_path.stat().st_mtime_ns != stamp
+
+
+def test_cli_flags(digits_cfg):
+    from cl_plugins.experiment.cli import parse_args
+
+    *_, skip = parse_args(["--skip-finished", "--no-checkpoint"])
+    overrides = parse_args(["--no-checkpoint"])[1]
+    assert skip is True and ("loggers.checkpoint", False) in overrides
+    assert parse_args([])[-1] is False

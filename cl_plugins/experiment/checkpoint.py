@@ -47,8 +47,11 @@ def checkpoint_path(json_path: Path) -> Path:
 
 
 def fingerprint(cfg: Dict[str, Any], entry: Dict[str, Any], seed: int) -> str:
-    """Hash of everything that determines the run's numbers (config minus output settings)."""
+    """Hash of everything that determines the run's numbers: the config minus output settings
+    and the data root."""
     kept = {k: v for k, v in cfg.items() if k not in _NOT_COMPUTATION}
+    # The same files under another path are the same data.
+    kept["benchmark"] = {k: v for k, v in cfg["benchmark"].items() if k != "data_root"}
     blob = json.dumps({"cfg": kept, "entry": entry, "seed": seed}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

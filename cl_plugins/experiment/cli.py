@@ -8,7 +8,8 @@ Overrides use the ``--section.key=value`` form that a wandb sweep agent passes (
 as YAML: numbers, booleans, [lists]). Shortcuts: ``--data-root=PATH`` (benchmark.data_root),
 ``--out=DIR`` (output_dir), ``--wandb`` (loggers.wandb=true), ``--no-progress``,
 ``--only=LABEL[,LABEL]`` (run only the config's method entries with these labels or names),
-``--no-checkpoint`` (no per-experience checkpoint, so no resume).
+``--no-checkpoint`` (no per-experience checkpoint, so no resume), ``--skip-finished`` (read back
+a run whose JSON is finished and was computed with the same settings instead of running it).
 
 A run that stops part-way (crash, pre-emption, Ctrl-C) resumes from its last finished experience
 when the same command is run again (``loggers.checkpoint``, on by default).
@@ -31,7 +32,7 @@ FLAGS = {"wandb": ("loggers.wandb", True), "no-progress": ("loggers.progress", F
 
 
 def parse_args(argv: List[str]):
-    config_path, overrides, list_only, only = None, [], False, None
+    config_path, overrides, list_only, only, skip_finished = None, [], False, None, False
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -40,6 +41,8 @@ def parse_args(argv: List[str]):
             raise SystemExit(0)
         if arg == "--list":
             list_only = True
+        elif arg == "--skip-finished":
+            skip_finished = True
         elif arg == "--config" and i + 1 < len(argv):
             config_path = argv[i + 1]
             i += 1
@@ -56,7 +59,7 @@ def parse_args(argv: List[str]):
             raise ValueError(f"cannot parse argument {arg!r}: use --key=value, --config PATH, "
                              f"--list, or one of --{', --'.join(FLAGS)}")
         i += 1
-    return config_path, overrides, list_only, only
+    return config_path, overrides, list_only, only, skip_finished
 
 
 def select_methods(cfg, only):
@@ -81,7 +84,7 @@ def list_methods_text() -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        config_path, overrides, list_only, only = parse_args(argv)
+        config_path, overrides, list_only, only, skip_finished = parse_args(argv)
         if list_only:
             print(list_methods_text())
             return 0
@@ -94,7 +97,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from . import results as res
 
         t0 = time.perf_counter()
-        runs = run_experiment(cfg)
+        runs = run_experiment(cfg, skip_finished=skip_finished)
     except (ValueError, FileNotFoundError) as err:
         print(f"cl-run: error: {err}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import os
 import random
 import re
@@ -350,8 +351,10 @@ def run_single(cfg: Dict[str, Any], entry: Dict[str, Any], seed: int, out_dir: P
 
 
 def run_experiment(cfg: Dict[str, Any], progress: bool | None = None,
-                   echo=print) -> List[Dict[str, Any]]:
-    """Run every method entry for every seed; write the summary; return the per-run results."""
+                   echo=print, skip_finished: bool = False) -> List[Dict[str, Any]]:
+    """Run every method entry for every seed; write the summary; return the per-run results.
+    ``skip_finished``: a run whose JSON is finished and was computed with the same settings
+    (same ``run_fingerprint``) is read back instead of being run again."""
     cfg = validate(cfg)
     scenario = cfg["benchmark"]["scenario"]
     from cl_plugins.benchmarks import resolve_scenario
@@ -374,6 +377,13 @@ def run_experiment(cfg: Dict[str, Any], progress: bool | None = None,
     for entry in entries:
         for seed in cfg["seeds"]:
             label = method_label(entry)
+            if skip_finished:
+                done = _finished_result(cfg, entry, seed, out_dir)
+                if done is not None:
+                    echo(f"[cl-run] {label} seed {seed}: finished with the same settings, "
+                         "skipped (--skip-finished)")
+                    runs.append(done)
+                    continue
             try:
                 runs.append(run_single(cfg, entry, seed, out_dir, progress=progress))
             except (KeyboardInterrupt, SystemExit):
@@ -384,6 +394,18 @@ def run_experiment(cfg: Dict[str, Any], progress: bool | None = None,
                              "error": f"{type(err).__name__}: {err}"})
     write_summary(cfg, runs, out_dir)
     return runs
+
+
+def _finished_result(cfg, entry, seed, out_dir: Path):
+    path = out_dir / cfg["name"] / method_label(entry) / f"seed{seed}.json"
+    if not path.exists():
+        return None
+    try:
+        found = json.loads(path.read_text())
+    except ValueError:
+        return None
+    same = found.get("run_fingerprint") == ckpt_io.fingerprint(cfg, entry, seed)
+    return found if same and found.get("status") == "finished" else None
 
 
 def write_summary(cfg: Dict[str, Any], runs: List[Dict[str, Any]], out_dir: Path) -> str:
