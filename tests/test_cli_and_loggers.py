@@ -82,3 +82,21 @@ def test_readme_stays_true():
             assert f"| `{spec.name}` |" in readme, f"README method table lacks {spec.name}"
     ci = (REPO / ".ci" / "run").read_text()
     assert "\npytest\n" in ci and 'pip install --quiet -e ".[dev]"' in ci
+
+
+def test_only_selects_a_label_exactly_and_a_bare_name_by_method():
+    from cl_plugins.experiment.cli import select_methods
+    from cl_plugins.experiment.runner import method_label
+
+    def picked(*only):
+        cfg = {"methods": ["naive", "ogd", {"name": "ogd", "label": "ogd-lr0.001"},
+                           {"name": "nscl", "label": "nscl-a"}, {"name": "nscl", "label": "nscl-b"}]}
+        select_methods(cfg, list(only))
+        return [method_label(e) for e in cfg["methods"]]
+
+    assert picked("ogd") == ["ogd"]  # a label: that entry alone
+    assert picked("ogd-lr0.001") == ["ogd-lr0.001"]
+    assert picked("nscl") == ["nscl-a", "nscl-b"]  # no entry is labelled nscl: every nscl entry
+    assert picked("naive", "nscl-b") == ["naive", "nscl-b"]
+    with pytest.raises(ValueError, match="matches no method entry"):
+        picked("gpm")

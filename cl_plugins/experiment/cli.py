@@ -7,7 +7,8 @@
 Overrides use the ``--section.key=value`` form that a wandb sweep agent passes (values are read
 as YAML: numbers, booleans, [lists]). Shortcuts: ``--data-root=PATH`` (benchmark.data_root),
 ``--out=DIR`` (output_dir), ``--wandb`` (loggers.wandb=true), ``--no-progress``,
-``--only=LABEL[,LABEL]`` (run only the config's method entries with these labels or names),
+``--only=LABEL[,LABEL]`` (only the entries with these labels; a method name that is no
+entry's label selects every entry of that method),
 ``--no-checkpoint`` (no per-experience checkpoint, so no resume), ``--skip-finished`` (read back
 a run whose JSON is finished and was computed with the same settings instead of running it).
 
@@ -63,12 +64,16 @@ def parse_args(argv: List[str]):
 
 
 def select_methods(cfg, only):
-    """Keep the method entries whose label (or name) is in ``only``."""
+    """Keep the method entries named by ``only``. A token that is some entry's label selects
+    that entry alone (``--only=ogd`` does not also run the entry labelled ``ogd-lr0.001``); any
+    other token selects every entry of that method name."""
     from .config import normalize_methods
     from .runner import method_label
 
     entries = normalize_methods(cfg["methods"])
-    kept = [e for e in entries if method_label(e) in only or e["name"] in only]
+    labels = {method_label(e) for e in entries}
+    kept = [e for e in entries
+            if method_label(e) in only or any(t == e["name"] and t not in labels for t in only)]
     if not kept:
         raise ValueError(f"--only={','.join(only)} matches no method entry; the config has "
                          f"{[method_label(e) for e in entries]}")
