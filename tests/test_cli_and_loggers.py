@@ -90,7 +90,8 @@ def test_only_selects_a_label_exactly_and_a_bare_name_by_method():
 
     def picked(*only):
         cfg = {"methods": ["naive", "ogd", {"name": "ogd", "label": "ogd-lr0.001"},
-                           {"name": "nscl", "label": "nscl-a"}, {"name": "nscl", "label": "nscl-b"}]}
+                           {"name": "nscl", "label": "nscl-a"},
+                           {"name": "nscl", "label": "nscl-b"}]}
         select_methods(cfg, list(only))
         return [method_label(e) for e in cfg["methods"]]
 
