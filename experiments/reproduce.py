@@ -159,8 +159,10 @@ PROTOCOLS = {
         "variant_labels": {"domain": "domain-IL (shared 10-way head)"},
         "seeds": [0, 1, 2, 3, 4],
         "source": "Saha et al. 2021, Table 1 (5 runs, mean ± std); OGD from METHODS.md "
-                  "(82.56, unverified, ±1 point)",
-        "published": {"domain": {"gpm": (93.91, 0.16), "ogd": (82.56, None)}},
+                  "(82.56, unverified, ±1 point; its OGD settings unknown, so both our step "
+                  "sizes are set against it)",
+        "published": {"domain": {"gpm": (93.91, 0.16), "ogd": (82.56, None),
+                                 "ogd-lr0.001": (82.56, None)}},
     },
     "R2": {
         "title": "Permuted / Rotated MNIST, 20 tasks (RGO protocol, Liu & Liu 2022)",
