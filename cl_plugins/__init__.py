@@ -19,3 +19,7 @@ def __getattr__(name):
         module, cls = _PLUGIN_PATHS[name].split(":")
         return getattr(importlib.import_module(module), cls)
     raise AttributeError(f"module 'cl_plugins' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PLUGIN_PATHS))

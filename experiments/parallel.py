@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO / "experiments"))
 
 
 def main(argv=None) -> int:
-    from reproduce import PROTOCOLS, RESULTS_DIR, config_for, labels_for
+    from reproduce import PROTOCOLS, RESULTS_DIR, labels_for
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("protocol", choices=sorted(PROTOCOLS))
@@ -45,19 +45,33 @@ def main(argv=None) -> int:
             labels = [lb for lb in labels if lb in args.only.split(",")]
         for lb in labels:
             for s in seeds:
-                cmd = [sys.executable, "-m", "cl_plugins.experiment.cli",
-                       "--config", str(REPO / config_for(proto, v)), *proto["variants"][v],
-                       f"--only={lb}", f"--seeds={s}", "--no-progress", "--no-plots",
-                       f"--output_dir={RESULTS_DIR / args.protocol / v}", *extra]
-                if args.data_root:
-                    cmd.append(f"--benchmark.data_root={args.data_root}")
-                jobs.append((f"{v}/{lb}/seed{s}", cmd))
+                jobs.append((f"{v}/{lb}/seed{s}",
+                             job_command(args.protocol, v, lb, s, args.data_root, extra)))
+    return run_jobs(jobs, args.jobs, RESULTS_DIR / args.protocol / "logs", args.timeout)
+
+
+def job_command(protocol, variant, label, seed, data_root=None, extra=()):
+    """The cl-run command of one (variant, method label, seed) of a protocol."""
+    from reproduce import PROTOCOLS, RESULTS_DIR, config_for
+
+    proto = PROTOCOLS[protocol]
+    cmd = [sys.executable, "-m", "cl_plugins.experiment.cli",
+           "--config", str(REPO / config_for(proto, variant)), *proto["variants"][variant],
+           f"--only={label}", f"--seeds={seed}", "--no-progress", "--no-plots",
+           f"--output_dir={RESULTS_DIR / protocol / variant}", *extra]
+    if data_root:
+        cmd.append(f"--benchmark.data_root={data_root}")
+    return cmd
+
+
+def run_jobs(jobs, n_jobs, logs, timeout=None) -> int:
+    """Run ``[(name, command)]`` as processes, ``n_jobs`` at a time, one thread each; a log per
+    job under ``logs``. Returns 1 if any failed."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    logs = RESULTS_DIR / args.protocol / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     running, failed, t0 = [], [], time.time()
     while jobs or running:
-        while jobs and len(running) < args.jobs:
+        while jobs and len(running) < n_jobs:
             name, cmd = jobs.pop(0)
             log = open(logs / f"{name.replace('/', '_')}.log", "w")
             running.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
@@ -65,7 +79,7 @@ def main(argv=None) -> int:
         time.sleep(1)
         for item in list(running):
             name, proc, started = item
-            if args.timeout and proc.poll() is None and time.time() - started > args.timeout:
+            if timeout and proc.poll() is None and time.time() - started > timeout:
                 proc.kill()
             if proc.poll() is not None:
                 running.remove(item)

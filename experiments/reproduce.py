@@ -24,6 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 RESULTS_DIR = REPO / "results"
 RESULTS_MD = REPO / "RESULTS.md"
 
@@ -300,17 +301,39 @@ def _mean_std(xs):
     return m, sd
 
 
+def _started(r) -> str:
+    return r.get("started") or ""
+
+
 def collect():
-    """Finished runs grouped by (protocol, variant, method), in table order."""
-    groups = defaultdict(list)
-    for path in glob.glob(str(RESULTS_DIR / "*" / "*" / "*" / "*" / "seed*.json")):
+    """Finished runs grouped by (protocol, variant, method), in table order. Where several
+    finished JSONs exist for one seed (e.g. a rerun under new settings), the current one is
+    used (not stale, then the latest)."""
+    from provenance_check import Staleness, expected_settings
+
+    check = Staleness(REPO)
+    groups = defaultdict(dict)
+    expected = {}
+    for path in sorted(glob.glob(str(RESULTS_DIR / "*" / "*" / "**" / "seed*.json"),
+                                 recursive=True)):
+        if path.endswith(".rerun.json"):
+            continue
         rel = Path(path).relative_to(RESULTS_DIR).parts
         protocol, variant = rel[0], rel[1]
         with open(path) as f:
             r = json.load(f)
         if r.get("status") != "finished" or protocol not in PROTOCOLS:
             continue
-        groups[(protocol, variant, r["method"])].append(r)
+        if (protocol, variant) not in expected:
+            proto = PROTOCOLS[protocol]
+            expected[(protocol, variant)] = expected_settings(
+                REPO / config_for(proto, variant), proto["variants"].get(variant, []))
+        r["_stale"] = check.reasons(r, expected[(protocol, variant)].get(r["method"]))
+        key = (protocol, variant, r["method"])
+        best = groups[key].get(r["seed"])
+        rank = (not r["_stale"], _started(r))
+        if best is None or rank > (not best["_stale"], _started(best)):
+            groups[key][r["seed"]] = r
     order = {p: i for i, p in enumerate(PROTOCOLS)}
 
     def rank(key):
@@ -319,8 +342,8 @@ def collect():
         return order[protocol], variants.index(variant) if variant in variants else 99, method
 
     rows = []
-    for (protocol, variant, method), runs in sorted(groups.items(), key=lambda kv: rank(kv[0])):
-        runs.sort(key=lambda r: r["seed"])
+    for (protocol, variant, method), by_seed in sorted(groups.items(), key=lambda kv: rank(kv[0])):
+        runs = sorted(by_seed.values(), key=lambda r: r["seed"])
         acc = _mean_std([100 * r["summary"]["acc"] for r in runs])
         bwts = [100 * r["summary"]["bwt"] for r in runs if r["summary"]["bwt"] is not None]
         proto = PROTOCOLS[protocol]
@@ -333,6 +356,7 @@ def collect():
             ok = "yes" if abs(acc[0] - pub[0]) <= tol else "**no**"
         else:
             pub_s, ok = "–", "–"
+        stale = sorted({why for r in runs for why in r["_stale"]})
         rows.append({
             "protocol": protocol, "variant": variant, "method": method,
             "scenario": proto.get("variant_labels", {}).get(variant, f"{variant}-IL"),
@@ -340,6 +364,9 @@ def collect():
             "bwt": "{:.2f} ± {:.2f}".format(*_mean_std(bwts)) if bwts else "–",
             "seeds": ",".join(str(r["seed"]) for r in runs), "n": len(runs),
             "published": pub_s, "ok": ok, "date": max(r["started"][:10] for r in runs),
+            "revision": ", ".join(sorted({check.revision(r) for r in runs})),
+            "stale": ("**stale**: " + "; ".join(stale[:3]) +
+                      (f"; {len(stale) - 3} more" if len(stale) > 3 else "")) if stale else "current",
             "command": f"`python experiments/reproduce.py {protocol} --variant {variant}`"})
     return rows
 
@@ -351,16 +378,22 @@ def build_table(rows) -> str:
         "`results/`; do not edit by hand. ACC and BWT in %, mean ± std over the listed seeds "
         "(sample std). *Within spread*: |ours − published| ≤ the published spread (1 point when "
         "none is given).", "",
+        "*Revision*: the code that produced the row (git commit, `+dirty` when the checkout had "
+        "uncommitted changes; `~commit` when inferred from the run's date, for results written "
+        "before the JSON recorded it). *Code*: `current`, or **stale** with the files the row "
+        "depends on (its method's file, `core/`, the runner, the benchmark and model code) that "
+        "changed since, or `settings changed` when the config now asks for other settings. "
+        "A stale row must be rerun before its number is cited.", "",
         "| protocol | method | benchmark | scenario | ours ACC | ours BWT | seeds | published ACC "
-        "| within spread | source | command | date |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| within spread | source | command | date | revision | code |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         proto = PROTOCOLS[r["protocol"]]
         lines.append(f"| {r['protocol']} | {r['method']} | {proto['benchmark']} | "
                      f"{r['scenario']} | {r['acc']} | {r['bwt']} | {r['seeds']} | "
                      f"{r['published']} | {r['ok']} | {proto['source']} | {r['command']} | "
-                     f"{r['date']} |")
+                     f"{r['date']} | {r['revision']} | {r['stale']} |")
     def configs(v):
         c = v["config"]
         return ", ".join(f"`{x}`" for x in (c.values() if isinstance(c, dict) else [c]))
@@ -395,10 +428,11 @@ def update_readme(rows) -> None:
     text = readme.read_text()
     if README_START not in text or README_END not in text:
         raise RuntimeError(f"README.md lacks the {README_START} / {README_END} markers")
-    lines = ["| protocol | method | scenario | ours ACC (%) | published | seeds |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| protocol | method | scenario | ours ACC (%) | published | seeds | code |",
+             "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['protocol']} | {r['method']} | {r['scenario']} | {r['acc']} | "
-              f"{r['published']} | {r['n']} |" for r in rows]
+              f"{r['published']} | {r['n']} | {'current' if r['stale'] == 'current' else 'stale'}"
+              f" |" for r in rows]
     head, rest = text.split(README_START, 1)
     tail = rest.split(README_END, 1)[1]
     readme.write_text(head + README_START + "\n" + "\n".join(lines) + "\n" + README_END + tail)

@@ -53,10 +53,25 @@ class _Clock(SupervisedPlugin):
             self.record.setdefault("exp_end", {})[exp] = time.perf_counter() - self.record["t_exp"]
 
 
-def measure(cfg, entry, n_exp, seed=0):
+def _timed_guard(record):
+    """The runner's DivergenceGuard with its per-step hook timed on its own."""
+    from cl_plugins.core.divergence import DivergenceGuard
+
+    class TimedGuard(DivergenceGuard):
+        def after_update(self, strategy, **kw):
+            t0 = time.perf_counter()
+            super().after_update(strategy, **kw)
+            exp = strategy.experience.current_experience
+            record.setdefault("guard", {}).setdefault(exp, []).append(time.perf_counter() - t0)
+
+    return TimedGuard("speed")
+
+
+def measure(cfg, entry, n_exp, seed=0, guard=False):
     from cl_plugins.benchmarks import build_benchmark
     from cl_plugins.experiment.config import section_for
-    from cl_plugins.experiment.runner import _instantiate, build_optimizer, seed_everything
+    from cl_plugins.experiment.plan import instantiate
+    from cl_plugins.experiment.runner import build_optimizer, seed_everything
     from cl_plugins.models import build_model
     from cl_plugins.registry import get_method
     from avalanche.training import Naive
@@ -76,18 +91,22 @@ def measure(cfg, entry, n_exp, seed=0):
     if spec.kind == "template":
         template, template_kwargs = spec.factory, {**spec.defaults, **entry["params"]}
     else:
-        plugins = [_instantiate(spec, entry["params"])]
+        plugins = [instantiate(spec, entry["params"])]
     record = {}
     strategy = template(model=model, optimizer=opt, criterion=torch.nn.CrossEntropyLoss(),
                         train_mb_size=st["train_mb_size"], train_epochs=st["epochs"],
                         eval_mb_size=st["eval_mb_size"],
                         device=st["device"] if st["device"] != "auto" else "cpu",
-                        plugins=[_Clock("first", record), *plugins, _Clock("last", record)],
+                        plugins=[_Clock("first", record), *plugins,
+                                 *([_timed_guard(record)] if guard else []),
+                                 _Clock("last", record)],
                         evaluator=EvaluationPlugin(loggers=[]), **template_kwargs)
     for exp in list(info.benchmark.train_stream)[:n_exp]:
         strategy.train(exp)
     last = n_exp - 1
     steps = record["steps"][last][5:]  # skip warm-up steps
+    if guard:  # (median step with the guard, median time of the guard's own check)
+        return statistics.median(steps), statistics.median(record["guard"][last][5:])
     return (statistics.median(steps), record.get("exp_end", {}).get(0, float("nan")),
             _bytes_per_sample(plugins))
 
@@ -119,6 +138,9 @@ def main(argv=None):
     ap.add_argument("--no-paired", dest="paired", action="store_false",
                     help="one naive reference for all methods (default: a naive run right "
                          "before each method, its ratio's denominator)")
+    ap.add_argument("--guard", action="store_true",
+                    help="instead: the cost of the runner's divergence check (DivergenceGuard) "
+                         "per step, timed on its own and as a share of each method's step")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = load_config(args.config)
@@ -135,6 +157,18 @@ def main(argv=None):
     entries = [in_config.get(n) or normalize_methods([n])[0] for n in ["naive"] + names]
     # Each method is paired with a naive run measured right before it: on a shared machine the
     # load drifts over minutes, and a ratio to one naive run at the start would absorb the drift.
+    if args.guard:
+        print(f"\n{cfg['name']}: {cfg['benchmark']['name']} {cfg['benchmark']['scenario']}-IL, "
+              f"batch {cfg['strategy']['train_mb_size']}, torch threads "
+              f"{torch.get_num_threads()}")
+        print("| method | step with the check (ms, median) | check (ms, median) | "
+              "share of the step |")
+        print("|---|---|---|---|")
+        for e in entries:
+            step, check = measure(cfg, e, args.experiences, guard=True)
+            print(f"| {e.get('label') or e['name']} | {1000 * step:.3f} | {1000 * check:.4f} | "
+                  f"{100 * check / step:.2f}% |")
+        return 0
     rows = []
     naive_entry = entries[0]
     for e in entries:

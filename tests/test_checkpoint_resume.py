@@ -43,9 +43,9 @@ def _cfg(digits_cfg, scenario, optimizer):
 def _paths(cfg, entry, seed=0):
     from pathlib import Path
 
-    from cl_plugins.experiment.runner import method_label
+    from cl_plugins.experiment.plan import json_path
 
-    path = Path(cfg["output_dir"]) / cfg["name"] / method_label(entry) / f"seed{seed}.json"
+    path = json_path(Path(cfg["output_dir"]), cfg, entry, seed)
     return path, ckpt_io.checkpoint_path(path)
 
 
@@ -123,16 +123,27 @@ def test_checkpoint_of_another_config_is_not_resumed(digits_cfg, monkeypatch):
     with pytest.raises(SimulatedPreemption):
         run_single(cfg, entry, 0, out, progress=False)
     monkeypatch.undo()
-    assert _paths(cfg, entry)[1].exists()
+    old_ckpt = _paths(cfg, entry)[1]
+    assert old_ckpt.exists()
     cfg["optimizer"]["lr"] = 0.1
+    fresh = run_single(cfg, entry, 0, out, progress=False)  # another settings folder
+    assert fresh["resumed"] == [] and len(fresh["steps_per_exp"]) == len(fresh["matrix"]) == 5
+    assert old_ckpt.exists() and _paths(cfg, entry)[1].parent != old_ckpt.parent
+    # A checkpoint of other settings found in this run's place is not resumed either.
+    import shutil
+
+    shutil.copy(old_ckpt, _paths(cfg, entry)[1])
     with pytest.warns(UserWarning, match="different config, method entry or seed"):
         fresh = run_single(cfg, entry, 0, out, progress=False)
-    assert fresh["resumed"] == [] and len(fresh["steps_per_exp"]) == len(fresh["matrix"]) == 5
+    assert fresh["resumed"] == []
     # Output settings are not part of the run: they do not block a resume.
+    from cl_plugins.experiment.plan import run_fingerprint, settings_fingerprint
+
     a = copy.deepcopy(cfg)
     a["loggers"]["plots"], a["output_dir"] = True, "elsewhere"
-    assert ckpt_io.fingerprint(a, entry, 0) == ckpt_io.fingerprint(cfg, entry, 0)
-    assert ckpt_io.fingerprint(cfg, entry, 1) != ckpt_io.fingerprint(cfg, entry, 0)
+    assert settings_fingerprint(a, entry) == settings_fingerprint(cfg, entry)
+    fp = settings_fingerprint(cfg, entry)
+    assert run_fingerprint(fp, 1) != run_fingerprint(fp, 0)
 
 
 def test_runs_that_cannot_save_their_state_say_so_and_write_no_checkpoint(digits_cfg,
@@ -237,7 +248,8 @@ def test_skip_finished_reads_back_only_runs_with_the_same_settings(digits_cfg):
     said.clear()
     rerun = run_experiment(copy.deepcopy(cfg), echo=said.append, skip_finished=True)
     assert said == [] and rerun[0]["matrix"] != first[0]["matrix"]
-    assert json_path.stat().st_mtime_ns != stamp
+    assert json_path.stat().st_mtime_ns == stamp  # other settings never replace a result
+    assert _paths(cfg, _entry("naive"), seed=1)[0].exists()
 
 
 def test_cli_flags(digits_cfg):

@@ -53,7 +53,8 @@ def test_naive_run_matrix_and_metrics(digits_cfg):
     assert len(r["train_time_s_per_exp"]) == 5 and all(t > 0 for t in r["train_time_s_per_exp"])
     assert r["steps_per_exp"] == [40] * 5  # 5 epochs x ceil(251 / 32) = 8 batches
     assert r["peak_rss_mb"][-1] > 0
-    saved = json.loads((Path(digits_cfg["output_dir"]) / "test" / "naive" / "seed0.json").read_text())
+    saved = json.loads(next((Path(digits_cfg["output_dir"]) / "test" / "naive").glob("*/seed0.json"))
+                       .read_text())
     assert saved["matrix"] == r["matrix"] and saved["versions"]["avalanche-lib"].startswith("0.6")
     assert (Path(digits_cfg["output_dir"]) / "test" / "summary.md").read_text().count("| naive |") == 1
 
@@ -100,7 +101,7 @@ def test_results_written_before_a_failure_are_kept(digits_cfg, monkeypatch):
     failed, ok = runs
     assert failed["status"] == "failed" and "injected failure" in failed["error"]
     assert ok["status"] == "finished"  # one failing method does not stop the others
-    saved = json.loads((Path(digits_cfg["output_dir"]) / "test" / "_fail_at_3" / "seed0.json")
+    saved = json.loads(next((Path(digits_cfg["output_dir"]) / "test" / "_fail_at_3").glob("*/seed0.json"))
                        .read_text())
     assert saved["status"] == "failed" and len(saved["matrix"]) == 3
     assert "injected failure" in saved["traceback"]
@@ -154,8 +155,10 @@ def test_unknown_names_list_the_options(digits_cfg):
     cfg = copy.deepcopy(digits_cfg)
     cfg["methods"] = ["naive"]
     cfg["benchmark"]["name"] = "split_cifar"
-    (r,) = run_experiment(cfg, echo=lambda *a: None)
-    assert r["status"] == "failed" and "Valid options:" in r["error"] and "split_cifar10" in r["error"]
+    # Checked before anything runs (it used to fail once per method, after work had started).
+    with pytest.raises(ValueError, match=r"Unknown benchmark 'split_cifar'.*split_cifar10"):
+        run_experiment(cfg, echo=lambda *a: None)
+    assert not Path(cfg["output_dir"]).exists()
 
 
 def test_task_label_method_in_class_il_says_so(digits_cfg):
@@ -179,9 +182,10 @@ def test_bad_values_name_argument_and_range(digits_cfg, key, value, pattern):
 
 def test_bad_method_hyperparameter_is_named(digits_cfg):
     digits_cfg["methods"] = [{"name": "ensemble", "params": {"n_members": 3}}]
-    (r,) = run_experiment(digits_cfg, echo=lambda *a: None)
-    assert r["status"] == "failed"
-    assert "Unknown hyper-parameter(s) ['n_members'] for method 'ensemble'" in r["error"]
+    with pytest.raises(ValueError, match=r"Unknown hyper-parameter\(s\) \['n_members'\] for "
+                                         r"method 'ensemble'"):
+        run_experiment(digits_cfg, echo=lambda *a: None)
+    assert not Path(digits_cfg["output_dir"]).exists()  # checked before anything was written
 
 
 def test_override_parsing():
@@ -221,8 +225,9 @@ def test_method_params_apply_by_name_and_are_not_inherited(digits_cfg, tmp_path)
     assert load_config(cfg_file)["method_params"] == {}
     digits_cfg["methods"] = ["ensemble"]
     digits_cfg["method_params"] = {"ensemble": {"bogus": 1}}
-    (r,) = run_experiment(digits_cfg, echo=lambda *a: None)
-    assert "Unknown hyper-parameter(s) ['bogus'] for method 'ensemble'" in r["error"]
+    with pytest.raises(ValueError, match=r"Unknown hyper-parameter\(s\) \['bogus'\] for method "
+                                         r"'ensemble'"):
+        run_experiment(digits_cfg, echo=lambda *a: None)
 
 
 class _RecordLR(SupervisedPlugin):

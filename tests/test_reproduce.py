@@ -53,10 +53,10 @@ def test_readme_block_is_rewritten(tmp_path, monkeypatch):
     readme.write_text("intro\n<!-- results:start -->\nold\n<!-- results:end -->\nrest\n")
     monkeypatch.setattr(rp, "REPO", tmp_path)
     rp.update_readme([{"protocol": "S1", "method": "m", "variant": "task", "scenario": "task-IL",
-                       "acc": "1.00 ± 0.00",
+                       "acc": "1.00 ± 0.00", "stale": "**stale**: core/x.py changed",
                        "published": "–", "n": 3}])
     text = readme.read_text()
-    assert "old" not in text and "| S1 | m | task-IL | 1.00 ± 0.00 | – | 3 |" in text
+    assert "old" not in text and "| S1 | m | task-IL | 1.00 ± 0.00 | – | 3 | stale |" in text
     assert text.startswith("intro\n") and text.endswith("rest\n")
 
 
@@ -83,3 +83,56 @@ def test_s2_skips_separate_networks_outside_task_il():
     s2 = rp.PROTOCOLS["S2"]
     assert "ensemble" in rp.labels_for(s2, "task")
     assert "ensemble" not in rp.labels_for(s2, "class")
+
+
+def _provenanced(method, entry, files, settings=None):
+    return {"status": "finished", "method": method, "seed": 0, "method_entry": entry,
+            "started": "2026-12-04T10:00:00", "summary": {"acc": 0.9, "bwt": 0.0},
+            "settings_fingerprint": settings,
+            "provenance": {"git_commit": "a" * 40, "git_dirty": True, "files": files}}
+
+
+def test_a_row_is_stale_when_a_file_it_depends_on_changed():
+    import sys
+
+    sys.path.insert(0, str(REPO / "experiments"))
+    from provenance_check import Staleness
+
+    check = Staleness(REPO)
+    now = dict(check.current_files())
+    ewc = {"name": "ewc", "params": {}, "plus": []}
+    assert check.reasons(_provenanced("ewc", ewc, now), None) == []
+    assert check.revision(_provenanced("ewc", ewc, now)) == "aaaaaaaa+dirty"
+    for path, stale in [("cl_plugins/regularization/ewc.py", True),
+                        ("cl_plugins/core/checks.py", True),
+                        ("cl_plugins/benchmarks/builder.py", True),
+                        ("cl_plugins/models/mlp.py", True),
+                        ("cl_plugins/experiment/runner.py", True),
+                        ("cl_plugins/replay/er.py", False),  # another method's file
+                        ("cl_plugins/experiment/cli.py", False)]:  # not the computation
+        then = {**now, path: "0" * 12}
+        why = check.reasons(_provenanced("ewc", ewc, then), None)
+        assert (why == [path.replace("cl_plugins/", "") + " changed"]) == stale, (path, why)
+    er_plus = {"name": "naive", "params": {}, "plus": [{"name": "er", "params": {}}]}
+    then = {**now, "cl_plugins/replay/er.py": "0" * 12}
+    assert check.reasons(_provenanced("naive+er", er_plus, then), None) == ["replay/er.py changed"]
+    gone = {k: v for k, v in now.items() if k != "cl_plugins/core/checks.py"}
+    assert check.reasons(_provenanced("ewc", ewc, gone), None) == ["core/checks.py changed"]
+    assert check.reasons(_provenanced("ewc", ewc, now, settings="12345678"), "87654321") == [
+        "settings changed"]
+
+
+def test_expected_settings_follow_the_config_and_the_variant():
+    import sys
+
+    sys.path.insert(0, str(REPO / "experiments"))
+    from provenance_check import expected_settings
+
+    rp = _load()
+    proto = rp.PROTOCOLS["S2"]
+    domain = expected_settings(REPO / rp.config_for(proto, "domain"), proto["variants"]["domain"])
+    task = expected_settings(REPO / rp.config_for(proto, "task"), proto["variants"]["task"])
+    assert set(domain) >= {"ewc", "naive", "si"}
+    assert domain["ewc"] != task["ewc"] and len(domain["ewc"]) == 8
+    again = expected_settings(REPO / rp.config_for(proto, "domain"), proto["variants"]["domain"])
+    assert again == domain

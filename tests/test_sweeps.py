@@ -69,6 +69,7 @@ def test_one_sweep_point_runs_like_the_agent(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     import json
 
-    r = json.loads((tmp_path / "runs" / "digits_naive_sweep" / "naive" / "seed1.json").read_text())
+    r = json.loads(next((tmp_path / "runs" / "digits_naive_sweep" / "naive").glob("*/seed1.json"))
+                   .read_text())
     assert r["config"]["optimizer"]["lr"] == 0.05 and r["config"]["optimizer"]["momentum"] == 0.9
     assert r["seed"] == 1 and r["status"] == "finished"

@@ -8,7 +8,9 @@ Paper / protocol: the "separate networks" upper reference of van de Ven, Tuytela
 task-IL): each task trains its own copy of the architecture from a fresh initialisation, so there
 is no interference and no transfer.
 
-Hooks: ``before_train_dataset_adaptation`` (first experience only) wraps ``strategy.model`` in a
+Hooks: ``before_train_dataset_adaptation`` refuses (``ValueError``) a training stream without task
+labels (every experience with one label, or a label trained before: it would be naive fine-tuning
+of one network), then (first experience only) wraps ``strategy.model`` in a
 :class:`~cl_plugins.models.ensemble.TaskEnsemble`. Avalanche then runs the model adaptation, which
 adds the new task's network, and refreshes the optimizer with its parameters. Old networks get no
 gradient (they are not in the forward pass of the current task), so optimizers skip them.
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 from avalanche.core import SupervisedPlugin
 
+from cl_plugins.core.state import check_owner, owned_by
+from cl_plugins.core.task_labels import require_task_labels
 from cl_plugins.models.ensemble import TaskEnsemble
 
 
@@ -37,19 +41,24 @@ class EnsemblePlugin(SupervisedPlugin):
 
     def __init__(self):
         super().__init__()
+        self.trained_tasks: list = []  # task labels trained on, one network each
 
     def before_train_dataset_adaptation(self, strategy, **kwargs):
+        require_task_labels(type(self).__name__, strategy.experience, self.trained_tasks)
         if not isinstance(strategy.model, TaskEnsemble):
             strategy.model = TaskEnsemble(strategy.model)
+
+    def after_training_exp(self, strategy, **kwargs):
+        self.trained_tasks += [int(t) for t in strategy.experience.task_labels]
 
     def before_eval_dataset_adaptation(self, strategy, **kwargs):
         # Evaluating before any training still needs the wrapper to route task labels.
         if not isinstance(strategy.model, TaskEnsemble):
             strategy.model = TaskEnsemble(strategy.model)
 
-    def state_dict(self):
-        return {}  # every network lives in the model's own state_dict
+    def state_dict(self):  # every network lives in the model's own state_dict
+        return {**owned_by(self), "trained_tasks": list(self.trained_tasks)}
 
     def load_state_dict(self, state):
-        if state:
-            raise ValueError(f"EnsemblePlugin has no state; got keys {sorted(state)}")
+        check_owner(self, state)
+        self.trained_tasks = [int(t) for t in state["trained_tasks"]]

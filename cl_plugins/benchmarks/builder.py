@@ -76,22 +76,27 @@ def _load_digits(root, split):
     return load_digits_arrays(split)
 
 
+# Each loader first checks the files of both splits, so a missing test file is reported (with
+# every expected file) before the training files are read.
 def _load_idx(name):
     def load(root, split):
-        from .mnist_files import load_idx_dataset
+        from .mnist_files import find_idx_files, load_idx_dataset
+        find_idx_files(root, name, ("train", "test"))
         return load_idx_dataset(root, name, split)
     return load
 
 
 def _load_cifar(name):
     def load(root, split):
-        from .cifar_files import load_cifar
+        from .cifar_files import find_cifar_files, load_cifar
+        find_cifar_files(root, name, ("train", "test"))
         return load_cifar(root, name, split)
     return load
 
 
 def _load_tiny(root, split):
-    from .tinyimagenet_files import load_tinyimagenet
+    from .tinyimagenet_files import find_tinyimagenet_files, load_tinyimagenet
+    find_tinyimagenet_files(root, ("train", "test"))
     return load_tinyimagenet(root, split)
 
 
@@ -198,20 +203,9 @@ def build_benchmark(
     statistics of the (padded) training images, which for padded MNIST are Hsu et al.'s
     (0.1000, 0.2752).
     """
-    if name not in BENCHMARKS:
-        raise unknown_name_error("benchmark", name, BENCHMARKS)
-    spec = BENCHMARKS[name]
-    scenario = resolve_scenario(scenario)
-    n_exp = spec.default_n_experiences if n_experiences is None else n_experiences
-    check_int("benchmark.n_experiences", n_exp, 1)
-    check_int("benchmark.seed", seed)
-    if samples_per_task is not None:
-        check_int("benchmark.samples_per_task", samples_per_task, 1)
-    if test_samples_per_task is not None:
-        check_int("benchmark.test_samples_per_task", test_samples_per_task, 1)
-    check_choice("benchmark.angle_sampling", angle_sampling, ("uniform", "stratified"))
-    if (mean is None) != (std is None):
-        raise ValueError("benchmark.mean and benchmark.std must be given together")
+    spec, scenario, n_exp = _check_options(name, scenario, n_experiences, seed,
+                                           samples_per_task, test_samples_per_task,
+                                           angle_sampling, mean, std)
     root = resolve_data_root(data_root)
 
     train_raw, test_raw = _raw(spec.source, root, "train"), _raw(spec.source, root, "test")
@@ -252,10 +246,7 @@ def build_benchmark(
         return TensorDataset(x.contiguous(), y[idx])
 
     if spec.kind == "split":
-        if n_exp > n_classes or n_classes % n_exp:
-            valid = [d for d in range(1, n_classes + 1) if n_classes % d == 0]
-            raise ValueError(f"benchmark.n_experiences must divide the {n_classes} classes of "
-                             f"{name}; valid values: {valid}; got {n_exp}")
+        _check_split(name, n_classes, n_exp)
         order = _class_order(n_classes, class_order, seed)
         k = n_classes // n_exp
         options["class_order"] = order
@@ -318,3 +309,74 @@ def build_benchmark(
                          input_shape=tuple(train_sets[0][0][0].shape),
                          classes_per_exp=classes_per_exp, original_classes_per_exp=orig_classes,
                          n_outputs=n_outputs, options=options)
+
+
+def _check_options(name, scenario, n_experiences, seed, samples_per_task, test_samples_per_task,
+                   angle_sampling, mean, std):
+    """The checks that need no data: (spec, canonical scenario, number of experiences)."""
+    if name not in BENCHMARKS:
+        raise unknown_name_error("benchmark", name, BENCHMARKS)
+    spec = BENCHMARKS[name]
+    scenario = resolve_scenario(scenario)
+    n_exp = spec.default_n_experiences if n_experiences is None else n_experiences
+    check_int("benchmark.n_experiences", n_exp, 1)
+    check_int("benchmark.seed", seed)
+    if samples_per_task is not None:
+        check_int("benchmark.samples_per_task", samples_per_task, 1)
+    if test_samples_per_task is not None:
+        check_int("benchmark.test_samples_per_task", test_samples_per_task, 1)
+    check_choice("benchmark.angle_sampling", angle_sampling, ("uniform", "stratified"))
+    if (mean is None) != (std is None):
+        raise ValueError("benchmark.mean and benchmark.std must be given together")
+    return spec, scenario, n_exp
+
+
+def _check_split(name: str, n_classes: int, n_exp: int) -> None:
+    if n_exp > n_classes or n_classes % n_exp:
+        valid = [d for d in range(1, n_classes + 1) if n_classes % d == 0]
+        raise ValueError(f"benchmark.n_experiences must divide the {n_classes} classes of "
+                         f"{name}; valid values: {valid}; got {n_exp}")
+
+
+def describe_benchmark(name: str = "split_digits", scenario: str = "task",
+                       n_experiences: Optional[int] = None, *, seed: int = 0,
+                       class_order="fixed", pad_to_32: bool = False, normalize: bool = True,
+                       mean=None, std=None, samples_per_task=None, test_samples_per_task=None,
+                       first_task_identity: bool = True, angles=None,
+                       angle_range=(0.0, 180.0), angle_sampling: str = "uniform",
+                       data_root: Optional[str] = None) -> Dict:
+    """Check every option of :func:`build_benchmark` and read the raw files, without building
+    the benchmark: the runner's up-front check of a config. Returns what a model needs to
+    know (``n_experiences``, ``input_shape``, ``n_outputs``). Raises what ``build_benchmark``
+    would raise for the same arguments (the checks are the same functions); a missing or
+    corrupt data file raises here. The raw arrays stay in the per-process cache, so the runs
+    that follow do not read the files again."""
+    spec, scenario, n_exp = _check_options(name, scenario, n_experiences, seed,
+                                           samples_per_task, test_samples_per_task,
+                                           angle_sampling, mean, std)
+    root = resolve_data_root(data_root)
+    train_raw, test_raw = _raw(spec.source, root, "train"), _raw(spec.source, root, "test")
+    n_classes = len(train_raw.classes) or int(train_raw.y.max()) + 1
+    c, h, w = train_raw.x.shape[1:]
+    shape = (c, 32, 32) if pad_to_32 else (c, h, w)
+    if pad_to_32 and (h > 32 or w > 32):
+        raise ValueError(f"benchmark.pad_to_32: {name}'s images are {h}x{w}, larger than 32")
+    if normalize and mean is not None and (len(mean) != c or len(std) != c):
+        raise ValueError(f"benchmark.mean/std need {c} values (one per channel)")
+    if normalize and std is not None and any(s <= 0 for s in std):
+        raise ValueError(f"benchmark.std must be positive; got {list(std)}")
+    if spec.kind == "split":
+        _check_split(name, n_classes, n_exp)
+        _class_order(n_classes, class_order, seed)
+        per_exp = n_classes // n_exp
+    else:
+        per_exp = n_classes
+        if spec.kind == "rotated":
+            _angles(n_exp, angles, angle_range, angle_sampling, seed)
+    for cap, what in ((samples_per_task, "samples_per_task"),
+                      (test_samples_per_task, "test_samples_per_task")):
+        if cap is not None and cap < per_exp:
+            raise ValueError(f"benchmark.{what}={cap} is smaller than the {per_exp} classes of "
+                             "an experience; every class needs at least one sample")
+    n_outputs = per_exp * n_exp if scenario == "class" else per_exp
+    return {"n_experiences": n_exp, "input_shape": shape, "n_outputs": n_outputs}

@@ -13,6 +13,8 @@ The official test split has no labels, so split ``'test'`` here is the official 
 Images are decoded with PIL and converted to RGB (a few are grayscale). Files are read in natural
 order (``_2`` before ``_10``) so the sample order is deterministic. Decoding the 100,000 training
 JPEGs takes a while; it is a one-time load. Nothing is downloaded or written under the data root.
+Every expected file is checked before any image is decoded; a file that cannot be decoded or read
+raises a DataFileError naming it and what was expected.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cl_plugins.core.checks import DatasetNotFoundError, check_choice
+from cl_plugins.core.checks import DataFileError, DatasetNotFoundError, check_choice
 
 from .arrays import ImageArrays
 
@@ -40,13 +42,20 @@ def _natural_key(name: str):
     return [(0, int(tok), "") if tok.isdigit() else (1, 0, tok) for tok in re.split(r"(\d+)", name)]
 
 
+def _read_lines(path: Path) -> List[str]:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DataFileError(f"{path}: expected a UTF-8 text file; got undecodable bytes ({exc})") from exc
+
+
 def _read_wnids(path: Path) -> List[str]:
-    wnids = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    wnids = [line.strip() for line in _read_lines(path) if line.strip()]
     if not wnids:
-        raise ValueError(f"{path} lists no wnids")
+        raise DataFileError(f"{path} lists no wnids")
     dupes = sorted(w for w, n in Counter(wnids).items() if n > 1)
     if dupes:
-        raise ValueError(f"{path} lists these wnids more than once: {dupes}")
+        raise DataFileError(f"{path} lists these wnids more than once: {dupes}")
     return wnids
 
 
@@ -55,7 +64,7 @@ def _class_names(words_path: Path, wnids: Sequence[str]) -> List[str]:
     wanted = set(wnids)
     names: Dict[str, str] = {}
     if words_path.is_file():
-        for line in words_path.read_text(encoding="utf-8").splitlines():
+        for line in _read_lines(words_path):
             wnid, _, words = line.partition("\t")
             wnid = wnid.strip()
             if wnid in wanted and words.strip():
@@ -81,18 +90,18 @@ def _val_files(val_dir: Path, wnids: Sequence[str]) -> Tuple[List[Tuple[Path, in
     annotations = val_dir / "val_annotations.txt"
     label_of = {w: i for i, w in enumerate(wnids)}
     labelled: Dict[str, int] = {}
-    for lineno, line in enumerate(annotations.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(_read_lines(annotations), start=1):
         if not line.strip():
             continue
         fields = line.split("\t")
         if len(fields) < 2 or fields[1].strip() not in label_of:
-            raise ValueError(f"{annotations}, line {lineno}: expected '<file>\\t<wnid>\\t...' "
+            raise DataFileError(f"{annotations}, line {lineno}: expected '<file>\\t<wnid>\\t...' "
                              f"with a wnid from wnids.txt; got {line!r}")
         filename, label = fields[0].strip(), label_of[fields[1].strip()]
         if labelled.setdefault(filename, label) != label:
-            raise ValueError(f"{annotations}, line {lineno}: {filename} is annotated with two classes")
+            raise DataFileError(f"{annotations}, line {lineno}: {filename} is annotated with two classes")
     if not labelled:
-        raise ValueError(f"{annotations} has no annotations")
+        raise DataFileError(f"{annotations} has no annotations")
     image_dir = val_dir / "images"
     files = [(image_dir / name, labelled[name]) for name in sorted(labelled, key=_natural_key)]
     missing = [str(p) for p, _ in files if not p.is_file()]
@@ -106,13 +115,50 @@ def _decode(files: Sequence[Tuple[Path, int]]) -> Tuple[np.ndarray, np.ndarray]:
         try:
             with Image.open(path) as img:
                 rgb = np.asarray(img.convert("RGB"))  # [H, W, 3]; grayscale gets 3 equal channels
-        except Exception as exc:
-            raise ValueError(f"{path} could not be decoded as an image: {exc}") from exc
+        except Exception as exc:  # truncated or corrupt JPEG, not an image, unreadable...
+            raise DataFileError(f"{path}: expected a {_SIDE}x{_SIDE} JPEG image; could not decode its "
+                                f"{path.stat().st_size} bytes ({type(exc).__name__}: {exc})") from exc
         if rgb.shape != (_SIDE, _SIDE, 3):
-            raise ValueError(f"{path} is {rgb.shape[1]}x{rgb.shape[0]}; expected {_SIDE}x{_SIDE}")
+            raise DataFileError(f"{path} is {rgb.shape[1]}x{rgb.shape[0]}; expected {_SIDE}x{_SIDE}")
         images[i] = rgb.transpose(2, 0, 1)
         labels[i] = label
     return images, labels
+
+
+def find_tinyimagenet_files(root: str | Path, splits: Sequence[str] = ("train", "test")
+                            ) -> Tuple[List[str], Dict[str, List[Tuple[Path, int]]]]:
+    """The wnids and the (path, label) of every image of each split in ``splits``.
+
+    Checks every expected file before any image is decoded: raises DatasetNotFoundError listing
+    the files of ``splits`` (the builder passes train and test) if any is missing.
+    """
+    for split in splits:
+        check_choice("split", split, ["train", "test"])
+    base = Path(root).absolute() / _FOLDER  # absolute: messages name the full path
+    needed = {base / "wnids.txt": Path.is_file}
+    if "train" in splits:
+        needed[base / "train"] = Path.is_dir
+    if "test" in splits:
+        needed.update({base / "val" / "images": Path.is_dir,
+                       base / "val" / "val_annotations.txt": Path.is_file})
+    absent = [str(p.relative_to(base)) for p, exists in needed.items() if not exists(p)]
+    if absent:
+        raise DatasetNotFoundError("TinyImageNet", str(root), [str(p) for p in needed],
+                                   hint="(extract tiny-imagenet-200.zip there; it is never downloaded)"
+                                        f"\nMissing from {base}: {', '.join(absent)}")
+
+    wnids = _read_wnids(base / "wnids.txt")
+    files: Dict[str, List[Tuple[Path, int]]] = {}
+    missing: List[str] = []
+    for split in splits:
+        lister = _train_files if split == "train" else _val_files
+        files[split], split_missing = lister(base / ("train" if split == "train" else "val"), wnids)
+        missing += split_missing
+    if missing:  # an incomplete extraction: list the first few missing files
+        more = len(missing) - _MAX_LISTED
+        hint = "(the data set is incomplete" + (f"; {more} more files are missing)" if more > 0 else ")")
+        raise DatasetNotFoundError("TinyImageNet", str(root), missing[:_MAX_LISTED], hint=hint)
+    return wnids, files
 
 
 def load_tinyimagenet(root: str | Path, split: str) -> ImageArrays:
@@ -122,26 +168,7 @@ def load_tinyimagenet(root: str | Path, split: str) -> ImageArrays:
     names from words.txt (the wnid when words.txt or its entry is absent).
     """
     check_choice("split", split, ["train", "test"])
-    base = Path(root) / _FOLDER
-    wnids_path = base / "wnids.txt"
-    if split == "train":
-        needed = {wnids_path: Path.is_file, base / "train": Path.is_dir}
-    else:
-        needed = {wnids_path: Path.is_file, base / "val" / "images": Path.is_dir,
-                  base / "val" / "val_annotations.txt": Path.is_file}
-    if not all(exists(p) for p, exists in needed.items()):
-        raise DatasetNotFoundError("TinyImageNet", str(root), [str(p) for p in needed],
-                                   hint="(extract tiny-imagenet-200.zip there; it is never downloaded)")
-
-    wnids = _read_wnids(wnids_path)
-    if split == "train":
-        files, missing = _train_files(base / "train", wnids)
-    else:
-        files, missing = _val_files(base / "val", wnids)
-    if missing:  # an incomplete extraction: list the first few missing files
-        more = len(missing) - _MAX_LISTED
-        hint = "(the data set is incomplete" + (f"; {more} more files are missing)" if more > 0 else ")")
-        raise DatasetNotFoundError("TinyImageNet", str(root), missing[:_MAX_LISTED], hint=hint)
-    images, labels = _decode(files)
-    classes = _class_names(base / "words.txt", wnids)
+    wnids, files = find_tinyimagenet_files(root, (split,))
+    images, labels = _decode(files[split])
+    classes = _class_names(Path(root) / _FOLDER / "words.txt", wnids)
     return ImageArrays(x=torch.from_numpy(images), y=torch.from_numpy(labels), classes=classes)

@@ -26,6 +26,10 @@ class DatasetNotFoundError(FileNotFoundError):
         super().__init__(msg)
 
 
+class DataFileError(ValueError):
+    """A dataset file exists but is truncated, corrupt or inconsistent; the message names it."""
+
+
 def _fmt_choices(choices: Iterable[Any]) -> str:
     return ", ".join(repr(c) for c in choices)
 
@@ -45,8 +49,11 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
 
 
 def _check_number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ValueError(f"{name} must be a number; got {value!r}.")
+    # NaN and infinity are refused everywhere: an infinite coefficient or learning rate can
+    # only produce a diverged run, which should fail at validation rather than after training.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(value):
+        raise ValueError(f"{name} must be a number (finite: not NaN or inf); got {value!r}.")
     return value
 
 

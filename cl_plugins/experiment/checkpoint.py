@@ -6,7 +6,7 @@ plugin's ``state_dict()`` (the contract in ARCHITECTURE.md: everything a method 
 evaluator's metric objects (Avalanche's stream BWT / forgetting keep the first accuracy of every
 experience), the strategy clock, every RNG and the results measured so far. Starting the same run
 again (same config, method entry and seed) loads it and trains only the experiences left; the
-continuation is identical to a run that never stopped. The file is deleted when the run finishes.
+continuation is identical to a run that never stopped. The files go (``remove``) once it finishes.
 
 Only runs whose every stateful part can be saved are checkpointed: the ``naive`` template plus
 plugins that implement ``state_dict`` / ``load_state_dict``. Other templates (joint, cumulative,
@@ -14,6 +14,24 @@ Avalanche's DER / iCaRL) and Avalanche's own plugins keep state we cannot save f
 them the JSON says ``"checkpoint": "off: <why>"`` rather than resuming into a different run. A
 checkpoint that cannot be written (e.g. a plugin replaced ``strategy.model``) switches
 checkpointing off with a warning; it never stops the run.
+
+Files and the recovery policy. ``save`` writes a temporary file, flushes it to disk, renames the
+current ``seed<S>.ckpt.pt`` to ``seed<S>.ckpt.prev.pt`` (the previous good checkpoint) and renames
+the new file in: a crash at any moment leaves at least one complete checkpoint. ``load_latest``
+tries the main file, then the ``.prev`` one; a file that cannot be used (truncated, corrupt, of
+another format, or holding anything but plain data) is renamed aside to ``<file>.corrupt``
+(``<file>.<n>.corrupt`` if that name is taken; never deleted) and the reason goes into the
+warnings it returns. When neither file loads it returns None and the run starts over (the caller
+says so). ``remove`` deletes the checkpoint and its ``.prev`` once the run has finished; files
+moved aside stay for inspection.
+
+Safety: a checkpoint is loaded with ``torch.load(weights_only=True)`` only, never with full
+pickle, so a checkpoint received from someone else cannot run code. It holds tensors and plain
+data only: the metric objects' state goes through :mod:`cl_plugins.experiment.state_io` (restored
+into the freshly built metric objects), the RNG states are lists and tensors, and every plugin's
+``state_dict()`` is plain data (tested for every registered plugin). ``save`` refuses anything
+else, naming the value, so an unloadable file is never written. Format 1 (pickled metrics and
+numpy RNG state) is not read.
 
 Why not Avalanche's ``avalanche.checkpointing.save_checkpoint``: it dill-pickles the whole
 strategy, datasets and plugin hook closures included, and with avalanche-lib 0.6.0 and the
@@ -27,23 +45,36 @@ import copy
 import hashlib
 import json
 import os
-import pickle
 import random
+import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1
+from .state_io import check_plain, restore_into, to_plain
+
+FORMAT_VERSION = 2  # 2: plain data only, loaded with weights_only=True (1: pickled metrics)
 # Config keys that do not change what a run computes: changing them must not block a resume.
 _NOT_COMPUTATION = {"output_dir", "loggers", "seeds", "methods"}
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be used; the message names the file and the reason."""
+
+
 def checkpoint_path(json_path: Path) -> Path:
     return json_path.with_name(json_path.stem + ".ckpt.pt")
+
+
+def previous_path(path: Path) -> Path:
+    """``seed0.ckpt.pt`` -> ``seed0.ckpt.prev.pt``: the checkpoint written before the latest."""
+    path = Path(path)
+    stem = path.name[:-3] if path.name.endswith(".pt") else path.name
+    return path.with_name(stem + ".prev.pt")
 
 
 def fingerprint(cfg: Dict[str, Any], entry: Dict[str, Any], seed: int) -> str:
@@ -76,14 +107,21 @@ def why_not_resumable(template_cls, template_kwargs: Dict[str, Any], plugins: Li
 # ------------------------------------------------------------------------------ RNG
 
 def rng_state() -> Dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
+    """Every global RNG as plain data (lists, ints, floats, tensors)."""
+    version, internal, gauss = random.getstate()
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    return {"python": {"version": version, "state": list(internal), "gauss_next": gauss},
+            "numpy": {"kind": str(kind), "key": torch.from_numpy(key.astype(np.int64)),
+                      "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    np.random.set_state((npy["kind"], npy["key"].numpy().astype(np.uint32), npy["pos"],
+                         npy["has_gauss"], npy["cached"]))
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -145,7 +183,7 @@ def capture(*, strategy, model, optimizer, plugins, result: Dict[str, Any],
         "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "optimizer": optimizer_state_by_name(optimizer, model),
         "plugins": [p.state_dict() for p in plugins],
-        "metrics": pickle.dumps(strategy.evaluator.metrics),
+        "metrics": to_plain(list(strategy.evaluator.metrics), "metrics"),
         "clock": dict(vars(strategy.clock)),
         "rng": rng_state(),
         "result": copy.deepcopy(result),
@@ -153,12 +191,19 @@ def capture(*, strategy, model, optimizer, plugins, result: Dict[str, Any],
 
 
 def save(path: Path, ckpt: Dict[str, Any]) -> None:
-    """Atomic: a crash while writing leaves the previous checkpoint in place."""
+    """Atomic: the new file is complete on disk before it replaces the checkpoint, which is kept
+    as ``.prev``. Refuses (``UnrepresentableState``) a checkpoint that is not plain data."""
+    path = Path(path)
+    check_plain(ckpt)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
     try:
-        torch.save(ckpt, tmp)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            os.replace(path, previous_path(path))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -166,13 +211,65 @@ def save(path: Path, ckpt: Dict[str, Any]) -> None:
 
 
 def load(path: Path) -> Dict[str, Any]:
-    # weights_only=False: the file holds plugin states (numpy, tuples) and pickled metric
-    # objects; it is one this runner wrote next to the run's results.
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if ckpt.get("format") != FORMAT_VERSION:
-        raise RuntimeError(f"{path}: checkpoint format {ckpt.get('format')!r}, this runner "
-                           f"reads {FORMAT_VERSION}")
+    """The checkpoint at ``path``, read with ``weights_only=True``; :class:`CheckpointError`
+    (naming the file and the reason) if it is truncated, corrupt, unsafe or of another format."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:  # missing or unreadable file: not the content's fault
+        raise
+    except Exception as err:  # zip / unpickling errors name neither the file nor the cause
+        raise CheckpointError(f"{path}: cannot read the checkpoint: {_reason(err)}") from err
+    found = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if found != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {found!r}, this runner reads "
+                              f"{FORMAT_VERSION}")
     return ckpt
+
+
+def _reason(err: Exception) -> str:
+    text = str(err)
+    refused = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|$)", text, re.M)
+    if refused:
+        return ("it holds pickled objects, not only tensors and plain data (an older format or "
+                f"not written by this runner; it is never unpickled): {refused.group(1).strip()}")
+    first = text.strip().splitlines()[0].split(". ")[0] if text.strip() else "no data"
+    return f"truncated or corrupt ({type(err).__name__}: {first})"
+
+
+def _move_aside(path: Path) -> Path:
+    target, n = path.with_name(path.name + ".corrupt"), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.{n}.corrupt")
+    os.replace(path, target)
+    return target
+
+
+def load_latest(path: Path) -> Tuple[Optional[Dict[str, Any]], List[str]]:
+    """The newest usable checkpoint: ``path``, else its ``.prev``; with the warnings to show.
+    Unusable files are renamed aside to ``.corrupt``; (None, warnings) when neither loads."""
+    path, said = Path(path), []
+    for candidate in (path, previous_path(path)):
+        if not candidate.exists():
+            continue
+        try:
+            ckpt = load(candidate)
+        except CheckpointError as err:
+            said.append(f"{err}; moved aside to {_move_aside(candidate)}")
+            continue
+        if candidate != path:
+            said.append(f"resuming from the previous checkpoint {candidate} (after "
+                        f"{ckpt.get('experiences_done')} experiences)")
+        return ckpt, said
+    if said:
+        said.append(f"no usable checkpoint for {path}: the run starts over")
+    return None, said
+
+
+def remove(path: Path) -> None:
+    """Delete the checkpoint and its ``.prev`` (files moved aside as corrupt stay)."""
+    for p in (Path(path), previous_path(path)):
+        p.unlink(missing_ok=True)
 
 
 def restore(ckpt: Dict[str, Any], *, strategy, model, optimizer, plugins,
@@ -197,7 +294,11 @@ def restore(ckpt: Dict[str, Any], *, strategy, model, optimizer, plugins,
                            f"builds {len(plugins)} plugins")
     for plugin, state in zip(plugins, ckpt["plugins"]):
         plugin.load_state_dict(state)
-    for fresh, saved in zip(strategy.evaluator.metrics, pickle.loads(ckpt["metrics"])):
-        fresh.__dict__.update(saved.__dict__)
+    metrics = list(strategy.evaluator.metrics)
+    if len(ckpt["metrics"]) != len(metrics):
+        raise RuntimeError(f"checkpoint has {len(ckpt['metrics'])} metric states, the run "
+                           f"builds {len(metrics)} metrics")
+    for i, (fresh, saved) in enumerate(zip(metrics, ckpt["metrics"])):
+        restore_into(fresh, saved, f"metrics[{i}]")
     vars(strategy.clock).update(ckpt["clock"])
     set_rng_state(ckpt["rng"])

@@ -18,11 +18,12 @@ when the same command is run again (``loggers.checkpoint``, on by default).
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import List, Optional
 
-from .config import apply_override, load_config, parse_value
+from .config import PATH_KEYS, apply_override, load_config, parse_value
 
 USAGE = __doc__
 
@@ -45,15 +46,18 @@ def parse_args(argv: List[str]):
         elif arg == "--skip-finished":
             skip_finished = True
         elif arg == "--config" and i + 1 < len(argv):
-            config_path = argv[i + 1]
+            config_path = os.path.expanduser(argv[i + 1])
             i += 1
         elif arg.startswith("--config="):
-            config_path = arg.split("=", 1)[1]
+            config_path = os.path.expanduser(arg.split("=", 1)[1])
         elif arg.startswith("--only="):
             only = [x for x in arg.split("=", 1)[1].split(",") if x]
         elif arg.startswith("--") and "=" in arg:
             key, value = arg[2:].split("=", 1)
-            overrides.append((SHORTCUTS.get(key, key), parse_value(value)))
+            key = SHORTCUTS.get(key, key)
+            # A path is read as a path: --out=123 and --out=no are folders, not a number and
+            # a boolean.
+            overrides.append((key, value if key in PATH_KEYS else parse_value(value)))
         elif arg.startswith("--") and arg[2:] in FLAGS:
             overrides.append(FLAGS[arg[2:]])
         else:
@@ -86,24 +90,52 @@ def list_methods_text() -> str:
     return "\n".join(f"{s.name}\t{','.join(s.scenarios)}" for s in list_methods())
 
 
+def prepare(argv: List[str]):
+    """Parse the command line and check the whole config: (plan, skip_finished), or None for
+    ``--list``. Raises ConfigError listing every problem found."""
+    from .plan import ConfigError, plan_experiment
+
+    config_path, overrides, list_only, only, skip_finished = parse_args(argv)
+    if list_only:
+        print(list_methods_text())
+        return None
+    cfg = load_config(config_path)
+    problems = []
+    for key, value in overrides:
+        try:
+            apply_override(cfg, key, value)
+        except ValueError as err:
+            problems.append(str(err))
+    if only and not problems:
+        select_methods(cfg, only)
+    try:
+        plan = plan_experiment(cfg)
+    except ConfigError as err:
+        raise ConfigError(problems + err.problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return plan, skip_finished
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        config_path, overrides, list_only, only, skip_finished = parse_args(argv)
-        if list_only:
-            print(list_methods_text())
+        prepared = prepare(argv)
+        if prepared is None:
             return 0
-        cfg = load_config(config_path)
-        for key, value in overrides:
-            apply_override(cfg, key, value)
-        if only:
-            select_methods(cfg, only)
+        plan, skip_finished = prepared
+        cfg = plan.cfg
         from .runner import run_experiment
         from . import results as res
 
         t0 = time.perf_counter()
-        runs = run_experiment(cfg, skip_finished=skip_finished)
-    except (ValueError, FileNotFoundError) as err:
+        runs = run_experiment(cfg, skip_finished=skip_finished, plan=plan)
+    except KeyboardInterrupt:
+        print("\ncl-run: interrupted. Run the same command again to resume: finished runs are "
+              "kept and each interrupted run continues from its last finished experience.",
+              file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, PermissionError) as err:
         print(f"cl-run: error: {err}", file=sys.stderr)
         return 2
     elapsed = time.perf_counter() - t0
@@ -112,7 +144,11 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"seeds {cfg['seeds']}")
     print(res.text_table(rows, cfg["benchmark"]["scenario"] == "class"))
     print(f"\nresults: {cfg['output_dir']}/{cfg['name']}/  (total {elapsed:.1f} s)")
-    return 1 if any(r["status"] != "finished" for r in runs) else 0
+    bad = [r for r in runs if r["status"] != "finished"]
+    for r in bad:
+        print(f"cl-run: {r['method']} seed {r['seed']} {r['status']}: {r.get('error', '')}",
+              file=sys.stderr)
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ validates them itself. Unknown keys raise and list the valid ones.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
@@ -49,6 +50,8 @@ METHOD_ENTRY_KEYS = ("name", "params", "plus", "optimizer", "strategy", "model",
 SCHEDULERS = ("multistep",)
 OPTIMIZERS = ("sgd", "adam", "adamw")
 AUGMENTS = (None, "crop_flip")
+# Options read as file-system paths, never as YAML numbers or booleans; '~' is expanded.
+PATH_KEYS = ("output_dir", "benchmark.data_root")
 
 
 # The main job (cl-run without --config) on split_digits task-IL: values picked on seed 0.
@@ -75,12 +78,50 @@ def load_config(path: str | Path | None = None) -> Dict[str, Any]:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-        with open(path) as f:
-            user = yaml.safe_load(f) or {}
+        text = path.read_text()
+        try:
+            user = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            what = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(f"config file {str(path)!r}{where}: not valid YAML: {what}") \
+                from None
         if not isinstance(user, dict):
             raise ValueError(f"config file {path} must hold a mapping at the top level")
+        for dotted, raw in _raw_path_scalars(text).items():
+            section, _, key = dotted.rpartition(".")
+            node = user.get(section) if section else user
+            if isinstance(node, dict) and node.get(key) is not None and \
+                    not isinstance(node.get(key), str):
+                node[key] = raw  # a path is a path, whatever YAML reads it as (no, 123, ...)
         merge(cfg, user, "")
     return cfg
+
+
+def _raw_path_scalars(text: str) -> Dict[str, str]:
+    """The source text of the path options' values in a YAML document (``PATH_KEYS``)."""
+    found: Dict[str, str] = {}
+    root = yaml.compose(text)
+    if not isinstance(root, yaml.MappingNode):
+        return found
+    for key, value in root.value:
+        if key.value == "output_dir" and isinstance(value, yaml.ScalarNode):
+            found["output_dir"] = value.value
+        if key.value == "benchmark" and isinstance(value, yaml.MappingNode):
+            for k2, v2 in value.value:
+                if k2.value == "data_root" and isinstance(v2, yaml.ScalarNode):
+                    found["benchmark.data_root"] = v2.value
+    return found
+
+
+def expand_paths(cfg: Dict[str, Any]) -> None:
+    """Path options as strings with ``~`` expanded (``None`` data root: the default)."""
+    for dotted in PATH_KEYS:
+        section, _, key = dotted.rpartition(".")
+        node = cfg.get(section) if section else cfg
+        if isinstance(node, dict) and node.get(key) is not None:
+            node[key] = os.path.expanduser(str(node[key]))
 
 
 def merge(base: Dict[str, Any], update: Dict[str, Any], where: str) -> None:
@@ -90,7 +131,10 @@ def merge(base: Dict[str, Any], update: Dict[str, Any], where: str) -> None:
             raise unknown_name_error("config key", key, DEFAULT_CONFIG)
         if where in STRICT_SECTIONS and key not in DEFAULT_CONFIG[where]:
             raise unknown_name_error(f"config key in '{where}'", key, DEFAULT_CONFIG[where])
-        if isinstance(value, dict) and isinstance(base.get(key), dict) and where == "" \
+        if where == "" and isinstance(DEFAULT_CONFIG.get(key), dict) and \
+                not isinstance(value, dict):
+            base[key] = value  # reported by the plan's check ("must be a mapping")
+        elif isinstance(value, dict) and isinstance(base.get(key), dict) and where == "" \
                 and key != "model":
             merge(base[key], value, key)
         elif key == "model" and where == "" and isinstance(value, dict):
@@ -131,9 +175,12 @@ def apply_override(cfg: Dict[str, Any], dotted: str, value: Any) -> None:
             cfg["methods"] = normalize_methods(cfg["methods"])
             node = cfg["methods"]
             continue
+        if not isinstance(node, dict):
+            break
         node = node.setdefault(key, {})
-        if not isinstance(node, (dict, list)):
-            raise ValueError(f"cannot set {dotted}: {'.'.join(parts[:i + 1])} is not a section")
+    if not isinstance(node, (dict, list)):
+        raise ValueError(f"cannot set {dotted}: {'.'.join(parts[:-1])} is not a section (it "
+                         f"holds {node!r})")
     last = parts[-1]
     if isinstance(node, list):
         node[_index(node, last, dotted)] = value
@@ -246,16 +293,20 @@ def section_for(cfg: Dict[str, Any], entry: Dict[str, Any], key: str) -> Dict[st
     return merged
 
 
-def validate(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """Check the values the runner itself consumes; returns ``cfg`` with methods normalised."""
+def check_seeds(seeds: Any) -> List[int]:
     from cl_plugins.core.checks import check_int
 
-    seeds = cfg["seeds"]
-    if isinstance(seeds, int):
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
         seeds = [seeds]
     if not isinstance(seeds, Sequence) or isinstance(seeds, str) or not seeds:
         raise ValueError(f"seeds must be a non-empty list of integers; got {seeds!r}")
-    cfg["seeds"] = [check_int("seeds[]", s, 0) for s in seeds]
+    return [check_int("seeds[]", s, 0) for s in seeds]
+
+
+def validate(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """Check the values the runner itself consumes; returns ``cfg`` with methods normalised.
+    (The complete check, run before anything else, is ``plan.plan_experiment``.)"""
+    cfg["seeds"] = check_seeds(cfg["seeds"])
     cfg["methods"] = normalize_methods(cfg["methods"])
     _check_optimizer(cfg["optimizer"], "optimizer")
     _check_strategy(cfg["strategy"], "strategy")

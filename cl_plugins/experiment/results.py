@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import math
 import os
 import platform
+import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 
 def package_versions() -> Dict[str, str]:
@@ -23,16 +26,77 @@ def package_versions() -> Dict[str, str]:
     return out
 
 
-def write_json_atomic(path: Path, data: Dict[str, Any]) -> None:
-    """Write to a temporary file then rename: a crash never leaves a half-written result."""
+@functools.lru_cache(maxsize=None)
+def provenance() -> Dict[str, Any]:
+    """Which code produced a result: the package version, the git commit and dirty flag when
+    the package runs from a checkout (None otherwise), a hash of the package's source files,
+    and each source file's own hash (``reproduce.py --table`` compares these to tell whether a
+    row is stale). Computed once per process."""
+    import cl_plugins
+
+    pkg = Path(cl_plugins.__file__).resolve().parent
+    files = {}
+    for f in sorted(list(pkg.rglob("*.py")) + list(pkg.rglob("*.yaml"))):
+        if "__pycache__" not in f.parts:
+            files[f.relative_to(pkg.parent).as_posix()] = \
+                hashlib.sha256(f.read_bytes()).hexdigest()[:12]
+    out: Dict[str, Any] = {
+        "cl_plugins": getattr(cl_plugins, "__version__", None), "git_commit": None,
+        "git_dirty": None, "source_hash": hashlib.sha256(
+            json.dumps(files, sort_keys=True).encode()).hexdigest()[:16], "files": files}
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(pkg.parent), *args], capture_output=True,
+                              text=True, timeout=20, check=True).stdout
+
+    try:
+        top = Path(git("rev-parse", "--show-toplevel").strip()).resolve()
+        if top == pkg.parent:  # the package's own checkout, not some enclosing repository
+            out["git_commit"] = git("rev-parse", "HEAD").strip()
+            changed = [ln[3:] for ln in git("status", "--porcelain", "--untracked-files=no")
+                       .splitlines() if ln.strip()]
+            out["git_dirty"] = bool(changed)
+            out["git_dirty_files"] = changed[:50]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
+def read_json(path: Path) -> Optional[Dict[str, Any]]:
+    """The JSON at ``path``, or None when there is none or it cannot be read."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _atomic(path: Path, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` then rename to ``path``: a crash never leaves a half-written file, and a
+    failed write (e.g. a full disk) leaves no partial file behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, default=str)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; results are ordinary files
-    os.replace(tmp, path)
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; results are ordinary files
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json_atomic(path: Path, data: Dict[str, Any]) -> None:
+    def dump(tmp):
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1, default=str)
+    _atomic(path, dump)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    _atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def mean_std(values: Sequence[float]):
@@ -67,7 +131,7 @@ def summary_rows(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
                                    if r.get("summary_task_view")]),
             "time_s": f"{sum(r['train_time_s'] for r in done) / max(1, len(done)):.1f}",
             "seeds": ",".join(str(r["seed"]) for r in done),
-            "failed": [r["seed"] for r in rs if r["status"] != "finished"],
+            "failed": [f"{r['seed']} {r['status']}" for r in rs if r["status"] != "finished"],
         })
     return rows
 
@@ -78,7 +142,8 @@ def markdown_table(rows: List[Dict[str, Any]], task_view: bool) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["method"], r["acc"], r["bwt"]] + ([r["task_il_acc"]] if task_view else []) + \
-            [r["time_s"], r["seeds"] + (f" (failed: {r['failed']})" if r["failed"] else "")]
+            [r["time_s"], r["seeds"] + (f" (not finished: {', '.join(r['failed'])})"
+                                     if r["failed"] else "")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -86,7 +151,7 @@ def markdown_table(rows: List[Dict[str, Any]], task_view: bool) -> str:
 def text_table(rows: List[Dict[str, Any]], task_view: bool) -> str:
     head = ["method", "ACC (%)", "BWT (%)"] + (["task-IL ACC"] if task_view else []) + ["time (s)"]
     body = [[r["method"], r["acc"], r["bwt"]] + ([r["task_il_acc"]] if task_view else []) +
-            [r["time_s"] + (" FAILED" if r["failed"] else "")] for r in rows]
+            [r["time_s"] + (f" (not finished: {', '.join(r['failed'])})" if r["failed"] else "")] for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
@@ -109,9 +174,10 @@ def plot_matrix(matrix: List[List[float]], path: Path, title: str) -> Path:
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        _atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -129,7 +195,8 @@ def plot_curves(curves: Dict[str, List[float]], path: Path, title: str) -> Path:
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        _atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
     return path

@@ -9,8 +9,6 @@ experience, so a failure later in the stream never loses what was measured befor
 from __future__ import annotations
 
 import functools
-import inspect
-import json
 import os
 import random
 import re
@@ -31,12 +29,15 @@ from cl_plugins.benchmarks import build_benchmark
 from cl_plugins.core.augment import BatchAugmentPlugin
 from cl_plugins.core.iterations import IterationBudgetPlugin
 from cl_plugins.models import build_model
-from cl_plugins.registry import get_method, list_methods
+from cl_plugins.core.divergence import DivergenceError, DivergenceGuard
+from cl_plugins.registry import get_method
 
 from . import checkpoint as ckpt_io
 from . import results as res
-from .config import section_for, validate
+from .config import section_for
 from .evaluation import ACC_KEY, TASK_VIEW_KEY, TaskILAccuracy, matrix_row, summarize
+from .plan import (entry_params, expand_methods, instantiate, json_path, method_label,  # noqa: F401
+                   plan_experiment, run_fingerprint, settings_fingerprint)
 from .progress import ProgressBarPlugin
 
 
@@ -51,6 +52,7 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(device: str) -> torch.device:
+    device = str(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -107,34 +109,13 @@ def build_scheduler(sched_cfg: Dict[str, Any], optimizer) -> SupervisedPlugin:
                              step_granularity="epoch")
 
 
-def _instantiate(spec, params: Dict[str, Any]):
-    kwargs = {**spec.defaults, **(params or {})}
-    sig = inspect.signature(spec.factory.__init__)
-    accepts_any = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
-    allowed = [n for n in sig.parameters if n != "self"]
-    unknown = [k for k in kwargs if k not in allowed]
-    if unknown and not accepts_any:
-        raise ValueError(f"Unknown hyper-parameter(s) {unknown} for method {spec.name!r}; "
-                         f"valid: {allowed or 'none'}")
-    return spec.factory(**kwargs)
-
-
-def method_label(entry: Dict[str, Any]) -> str:
-    return entry.get("label") or "+".join([entry["name"]] + [p["name"] for p in entry["plus"]])
-
-
-def expand_methods(methods: List[Dict[str, Any]], scenario: str) -> List[Dict[str, Any]]:
-    """Replace an entry named 'all' by every registered method that supports ``scenario``
-    (other libraries' reference implementations only run when named)."""
-    out = []
-    for m in methods:
-        if m["name"] == "all":
-            specs = [s for s in list_methods(scenario) if not s.reference]
-            specs.sort(key=lambda s: (s.name != "naive", s.name))
-            out += [{"name": s.name, "params": {}, "plus": []} for s in specs]
-        else:
-            out.append(m)
-    return out
+def _divergence_hint(opt_cfg: Dict[str, Any], parts) -> str:
+    """The settings a diverged run's message points at: the learning rate, the coefficients."""
+    coefs = [f"{spec.name}.{k}={v}" for spec, params in parts
+             for k, v in {**spec.defaults, **params}.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool)
+             and any(w in k for w in ("lambda", "alpha", "beta", "strength", "reg", "c"))]
+    return f"optimizer.lr={opt_cfg['lr']}" + (f"; {', '.join(coefs[:6])}" if coefs else "")
 
 
 class _StepCounter(SupervisedPlugin):
@@ -148,7 +129,13 @@ class _StepCounter(SupervisedPlugin):
 
 def run_single(cfg: Dict[str, Any], entry: Dict[str, Any], seed: int, out_dir: Path,
                progress: bool = True) -> Dict[str, Any]:
-    """Train and evaluate one method entry with one seed; returns the results dict."""
+    """Train and evaluate one method entry with one seed; returns the results dict.
+
+    A run whose training diverges returns with status ``diverged`` (the rows measured before
+    are kept). Files: ``plan.json_path`` (settings fingerprint in the folder). When that file
+    already holds a finished result, the new run writes ``seed<N>.rerun.json`` and replaces
+    the finished file only once it has finished itself: a failing rerun never downgrades a
+    finished result."""
     from avalanche.evaluation.metrics import accuracy_metrics, bwt_metrics, forgetting_metrics
 
     label = method_label(entry)
@@ -160,11 +147,9 @@ def run_single(cfg: Dict[str, Any], entry: Dict[str, Any], seed: int, out_dir: P
     info = build_benchmark(**bench_cfg, seed=seed if bench_seed is None else bench_seed)
 
     # Resolve the method: one template (default naive) plus plugins.
-    shared = cfg.get("method_params") or {}
-    specs = [(get_method(e["name"]), {**shared.get(e["name"], {}), **e["params"]})
-             for e in [entry] + entry["plus"]]
+    parts = [(get_method(e["name"]), entry_params(cfg, e)) for e in [entry] + entry["plus"]]
     template_cls, template_kwargs, plugins, trains_on_stream = None, {}, [], False
-    for spec, params in specs:
+    for spec, params in parts:
         spec.check_scenario(info.scenario)
         if spec.kind == "template":
             if template_cls is not None:
@@ -173,7 +158,7 @@ def run_single(cfg: Dict[str, Any], entry: Dict[str, Any], seed: int, out_dir: P
             template_cls, template_kwargs = spec.factory, {**spec.defaults, **params}
             trains_on_stream = spec.trains_on_stream
         else:
-            plugins.append(_instantiate(spec, params))
+            plugins.append(instantiate(spec, params))
     if template_cls is None:
         from avalanche.training import Naive as template_cls  # noqa: N813
 
@@ -182,7 +167,8 @@ def run_single(cfg: Dict[str, Any], entry: Dict[str, Any], seed: int, out_dir: P
     model = build_model(section_for(cfg, entry, "model"), info)
     optimizer = build_optimizer(opt_cfg, model)
     counter = _StepCounter()
-    extra: List[SupervisedPlugin] = [counter]
+    extra: List[SupervisedPlugin] = [counter, DivergenceGuard(
+        label, seed, _divergence_hint(opt_cfg, parts))]
     if st_cfg["train_iterations"] is not None:
         extra.append(IterationBudgetPlugin(st_cfg["train_iterations"]))
     if opt_cfg.get("scheduler"):
@@ -192,16 +178,22 @@ def run_single(cfg: Dict[str, Any], entry: Dict[str, Any], seed: int, out_dir: P
     if progress:
         extra.append(ProgressBarPlugin(f"{label} s{seed}"))
 
-    path = out_dir / cfg["name"] / label / f"seed{seed}.json"
-    ckpt_path = ckpt_io.checkpoint_path(path)
-    run_id = ckpt_io.fingerprint(cfg, entry, seed)
+    settings = settings_fingerprint(cfg, entry)
+    run_id = run_fingerprint(settings, seed)
+    final_path = json_path(out_dir, cfg, entry, seed)
+    previous = res.read_json(final_path)
+    rerun = previous is not None and previous.get("status") == "finished"
+    path = final_path.with_name(f"seed{seed}.rerun.json") if rerun else final_path
+    ckpt_path = ckpt_io.checkpoint_path(final_path)
     not_resumable = ckpt_io.why_not_resumable(template_cls, template_kwargs, plugins,
                                               trains_on_stream)
     checkpointing = cfg["loggers"]["checkpoint"] and not_resumable is None
     saved = None
-    if checkpointing and ckpt_path.exists():
-        saved = ckpt_io.load(ckpt_path)
-        if saved["fingerprint"] != run_id:
+    if checkpointing:
+        saved, notes = ckpt_io.load_latest(ckpt_path)
+        for note in notes:
+            warnings.warn(f"{label} seed {seed}: {note}")
+        if saved is not None and saved["fingerprint"] != run_id:
             warnings.warn(f"{ckpt_path} was written by a different config, method entry or seed "
                           f"(fingerprint {saved['fingerprint']}, this run {run_id}); starting "
                           "afresh and replacing it")
@@ -239,6 +231,7 @@ def run_single(cfg: Dict[str, Any], entry: Dict[str, Any], seed: int, out_dir: P
     result: Dict[str, Any] = {
         "status": "running", "method": label, "seed": seed, "config": cfg,
         "method_entry": entry, "benchmark": info.describe(), "versions": res.package_versions(),
+        "provenance": res.provenance(), "settings_fingerprint": settings,
         "device": str(device), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "view": info.scenario, "matrix": [], "matrix_task_view": [] if info.scenario == "class"
         else None, "train_time_s_per_exp": [], "steps_per_exp": [], "peak_rss_mb": [],
@@ -247,7 +240,8 @@ def run_single(cfg: Dict[str, Any], entry: Dict[str, Any], seed: int, out_dir: P
         f"off: {not_resumable or 'loggers.checkpoint is false'}", "resumed": [],
     }
     if saved is not None:  # carry on: the results measured before the stop come from the file
-        result = {**saved["result"], "status": "running", "config": cfg, "device": str(device)}
+        result = {**saved["result"], "status": "running", "config": cfg, "device": str(device),
+                  "provenance": res.provenance()}
         result["resumed"] = result.get("resumed", []) + [
             {"after_experiences": saved["experiences_done"],
              "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]
@@ -301,7 +295,7 @@ def run_single(cfg: Dict[str, Any], entry: Dict[str, Any], seed: int, out_dir: P
                                             f"{type(err).__name__}: {err}")
                     warnings.warn(f"{label} seed {seed}: no checkpoint ({result['checkpoint']});"
                                   " the run goes on without one")
-                    ckpt_path.unlink(missing_ok=True)
+                    ckpt_io.remove(ckpt_path)
                 else:
                     result.setdefault("checkpoint_s_per_exp", []).append(
                         time.perf_counter() - t0)
@@ -314,15 +308,18 @@ def run_single(cfg: Dict[str, Any], entry: Dict[str, Any], seed: int, out_dir: P
         result["step_time_ms"] = 1000 * result["train_time_s"] / steps if steps else None
         result["status"] = "finished"
         write()
-        if ckpt_path.exists() and checkpointing:
-            ckpt_path.unlink()  # the finished JSON holds everything the run measured
+        if path != final_path and cfg["loggers"]["json"]:
+            os.replace(path, final_path)  # the rerun finished: it takes the result's place
+            path = final_path
+        if checkpointing:
+            ckpt_io.remove(ckpt_path)  # the finished JSON holds everything the run measured
         if cfg["loggers"]["plots"]:
             title = f"{cfg['name']} {label} seed {seed} ({info.scenario}-IL)"
             result["plots"] = {
-                "acc_matrix": str(res.plot_matrix(result["matrix"], path.with_suffix(".png"),
-                                                  title)),
+                "acc_matrix": str(res.plot_matrix(result["matrix"],
+                                                  final_path.with_suffix(".png"), title)),
                 "acc_curve": str(res.plot_curves({label: result["summary"]["acc_curve"]},
-                                                 path.with_name(f"seed{seed}_acc_curve.png"),
+                                                 final_path.with_name(f"seed{seed}_acc_curve.png"),
                                                  title))}
             write()
         if wandb_logger is not None:
@@ -334,16 +331,24 @@ def run_single(cfg: Dict[str, Any], entry: Dict[str, Any], seed: int, out_dir: P
             for k, v in log.items():
                 if not k.endswith(("acc_matrix", "acc_curve")):
                     wandb_logger.wandb.run.summary[k] = v
-    except BaseException as err:  # record then re-raise: what was measured stays on disk
-        result["status"] = "failed"
+    except BaseException as err:  # record: what was measured stays on disk
+        result["status"] = ("diverged" if isinstance(err, DivergenceError) else
+                            "interrupted" if isinstance(err, KeyboardInterrupt) else "failed")
         result["error"] = f"{type(err).__name__}: {err}"
-        result["traceback"] = traceback.format_exc()
+        if result["status"] == "failed":
+            result["traceback"] = traceback.format_exc()
         if checkpointing and ckpt_path.exists():
             result["resume"] = (f"checkpoint after {len(result['steps_per_exp'])} experiences "
                                 f"at {ckpt_path}: run the same command again to resume")
-            print(f"[cl-run] {label} seed {seed}: {result['resume']}", file=sys.stderr)
-        write()
-        raise
+            if result["status"] == "failed":
+                print(f"[cl-run] {label} seed {seed}: {result['resume']}", file=sys.stderr)
+        try:
+            write()
+        except OSError as werr:  # e.g. the disk is full: say so, keep the original error
+            print(f"[cl-run] {label} seed {seed}: could not record the result in {path}: "
+                  f"{werr}", file=sys.stderr)
+        if result["status"] != "diverged":
+            raise
     finally:
         if wandb_logger is not None:
             wandb_logger.wandb.finish()
@@ -351,75 +356,83 @@ def run_single(cfg: Dict[str, Any], entry: Dict[str, Any], seed: int, out_dir: P
 
 
 def run_experiment(cfg: Dict[str, Any], progress: bool | None = None,
-                   echo=print, skip_finished: bool = False) -> List[Dict[str, Any]]:
+                   echo=print, skip_finished: bool = False, plan=None) -> List[Dict[str, Any]]:
     """Run every method entry for every seed; write the summary; return the per-run results.
-    ``skip_finished``: a run whose JSON is finished and was computed with the same settings
-    (same ``run_fingerprint``) is read back instead of being run again."""
-    cfg = validate(cfg)
-    scenario = cfg["benchmark"]["scenario"]
-    from cl_plugins.benchmarks import resolve_scenario
 
-    scenario = resolve_scenario(scenario)
-    cfg["benchmark"]["scenario"] = scenario
-    entries = expand_methods(cfg["methods"], scenario)
-    for e in entries:  # fail fast on names and scenarios before any training
-        for name in [e["name"]] + [p["name"] for p in e["plus"]]:
-            get_method(name).check_scenario(scenario)
+    The whole config is checked first (``plan.plan_experiment``; pass ``plan`` when already
+    done): any problem raises ``ConfigError`` before anything is built or written.
+    ``skip_finished``: a run whose JSON is finished with the same settings is read back instead
+    of being run again. A run that diverges or fails is recorded and the others still run; a
+    data-file error stops everything (it would fail every run the same way)."""
+    from cl_plugins.core.checks import DatasetNotFoundError
+
+    plan = plan if plan is not None else plan_experiment(cfg)
+    cfg = plan.cfg
     if os.environ.get("WANDB_SWEEP_ID"):
-        if len(entries) != 1 or len(cfg["seeds"]) != 1:
-            raise ValueError("Under a wandb sweep agent each run must be one method and one seed "
-                             f"(got {len(entries)} methods, seeds {cfg['seeds']}); make the seed "
-                             "a sweep parameter instead.")
         cfg["loggers"]["wandb"] = True
     progress = cfg["loggers"]["progress"] if progress is None else progress
     out_dir = Path(cfg["output_dir"])
     runs: List[Dict[str, Any]] = []
-    for entry in entries:
-        for seed in cfg["seeds"]:
-            label = method_label(entry)
-            if skip_finished:
-                done = _finished_result(cfg, entry, seed, out_dir)
-                if done is not None:
-                    echo(f"[cl-run] {label} seed {seed}: finished with the same settings, "
-                         "skipped (--skip-finished)")
-                    runs.append(done)
-                    continue
-            try:
-                runs.append(run_single(cfg, entry, seed, out_dir, progress=progress))
-            except (KeyboardInterrupt, SystemExit):
+    for planned in plan.runs:
+        label, seed = planned.label, planned.seed
+        if skip_finished:
+            done = _finished_result(cfg, planned.entry, seed, out_dir)
+            if done is not None:
+                echo(f"[cl-run] {label} seed {seed}: finished with the same settings, "
+                     "skipped (--skip-finished)")
+                runs.append(done)
+                continue
+        try:
+            result = run_single(cfg, planned.entry, seed, out_dir, progress=progress)
+        except (KeyboardInterrupt, SystemExit, DatasetNotFoundError):
+            raise
+        except Exception as err:
+            if type(err).__name__ == "DataFileError":
                 raise
-            except Exception as err:
-                echo(f"[cl-run] {label} seed {seed} FAILED: {type(err).__name__}: {err}")
-                runs.append({"method": label, "seed": seed, "status": "failed",
-                             "error": f"{type(err).__name__}: {err}"})
+            echo(f"[cl-run] {label} seed {seed} FAILED: {type(err).__name__}: {err}")
+            result = {"method": label, "seed": seed, "status": "failed",
+                      "error": f"{type(err).__name__}: {err}"}
+        if result["status"] == "diverged":
+            echo(f"[cl-run] {label} seed {seed} DIVERGED: {result['error']}")
+        runs.append(result)
     write_summary(cfg, runs, out_dir)
     return runs
 
 
 def _finished_result(cfg, entry, seed, out_dir: Path):
-    path = out_dir / cfg["name"] / method_label(entry) / f"seed{seed}.json"
-    if not path.exists():
+    found = res.read_json(json_path(out_dir, cfg, entry, seed))
+    if found is None:
         return None
-    try:
-        found = json.loads(path.read_text())
-    except ValueError:
-        return None
-    same = found.get("run_fingerprint") == ckpt_io.fingerprint(cfg, entry, seed)
+    same = found.get("run_fingerprint") == run_fingerprint(settings_fingerprint(cfg, entry), seed)
     return found if same and found.get("status") == "finished" else None
 
 
 def write_summary(cfg: Dict[str, Any], runs: List[Dict[str, Any]], out_dir: Path) -> str:
-    rows = res.summary_rows(runs)
-    task_view = cfg["benchmark"]["scenario"] == "class"
-    md = (f"# {cfg['name']}\n\nBenchmark: {cfg['benchmark']['name']}, "
-          f"{cfg['benchmark']['scenario']}-IL. Seeds: {cfg['seeds']}.\n\n"
-          + res.markdown_table(rows, task_view) + "\n")
+    """``OUTPUT_DIR/NAME/summary.md`` and ``acc_curve.png``: an index of every result under
+    ``OUTPUT_DIR/NAME``, one row per method label and settings fingerprint (this call's runs
+    and every earlier one), so a run with other settings never replaces another's line."""
     base = out_dir / cfg["name"]
+    found = [r for r in (res.read_json(p) for p in sorted(base.glob("*/*/seed*.json"))
+                         if not p.name.endswith(".rerun.json")) if r is not None]
+    known = {(r.get("method"), r.get("settings_fingerprint"), r.get("seed")) for r in found}
+    found += [r for r in runs if (r.get("method"), r.get("settings_fingerprint"),
+                                  r.get("seed")) not in known]
+    labels = {}
+    for r in found:
+        labels.setdefault(r["method"], set()).add(r.get("settings_fingerprint"))
+    grouped = [dict(r, method=f"{r['method']} @{r.get('settings_fingerprint')}"
+                    if len(labels[r["method"]]) > 1 else r["method"]) for r in found]
+    rows = res.summary_rows(grouped)
+    task_view = cfg["benchmark"]["scenario"] == "class"
+    md = (f"# {cfg['name']}\n\nEvery result under this folder (regenerated by each cl-run "
+          f"with this config name); a label run with several settings shows each settings "
+          f"fingerprint (the folder under the label).\n\n"
+          + res.markdown_table(rows, task_view) + "\n")
     base.mkdir(parents=True, exist_ok=True)
-    (base / "summary.md").write_text(md)
+    res.write_text_atomic(base / "summary.md", md)
     curves = {}
-    for label in dict.fromkeys(r["method"] for r in runs):
-        done = [r for r in runs if r["method"] == label and r["status"] == "finished"]
+    for label in dict.fromkeys(r["method"] for r in grouped):
+        done = [r for r in grouped if r["method"] == label and r["status"] == "finished"]
         if done and len(done[0]["summary"]["acc_curve"]) > 1:
             curves[label] = np.mean([r["summary"]["acc_curve"] for r in done], axis=0).tolist()
     if cfg["loggers"]["plots"] and curves:

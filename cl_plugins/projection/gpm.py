@@ -141,6 +141,7 @@ from cl_plugins.core.checks import check_bool, check_choice, check_int, check_ra
 from cl_plugins.core.layer_inputs import (call_model, input_rows, iterate_batches,
                                           protected_layers, record_inputs)
 from cl_plugins.core.input_side import InputSideGradientProjector
+from cl_plugins.core.state import check_owner, owned_by
 from cl_plugins.core.subspace import FanInProjector, energy_rank
 
 BIAS_MODES = ("freeze", "append", "free")
@@ -379,11 +380,13 @@ class GPMPlugin(SupervisedPlugin):
                 "task1_rank": self.task1_rank, "seed": self.seed}
 
     def state_dict(self) -> dict:
-        return {**self._hyper(), "bases": {n: b.cpu().clone() for n, b in self.bases.items()},
+        return {**owned_by(self), **self._hyper(),
+                "bases": {n: b.cpu().clone() for n, b in self.bases.items()},
                 "tasks_seen": self.tasks_seen, "history": [dict(h) for h in self.history],
                 "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
+        check_owner(self, state)
         for key, mine in self._hyper().items():
             if state.get(key) != mine:
                 raise ValueError(f"saved {type(self).__name__} state has {key}="

@@ -168,6 +168,7 @@ from cl_plugins.core.params import snapshot
 from cl_plugins.core.per_sample import cross_entropy_sample, per_sample_gradients
 from cl_plugins.core.quadratic import QuadraticPenalty
 from cl_plugins.core.input_side import InputSideGradientProjector
+from cl_plugins.core.state import check_owner, owned_by
 from cl_plugins.core.subspace import FanInProjector, sym_eigh
 
 FEATURES = ("batch_mean", "per_sample")
@@ -536,8 +537,8 @@ class NSCLPlugin(SupervisedPlugin):
     # ---------------------------------------------------------------------------- state
 
     def state_dict(self) -> dict:
-        return {"method": self.METHOD_NAME, "a": self.a, "features": self.features,
-                "frobenius_scale": self.frobenius_scale,
+        return {**owned_by(self), "method": self.METHOD_NAME, "a": self.a,
+                "features": self.features, "frobenius_scale": self.frobenius_scale,
                 "lambda_min_floor": self.lambda_min_floor, "bias": self.bias,
                 "stats_batch_size": self.stats_batch_size, "stats_shuffle": self.stats_shuffle,
                 "bn_ewc_lambda": self.bn_ewc_lambda, "seed": self.seed,
@@ -549,6 +550,7 @@ class NSCLPlugin(SupervisedPlugin):
                 "penalty": self.quadratic_penalty.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        check_owner(self, state)
         for key in ("method", "a", "features", "frobenius_scale", "lambda_min_floor", "bias",
                     "stats_batch_size", "stats_shuffle", "bn_ewc_lambda", "seed"):
             mine = self.METHOD_NAME if key == "method" else getattr(self, key)

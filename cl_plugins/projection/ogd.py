@@ -145,6 +145,7 @@ from cl_plugins.core.checks import check_choice, check_int, check_range
 from cl_plugins.core.layer_inputs import iterate_batches
 from cl_plugins.core.params import shared_parameters
 from cl_plugins.core.per_sample import per_sample_gradients
+from cl_plugins.core.state import check_owner, owned_by
 
 VARIANTS = ("gtl", "ave", "all")
 GS_BLOCK = 16  # vectors orthonormalised vector by vector together (see "Numerics")
@@ -501,7 +502,7 @@ class OGDPlugin(SupervisedPlugin):
     # ------------------------------------------------------------------------------ state
 
     def state_dict(self) -> dict:
-        return {"method": self.METHOD_NAME, "variant": self.variant,
+        return {**owned_by(self), "method": self.METHOD_NAME, "variant": self.variant,
                 "memory_per_task": self.memory_per_task, "max_directions": self.max_directions,
                 "drop_tol": self.drop_tol, "seed": self.seed,
                 "generator": self.generator.get_state(),
@@ -512,6 +513,7 @@ class OGDPlugin(SupervisedPlugin):
                 "memory_indices": [list(i) for i in self.memory_indices]}
 
     def load_state_dict(self, state: dict) -> None:
+        check_owner(self, state)
         for key in ("method", "variant", "memory_per_task", "max_directions", "drop_tol", "seed"):
             mine = self.METHOD_NAME if key == "method" else getattr(self, key)
             if state.get(key) != mine:

@@ -139,6 +139,7 @@ from cl_plugins.core.checks import check_choice, check_int, check_positive
 from cl_plugins.core.layer_inputs import (UnsupportedLayerError, call_model, iterate_batches,
                                           protected_layers)
 from cl_plugins.core.per_sample import per_sample_gradients
+from cl_plugins.core.state import check_owner, owned_by
 
 VECTOR_RULES = ("code", "paper")
 NORM_MODES = ("error", "sgd")
@@ -365,15 +366,16 @@ class RGOPlugin(SupervisedPlugin):
 
     # ------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        return {"method": self.METHOD_NAME, "alpha": self.alpha, "vector": self.vector,
-                "rls_batches": self.rls_batches, "rls_batch_size": self.rls_batch_size,
-                "norms": self.norms, "seed": self.seed,
+        return {**owned_by(self), "method": self.METHOD_NAME, "alpha": self.alpha,
+                "vector": self.vector, "rls_batches": self.rls_batches,
+                "rls_batch_size": self.rls_batch_size, "norms": self.norms, "seed": self.seed,
                 "generator": self.generator.get_state(), "tasks_done": self.tasks_done,
                 "n_vectors": dict(self.n_vectors),
                 "P": {n: None if P is None else P.detach().cpu().clone()
                       for n, P in self.P.items()}}
 
     def load_state_dict(self, state: dict) -> None:
+        check_owner(self, state)
         for key in ("method", "alpha", "vector", "rls_batches", "rls_batch_size", "norms",
                     "seed"):
             mine = self.METHOD_NAME if key == "method" else getattr(self, key)

@@ -163,6 +163,7 @@ from cl_plugins.core.checks import check_choice, check_int, check_non_negative
 from cl_plugins.core.params import check_same_keys, shared_parameters, snapshot
 from cl_plugins.core.per_sample import cross_entropy_sample, per_sample_gradient_sums
 from cl_plugins.core.quadratic import QuadraticPenalty
+from cl_plugins.core.state import check_owner, owned_by
 
 FISHER_TYPES = ("exact", "true", "empirical", "predicted")
 EWC_MODES = ("separate", "accumulate")
@@ -354,12 +355,13 @@ class EWCPlugin(SupervisedPlugin):
     # ---------------------------------------------------------------------------- state
 
     def state_dict(self) -> dict:
-        return {"method": self.METHOD_NAME, "ewc_lambda": self.ewc_lambda, "mode": self.mode,
-                "fisher": self.fisher, "fisher_samples": self.fisher_samples, "seed": self.seed,
-                "generator": self.generator.get_state(),
+        return {**owned_by(self), "method": self.METHOD_NAME, "ewc_lambda": self.ewc_lambda,
+                "mode": self.mode, "fisher": self.fisher, "fisher_samples": self.fisher_samples,
+                "seed": self.seed, "generator": self.generator.get_state(),
                 "penalty": self.quadratic_penalty.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        check_owner(self, state)
         for key in ("method", "ewc_lambda", "mode", "fisher", "fisher_samples", "seed"):
             mine = self.METHOD_NAME if key == "method" else getattr(self, key)
             if state.get(key) != mine:

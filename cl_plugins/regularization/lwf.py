@@ -116,6 +116,7 @@ from torch import nn
 from cl_plugins.core.checks import check_bool, check_choice, check_non_negative, check_positive
 from cl_plugins.core.distill import kd_loss
 from cl_plugins.core.params import task_specific_prefixes
+from cl_plugins.core.state import check_owner, owned_by
 
 SCHEDULES = ("constant", "vandeven")
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
@@ -427,11 +428,12 @@ class LwFPlugin(SupervisedPlugin):
             teacher = {k: v.clone() for k, v in self._pending_teacher.items()}
         else:
             teacher = None
-        return {"config": self._config(), "n_experiences": self.n_experiences,
+        return {**owned_by(self), "config": self._config(), "n_experiences": self.n_experiences,
                 "old_classes": {k: list(v) for k, v in self.old_classes.items()},
                 "teacher": teacher}
 
     def load_state_dict(self, state: Dict) -> None:
+        check_owner(self, state)
         for key, value in state["config"].items():
             if getattr(self, key) != value:
                 raise ValueError(f"saved LwF state has {key}={value!r}, this plugin "

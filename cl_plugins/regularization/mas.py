@@ -64,6 +64,7 @@ from cl_plugins.core.checks import check_choice, check_int, check_non_negative
 from cl_plugins.core.params import shared_parameters, snapshot
 from cl_plugins.core.per_sample import per_sample_gradient_sums
 from cl_plugins.core.quadratic import QuadraticPenalty
+from cl_plugins.core.state import check_owner, owned_by
 
 OUTPUTS = ("experience", "seen")
 REDUCTIONS = ("sum", "mean")
@@ -151,10 +152,11 @@ class MASPlugin(SupervisedPlugin):
         return {n: (t / count).to(params[n].dtype) for n, t in total.items()}
 
     def state_dict(self) -> dict:
-        return {"penalty": self.quadratic_penalty.state_dict(),
+        return {**owned_by(self), "penalty": self.quadratic_penalty.state_dict(),
                 "seen_classes": list(self.seen_classes)}
 
     def load_state_dict(self, state: dict) -> None:
+        check_owner(self, state)
         self.quadratic_penalty.load_state_dict(state["penalty"])
         self.seen_classes = [int(c) for c in state["seen_classes"]]
         self._params = None

@@ -65,6 +65,7 @@ from typing import Optional
 from avalanche.core import SupervisedPlugin
 
 from cl_plugins.core.checks import check_range
+from cl_plugins.core.state import check_owner
 from cl_plugins.regularization.ewc import EWCPlugin
 
 
@@ -93,6 +94,7 @@ class OnlineEWCPlugin(EWCPlugin):
         return {**super().state_dict(), "gamma": self.gamma}
 
     def load_state_dict(self, state: dict) -> None:
+        check_owner(self, state)
         if state.get("gamma") != self.gamma:
             raise ValueError(f"saved OnlineEWCPlugin state has gamma={state.get('gamma')!r}, "
                              f"this plugin {self.gamma!r}")

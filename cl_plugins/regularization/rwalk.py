@@ -71,9 +71,12 @@ from cl_plugins.core.checks import (check_choice, check_int, check_non_negative,
 from cl_plugins.core.params import check_same_keys, shared_parameters, snapshot
 from cl_plugins.core.quadratic import QuadraticPenalty
 from cl_plugins.core.path_integral import StepTracker, accumulator_dtype
+from cl_plugins.core.state import check_owner, owned_by
 
 Tensors = Dict[str, torch.Tensor]
 NORMALIZE = ("max", "minmax")
+_ACCUMULATED = ("fisher", "scores", "task_scores", "interval_loss", "interval_sq_grad",
+                "checkpoint")  # per-parameter tensors carried across steps and experiences
 
 
 class RWalkPlugin(SupervisedPlugin):
@@ -199,17 +202,15 @@ class RWalkPlugin(SupervisedPlugin):
 
     def state_dict(self) -> dict:
         cpu = (lambda d: None if d is None else {n: t.detach().cpu() for n, t in d.items()})
-        return {"penalty": self.quadratic_penalty.state_dict(), "tasks_done": self.tasks_done,
-                "fisher": cpu(self.fisher), "scores": cpu(self.scores),
-                "task_scores": cpu(self.task_scores), "interval_loss": cpu(self.interval_loss),
-                "interval_sq_grad": cpu(self.interval_sq_grad), "checkpoint": cpu(self.checkpoint),
-                "interval_steps": self.interval_steps}
+        return {**owned_by(self), "penalty": self.quadratic_penalty.state_dict(),
+                "tasks_done": self.tasks_done, "interval_steps": self.interval_steps,
+                **{name: cpu(getattr(self, name)) for name in _ACCUMULATED}}
 
     def load_state_dict(self, state: dict) -> None:
+        check_owner(self, state)
         self.quadratic_penalty.load_state_dict(state["penalty"])
         copy = (lambda d: None if d is None else {n: t.clone() for n, t in d.items()})
-        for name in ("fisher", "scores", "task_scores", "interval_loss", "interval_sq_grad",
-                     "checkpoint"):
+        for name in _ACCUMULATED:
             setattr(self, name, copy(state[name]))
         self.tasks_done = int(state["tasks_done"])
         self.interval_steps = int(state["interval_steps"])

@@ -85,6 +85,7 @@ from torch.utils.data import DataLoader
 from cl_plugins.core.checks import check_choice, check_int, check_non_negative, check_range
 from cl_plugins.core.params import shared_parameters, snapshot
 from cl_plugins.core.quadratic import QuadraticPenalty
+from cl_plugins.core.state import check_owner, owned_by
 
 MODES = ("accumulate", "online")
 
@@ -278,12 +279,13 @@ class SCPPlugin(SupervisedPlugin):
                 "gamma": self.gamma, "seed": self.seed}
 
     def state_dict(self) -> Dict:
-        return {"config": self._config(), "n_experiences": self.n_experiences,
+        return {**owned_by(self), "config": self._config(), "n_experiences": self.n_experiences,
                 "penalty": self.quadratic_penalty.state_dict(),
                 "shapes": {n: list(s) for n, s in self._shapes.items()},
                 "generator": self.generator.get_state().clone()}
 
     def load_state_dict(self, state: Dict) -> None:
+        check_owner(self, state)
         for key, value in state["config"].items():
             if key == "seed":
                 continue  # the generator state below supersedes the seed

@@ -67,6 +67,7 @@ from cl_plugins.core.checks import check_choice, check_non_negative, check_posit
 from cl_plugins.core.params import check_same_keys, shared_parameters, snapshot
 from cl_plugins.core.path_integral import GRADIENTS, StepTracker, accumulator_dtype
 from cl_plugins.core.quadratic import QuadraticPenalty
+from cl_plugins.core.state import check_owner, owned_by
 
 Tensors = Dict[str, torch.Tensor]
 
@@ -141,10 +142,11 @@ class SIPlugin(SupervisedPlugin):
 
     def state_dict(self) -> dict:
         cpu = (lambda d: None if d is None else {n: t.detach().cpu() for n, t in d.items()})
-        return {"penalty": self.quadratic_penalty.state_dict(), "omega": cpu(self.omega),
-                "start": cpu(self.start)}
+        return {**owned_by(self), "penalty": self.quadratic_penalty.state_dict(),
+                "omega": cpu(self.omega), "start": cpu(self.start)}
 
     def load_state_dict(self, state: dict) -> None:
+        check_owner(self, state)
         self.quadratic_penalty.load_state_dict(state["penalty"])
         copy = (lambda d: None if d is None else {n: t.clone() for n, t in d.items()})
         self.omega, self.start = copy(state["omega"]), copy(state["start"])

@@ -89,6 +89,7 @@ import torch
 from avalanche.core import SupervisedPlugin
 
 from cl_plugins.core.checks import check_choice, check_int, check_non_negative
+from cl_plugins.core.state import check_owner, owned_by
 from cl_plugins.replay.gem import (_check_memory_args, _EpisodicMemory, _flat, _memory_gradients,
                                    _touched, _trainable, _write_grads)
 
@@ -167,9 +168,10 @@ class AGEMPlugin(SupervisedPlugin):
         self.memory.add_experience(strategy.experience.dataset)
 
     def state_dict(self) -> dict:
-        return {"memory": self.memory.state_dict(), "n_steps": self.n_steps,
+        return {**owned_by(self), "memory": self.memory.state_dict(), "n_steps": self.n_steps,
                 "n_projected": self.n_projected}
 
     def load_state_dict(self, state: dict) -> None:
+        check_owner(self, state)
         self.memory.load_state_dict(state["memory"])
         self.n_steps, self.n_projected = int(state["n_steps"]), int(state["n_projected"])

@@ -84,6 +84,7 @@ from cl_plugins.core.augment import BatchAugmentPlugin, random_crop_flip
 from cl_plugins.core.buffer import ReplayBuffer
 from cl_plugins.core.checks import check_int, check_non_negative
 from cl_plugins.core.replay_loader import check_minibatch, require_stream_batches
+from cl_plugins.core.state import check_owner, owned_by
 from cl_plugins.models.heads import MaskedHead
 
 
@@ -191,7 +192,8 @@ class DERPlugin(SupervisedPlugin):
         self._incoming, self._step_logits = None, None
 
     def state_dict(self) -> dict:
-        return {"buffer": self.buffer.state_dict()}
+        return {**owned_by(self), "buffer": self.buffer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        check_owner(self, state)
         self.buffer.load_state_dict(state["buffer"])

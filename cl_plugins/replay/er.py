@@ -127,6 +127,7 @@ from cl_plugins.core.buffer import POLICIES, ReplayBuffer, _dtype, check_x_range
 from cl_plugins.core.checks import check_choice, check_int
 from cl_plugins.core.replay_loader import (augmenter_before, check_minibatch,
                                            require_stream_batches)
+from cl_plugins.core.state import check_owner, owned_by
 from cl_plugins.replay.gem import _EpisodicMemory
 
 LOSS_WEIGHTINGS = ("batch", "vandeven")
@@ -271,11 +272,12 @@ class ERPlugin(SupervisedPlugin):
         self.n_trained += 1
 
     def state_dict(self) -> dict:
-        if self.memory is None:
-            return {"buffer": self.buffer.state_dict(), "n_trained": self.n_trained}
-        return {"memory": self.memory.state_dict(), "n_trained": self.n_trained}
+        kept = ({"buffer": self.buffer.state_dict()} if self.memory is None
+                else {"memory": self.memory.state_dict()})
+        return {**owned_by(self), **kept, "n_trained": self.n_trained}
 
     def load_state_dict(self, state: dict) -> None:
+        check_owner(self, state)
         kinds = {True: "an experience-end memory (mem_per_class or policy='per_experience')",
                  False: "an online memory"}
         if ("memory" in state) != (self.memory is not None):

@@ -158,6 +158,7 @@ from cl_plugins.core.augment import random_crop_flip
 from cl_plugins.core.buffer import ReplayBuffer
 from cl_plugins.core.checks import check_bool, check_int, check_positive, check_range
 from cl_plugins.core.replay_loader import claim_dataloader, describe
+from cl_plugins.core.state import check_owner, owned_by
 
 
 _KEY = 1 << 32  # memory label = task label * _KEY + class label
@@ -374,12 +375,13 @@ class GDumbPlugin(SupervisedPlugin):
     # ------------------------------------------------------------------------------- state
 
     def state_dict(self) -> dict:
-        return {"buffer": self.buffer.state_dict(), "generator": self.generator.get_state(),
-                "seed": self.seed,
+        return {**owned_by(self), "buffer": self.buffer.state_dict(),
+                "generator": self.generator.get_state(), "seed": self.seed,
                 "initial_state": None if self.initial_state is None else
                 {k: v.clone() for k, v in self.initial_state.items()}}
 
     def load_state_dict(self, state: dict) -> None:
+        check_owner(self, state)
         self.buffer.load_state_dict(state["buffer"])
         self.generator.set_state(state["generator"].clone())
         self.seed = state["seed"]

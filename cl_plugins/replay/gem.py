@@ -93,6 +93,7 @@ from torch.utils.data import DataLoader, Subset
 
 from cl_plugins.core.buffer import ReplayBuffer, check_x_range
 from cl_plugins.core.checks import check_int, check_non_negative
+from cl_plugins.core.state import check_owner, owned_by
 
 
 def _check_memory_args(patterns_per_experience, mem_size, patterns_per_class=None,
@@ -393,9 +394,10 @@ class GEMPlugin(SupervisedPlugin):
     # ------------------------------------------------------------------------------ state
 
     def state_dict(self) -> dict:
-        return {"memory": self.memory.state_dict(), "n_steps": self.n_steps,
+        return {**owned_by(self), "memory": self.memory.state_dict(), "n_steps": self.n_steps,
                 "n_projected": self.n_projected}
 
     def load_state_dict(self, state: dict) -> None:
+        check_owner(self, state)
         self.memory.load_state_dict(state["memory"])
         self.n_steps, self.n_projected = int(state["n_steps"]), int(state["n_projected"])

@@ -145,6 +145,7 @@ from torch import nn
 from cl_plugins.core.buffer import ReplayBuffer
 from cl_plugins.core.checks import check_bool, check_choice, check_int
 from cl_plugins.core.replay_loader import claim_dataloader, describe
+from cl_plugins.core.state import check_owner, owned_by
 
 CLASSIFIERS = ("nme", "head")
 LOSSES = ("bce", "ce")
@@ -530,12 +531,13 @@ class ICaRLPlugin(SupervisedPlugin):
             old = {k: v.clone() for k, v in self._pending_old.items()}
         else:
             old = None
-        return {"config": self._config(), "n_experiences": self.n_experiences,
+        return {**owned_by(self), "config": self._config(), "n_experiences": self.n_experiences,
                 "seen_classes": list(self.seen_classes), "buffer": self.buffer.state_dict(),
                 "class_means": None if self.class_means is None else self.class_means.clone(),
                 "mean_classes": list(self.mean_classes), "old_model": old}
 
     def load_state_dict(self, state: dict) -> None:
+        check_owner(self, state)
         for key, value in state["config"].items():
             if getattr(self, key) != value:
                 raise ValueError(f"saved iCaRL state has {key}={value!r}, this plugin "

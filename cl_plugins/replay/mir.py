@@ -103,6 +103,7 @@ from cl_plugins.core.buffer import POLICIES, ReplayBuffer
 from cl_plugins.core.checks import check_bool, check_choice, check_int
 from cl_plugins.core.replay_loader import (augmenter_before, check_minibatch,
                                            require_stream_batches)
+from cl_plugins.core.state import check_owner, owned_by
 
 
 def _forward(model: nn.Module, params, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -252,9 +253,10 @@ class MIRPlugin(SupervisedPlugin):
     # ------------------------------------------------------------------------------- state
 
     def state_dict(self) -> dict:
-        return {"buffer": self.buffer.state_dict(),
+        return {**owned_by(self), "buffer": self.buffer.state_dict(),
                 "slot_experience": self.slot_experience.clone()}
 
     def load_state_dict(self, state: dict) -> None:
+        check_owner(self, state)
         self.buffer.load_state_dict(state["buffer"])
         self.slot_experience = state["slot_experience"].clone()

@@ -1,0 +1,35 @@
+"""Plugin states name the class that wrote them.
+
+Every plugin's ``state_dict()`` returns ``{**owned_by(self), ...}`` and its ``load_state_dict()``
+starts with ``check_owner(self, state)``, so a state handed to the wrong plugin fails with a
+message naming both classes ("this state was saved by EWCPlugin; SIPlugin cannot load it")
+instead of a KeyError or a hyper-parameter mismatch deep inside. The name is the class's own
+(``type(self).__name__``): a subclass (OnlineEWCPlugin of EWCPlugin) does not load its base's
+states, nor the base its subclass's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+OWNER_KEY = "saved_by"
+
+
+def owned_by(plugin: Any) -> Dict[str, str]:
+    """The entry naming ``plugin``'s class, to put first in its state dict."""
+    return {OWNER_KEY: type(plugin).__name__}
+
+
+def check_owner(plugin: Any, state: Any) -> None:
+    """Raise ``ValueError`` unless ``state`` was written by ``plugin``'s class."""
+    mine = type(plugin).__name__
+    if not isinstance(state, dict):
+        raise ValueError(f"{mine}.load_state_dict expects the dict its state_dict() returns; got "
+                         f"a {type(state).__name__}")
+    owner = state.get(OWNER_KEY)
+    if owner is None:
+        raise ValueError(f"this state names no plugin class (no {OWNER_KEY!r} key: not a plugin "
+                         f"state_dict, or one written before states named their class); {mine} "
+                         "cannot load it")
+    if owner != mine:
+        raise ValueError(f"this state was saved by {owner}; {mine} cannot load it")

@@ -1,0 +1,140 @@
+"""Is a stored result still what today's code and config would compute? (``reproduce.py --table``)
+
+A row depends on these files: its method's module (each method of the entry, and the registry
+for Avalanche's reference methods, whose defaults live there), everything under
+``cl_plugins/core/``, ``cl_plugins/benchmarks/`` and ``cl_plugins/models/``, and the runner
+(``cl_plugins/experiment/runner.py`` and ``evaluation.py``). A result is *stale* when one of them
+differs from the version that produced it, or when a dependency was added or removed; it is
+*settings changed* when the protocol's config (with the variant's arguments) now describes other
+settings than the result's settings fingerprint.
+
+Results written since the JSON records its ``provenance`` carry the SHA-256 of every package
+file. Older results do not: their revision is inferred as the last commit made before the run
+started (shown as ``~commit``), and that commit's files are compared with today's through git's
+blob hashes. A run started from uncommitted work is then compared with the commit before it,
+which can only make the check stricter, never hide a change made after the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+from typing import Dict, List, Optional
+
+DEP_DIRS = ("cl_plugins/core/", "cl_plugins/benchmarks/", "cl_plugins/models/")
+RUNNER_FILES = ("cl_plugins/experiment/runner.py", "cl_plugins/experiment/evaluation.py")
+
+
+def method_files(entry: Dict) -> List[str]:
+    """The source files of the methods an entry names (templates from Avalanche: none)."""
+    from cl_plugins.registry import get_method
+
+    files = []
+    for part in [entry] + list(entry.get("plus") or []):
+        try:
+            spec = get_method(part["name"])
+        except ValueError:
+            files.append(f"<unknown method {part['name']}>")
+            continue
+        module = getattr(spec.factory, "__module__", "") or ""
+        if module.startswith("cl_plugins."):
+            files.append(module.replace(".", "/") + ".py")
+        if spec.reference:
+            files.append("cl_plugins/registry.py")
+    return files
+
+
+def is_dependency(path: str, methods: List[str]) -> bool:
+    return path.startswith(DEP_DIRS) or path in RUNNER_FILES or path in methods
+
+
+def expected_settings(config_path: Path, variant_args: List[str]) -> Dict[str, str]:
+    """{method label: settings fingerprint} for a protocol variant as its config reads today
+    (no data is read: only the config and the variant's overrides)."""
+    from cl_plugins.benchmarks import resolve_scenario
+    from cl_plugins.experiment.cli import parse_args, select_methods
+    from cl_plugins.experiment.config import apply_override, expand_paths, load_config, \
+        normalize_methods
+    from cl_plugins.experiment.plan import expand_methods, method_label, settings_fingerprint
+
+    _, overrides, _, only, _ = parse_args(list(variant_args))
+    cfg = load_config(config_path)
+    for key, value in overrides:
+        apply_override(cfg, key, value)
+    if only:
+        select_methods(cfg, only)
+    expand_paths(cfg)
+    cfg["benchmark"]["scenario"] = resolve_scenario(cfg["benchmark"]["scenario"])
+    entries = expand_methods(normalize_methods(cfg["methods"]), cfg["benchmark"]["scenario"])
+    return {method_label(e): settings_fingerprint(cfg, e) for e in entries}
+
+
+class Staleness:
+    def __init__(self, repo: Path):
+        self.repo = Path(repo)
+        self._sha = {}
+
+    def _git(self, *args) -> str:
+        return subprocess.run(["git", "-C", str(self.repo), *args], capture_output=True,
+                              text=True, check=True).stdout
+
+    @lru_cache(maxsize=None)
+    def current_files(self) -> Dict[str, str]:
+        """Today's package files: {path: sha256[:12]} (as ``results.provenance`` records)."""
+        out = {}
+        for f in sorted((self.repo / "cl_plugins").rglob("*")):
+            if f.suffix in (".py", ".yaml") and "__pycache__" not in f.parts:
+                out[f.relative_to(self.repo).as_posix()] = \
+                    hashlib.sha256(f.read_bytes()).hexdigest()[:12]
+        return out
+
+    @lru_cache(maxsize=None)
+    def current_blobs(self) -> Dict[str, str]:
+        paths = list(self.current_files())
+        shas = self._git("hash-object", "--", *paths).split()
+        return dict(zip(paths, shas))
+
+    @lru_cache(maxsize=None)
+    def commit_before(self, started: str) -> Optional[str]:
+        out = self._git("rev-list", "-1", f"--before={started}", "HEAD").strip()
+        return out or None
+
+    @lru_cache(maxsize=None)
+    def blobs_at(self, commit: str) -> Dict[str, str]:
+        out = {}
+        for line in self._git("ls-tree", "-r", commit, "--", "cl_plugins").splitlines():
+            meta, path = line.split("\t", 1)
+            if path.endswith((".py", ".yaml")):
+                out[path] = meta.split()[2]
+        return out
+
+    def revision(self, result: Dict) -> str:
+        prov = result.get("provenance")
+        if prov:
+            if prov.get("git_commit"):
+                return prov["git_commit"][:8] + ("+dirty" if prov.get("git_dirty") else "")
+            return f"source {prov.get('source_hash')}"
+        commit = self.commit_before(result.get("started", ""))
+        return f"~{commit[:8]}" if commit else "unknown"
+
+    def reasons(self, result: Dict, expected_fp: Optional[str]) -> List[str]:
+        """Why ``result`` is stale (empty: current)."""
+        why = []
+        fp = result.get("settings_fingerprint")
+        if fp is not None and expected_fp is not None and fp != expected_fp:
+            why.append("settings changed")
+        methods = method_files(result.get("method_entry") or {"name": result["method"]})
+        prov = result.get("provenance")
+        if prov:
+            then, now = prov.get("files", {}), self.current_files()
+        else:
+            commit = self.commit_before(result.get("started", ""))
+            if commit is None:
+                return why + ["no revision recorded"]
+            then, now = self.blobs_at(commit), self.current_blobs()
+        deps = {p for p in set(then) | set(now) if is_dependency(p, methods)}
+        changed = sorted(p for p in deps if then.get(p) != now.get(p))
+        why += [p.replace("cl_plugins/", "") + " changed" for p in changed]
+        return why

@@ -1,0 +1,64 @@
+#!/usr/bin/env python
+"""Rerun every stale row of RESULTS.md (or list them), with the seeds each row holds.
+
+    python experiments/rerun_stale.py --list                     # stale rows, their seeds
+    python experiments/rerun_stale.py --jobs 2 --data-root PATH  # rerun them all
+    python experiments/rerun_stale.py --protocols S2,G1 --jobs 2 --data-root PATH
+
+A row is stale when a file it depends on changed since its results were computed, or its
+config now asks for other settings (``provenance_check.py``). Each (protocol, variant, method
+label, seed) of a stale row becomes one cl-run process (as ``parallel.py`` runs them); rows are
+taken in the protocols' table order, cheapest protocol first unless ``--protocols`` orders them.
+The rerun results land beside the old ones, in their settings folder; ``reproduce.py --table``
+then shows the current ones. Running the command again after a stop resumes each interrupted
+run from its checkpoint and skips what has become current.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def stale_jobs(protocols=None):
+    from reproduce import PROTOCOLS, collect
+
+    rows = [r for r in collect() if r["stale"] != "current"]
+    order = protocols or list(PROTOCOLS)
+    rows = [r for r in rows if r["protocol"] in order]
+    rows.sort(key=lambda r: order.index(r["protocol"]))
+    return rows
+
+
+def main(argv=None) -> int:
+    from parallel import job_command, run_jobs
+    from reproduce import RESULTS_DIR
+
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--list", action="store_true", help="only list the stale rows")
+    ap.add_argument("--protocols", help="comma-separated, in the order to run them")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count())
+    ap.add_argument("--timeout", type=float, default=None, help="seconds per process")
+    ap.add_argument("--data-root", default=os.environ.get("CL_DATA_ROOT"))
+    args, extra = ap.parse_known_args(argv)
+    rows = stale_jobs(args.protocols.split(",") if args.protocols else None)
+    if args.list:
+        for r in rows:
+            print(f"{r['protocol']}\t{r['variant']}\t{r['method']}\tseeds {r['seeds']}\t"
+                  f"{r['stale']}")
+        print(f"{len(rows)} stale rows")
+        return 0
+    jobs = [(f"{r['protocol']}/{r['variant']}/{r['method']}/seed{s}",
+             job_command(r["protocol"], r["variant"], r["method"], s, args.data_root, extra))
+            for r in rows for s in r["seeds"].split(",")]
+    print(f"{len(jobs)} runs from {len(rows)} stale rows", flush=True)
+    return run_jobs(jobs, args.jobs, RESULTS_DIR / "logs", args.timeout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
