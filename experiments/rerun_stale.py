@@ -24,13 +24,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def stale_jobs(protocols=None):
+def stale_jobs(protocols=None, variants=None, methods=None):
+    """Stale rows, in the order of ``protocols``, ``variants`` and ``methods`` when given."""
     from reproduce import PROTOCOLS, collect
 
     rows = [r for r in collect() if r["stale"] != "current"]
-    order = protocols or list(PROTOCOLS)
-    rows = [r for r in rows if r["protocol"] in order]
-    rows.sort(key=lambda r: order.index(r["protocol"]))
+    keys = [(protocols or list(PROTOCOLS), "protocol"), (variants, "variant"),
+            (methods, "method")]
+    for order, key in keys:
+        if order:
+            rows = [r for r in rows if r[key] in order]
+    rows.sort(key=lambda r: tuple(order.index(r[key]) if order else 0 for order, key in keys))
     return rows
 
 
@@ -42,11 +46,14 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--list", action="store_true", help="only list the stale rows")
     ap.add_argument("--protocols", help="comma-separated, in the order to run them")
+    ap.add_argument("--variants", help="comma-separated variants, in the order to run them")
+    ap.add_argument("--methods", help="comma-separated method labels, in the order to run them")
     ap.add_argument("--jobs", type=int, default=os.cpu_count())
     ap.add_argument("--timeout", type=float, default=None, help="seconds per process")
     ap.add_argument("--data-root", default=os.environ.get("CL_DATA_ROOT"))
     args, extra = ap.parse_known_args(argv)
-    rows = stale_jobs(args.protocols.split(",") if args.protocols else None)
+    split = (lambda v: v.split(",") if v else None)  # noqa: E731
+    rows = stale_jobs(split(args.protocols), split(args.variants), split(args.methods))
     if args.list:
         for r in rows:
             print(f"{r['protocol']}\t{r['variant']}\t{r['method']}\tseeds {r['seeds']}\t"

@@ -53,8 +53,11 @@ def provenance() -> Dict[str, Any]:
         top = Path(git("rev-parse", "--show-toplevel").strip()).resolve()
         if top == pkg.parent:  # the package's own checkout, not some enclosing repository
             out["git_commit"] = git("rev-parse", "HEAD").strip()
-            changed = [ln[3:] for ln in git("status", "--porcelain", "--untracked-files=no")
-                       .splitlines() if ln.strip()]
+            # Dirty = uncommitted changes to what computes a result (the package, the
+            # protocol configs, the dependencies), not to result files or notes.
+            changed = [ln[3:] for ln in git("status", "--porcelain", "--untracked-files=no",
+                                            "--", "cl_plugins", "experiments/configs",
+                                            "pyproject.toml").splitlines() if ln.strip()]
             out["git_dirty"] = bool(changed)
             out["git_dirty_files"] = changed[:50]
     except (OSError, subprocess.SubprocessError):
