@@ -356,3 +356,42 @@ def test_every_result_records_its_code_and_settings(tmp_path):
     assert len(r["settings_fingerprint"]) == 8
     assert next((out / "default" / "naive").glob("*/seed0.json")).parent.name == \
         r["settings_fingerprint"]
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+@pytest.mark.parametrize("damage", ["latest", "both"])
+def test_a_truncated_checkpoint_is_named_set_aside_and_the_run_recovers(tmp_path, monkeypatch,
+                                                                        capsys, damage):
+    calls = {"n": 0}
+    original = Naive.train
+
+    def train(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Naive, "train", train)
+    out = tmp_path / "runs"
+    args = [f"--out={out}", "--methods=ewc", *FAST]
+    assert main(args) == 130
+    folder = next((out / "default" / "ewc").glob("*"))
+    latest, prev = folder / "seed0.ckpt.pt", folder / "seed0.ckpt.prev.pt"
+    assert latest.exists() and prev.exists()  # after experiences 3 and 2
+    for path in [latest] + ([prev] if damage == "both" else []):
+        path.write_bytes(path.read_bytes()[:100])
+    monkeypatch.setattr(Naive, "train", original)
+    capsys.readouterr()
+    with pytest.warns(UserWarning) as caught:
+        assert main(args) == 0
+    said = " ".join(str(w.message) for w in caught)
+    assert str(latest) in said and "corrupt" in said
+    (r,) = _jsons(out, "ewc")
+    assert r["status"] == "finished" and len(r["matrix"]) == 5
+    if damage == "latest":  # resumed from the previous good checkpoint
+        assert r["resumed"][0]["after_experiences"] == 2
+    else:  # nothing usable: started over
+        assert r["resumed"] == [] and "starts over" in said
+    assert (folder / "seed0.ckpt.pt.corrupt").exists()  # set aside, never deleted
+    assert not latest.exists() and not prev.exists()  # removed once the run finished

@@ -1,7 +1,20 @@
-"""The experiment runner: configs, evaluation, results, the ``cl-run`` command."""
+"""The experiment runner: configs, evaluation, results, the ``cl-run`` command.
 
-from .config import DEFAULT_CONFIG, apply_override, load_config
-from .runner import build_optimizer, run_experiment, run_single
+The names below are resolved lazily, so ``cl-run`` starts its error handling (Ctrl-C included)
+before torch and Avalanche are imported."""
 
-__all__ = ["DEFAULT_CONFIG", "apply_override", "build_optimizer", "load_config",
-           "run_experiment", "run_single"]
+_LAZY = {"DEFAULT_CONFIG": ".config", "apply_override": ".config", "load_config": ".config",
+         "build_optimizer": ".runner", "run_experiment": ".runner", "run_single": ".runner"}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
