@@ -61,8 +61,9 @@ def _timed_guard(record):
         def after_update(self, strategy, **kw):
             t0 = time.perf_counter()
             super().after_update(strategy, **kw)
+            elapsed = time.perf_counter() - t0
             exp = strategy.experience.current_experience
-            record.setdefault("guard", {}).setdefault(exp, []).append(time.perf_counter() - t0)
+            record.setdefault("guard", {}).setdefault(exp, []).append(elapsed)
 
     return TimedGuard("speed")
 

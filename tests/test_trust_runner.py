@@ -94,9 +94,14 @@ def test_guard_catches_non_finite_parameters_at_the_end_of_an_experience():
     guard = DivergenceGuard("m", 7, "optimizer.lr=0.1")
     guard.after_update(strategy)
     guard.after_training_exp(strategy)  # all finite: silent
-    strategy.mb_output = torch.tensor([[1.0, float("inf")]])
-    with pytest.raises(DivergenceError, match=r"m seed 7: .*experience 1, epoch 3, step 2: "
-                                              r"non-finite logits .*optimizer.lr=0.1"):
+    strategy.mb_output = torch.tensor([[1.0, float("-inf")]])  # a mask, not divergence
+    strategy.loss = torch.nn.functional.cross_entropy(strategy.mb_output, torch.tensor([0]))
+    guard.after_update(strategy)
+    strategy.mb_output = torch.tensor([[1.0, float("inf")]])  # +inf: the loss turns NaN
+    strategy.loss = torch.nn.functional.cross_entropy(strategy.mb_output, torch.tensor([0]))
+    with pytest.raises(DivergenceError, match=r"m seed 7: .*experience 1, epoch 3, step 3: "
+                                              r"non-finite loss \(nan\) from non-finite logits"
+                                              r".*optimizer.lr=0.1"):
         guard.after_update(strategy)
     with torch.no_grad():
         model.bias[1] = float("nan")

@@ -6,11 +6,14 @@ look like a result. :class:`DivergenceGuard` is an Avalanche plugin that raises
 usual causes. The experiment runner adds it to every run (``cl-run`` writes such a run as
 ``diverged``); in your own script add ``DivergenceGuard()`` to the plugin list.
 
-Cost: one fused check per step. After the optimizer step, the loss and the sum of the
-minibatch's logits are added into one scalar and tested with ``torch.isfinite``: a NaN or an
-infinity in either makes the sum non-finite (a finite sum that overflows is divergence too).
-Parameters are checked once per experience, at its end (a parameter that turns non-finite
-mid-experience makes the next step's logits non-finite, so it is caught one step later).
+Cost: one check per step, of the loss alone (``math.isfinite(loss.item())``, about 10 us on
+the CPU, one read on a GPU). The logits are checked through it: a NaN or +inf logit makes the
+cross-entropy, and every loss over all logits (BCE, KD, MSE), non-finite, while a -inf logit is
+a legitimate mask and is not reported. A fused test of the loss and the sum of the logits cost 2.5-5x
+as much per step (measured inside the training loop on the P1 MLP at batch 10), with no case it
+would catch that the loss misses but a -inf mask it would wrongly report. Parameters are checked
+at the end of each experience (one that turns non-finite mid-experience makes the next step's
+loss non-finite, so it is caught one step later).
 """
 
 from __future__ import annotations
@@ -44,14 +47,14 @@ class DivergenceGuard(SupervisedPlugin):
 
     def after_update(self, strategy, **kwargs):
         self.step += 1
-        loss, logits = strategy.loss, strategy.mb_output
-        probe = loss.detach() if torch.is_tensor(loss) else float(loss)
-        if torch.is_tensor(logits):
-            probe = probe + logits.detach().sum()
-        if not math.isfinite(float(probe)):  # one reduction, one read (one sync on a GPU)
-            value = float(loss.detach() if torch.is_tensor(loss) else loss)
-            what = "loss" if not math.isfinite(value) else "logits"
-            self._fail(strategy, f"non-finite {what} (loss = {value:.6g})")
+        loss = strategy.loss
+        value = loss.item() if torch.is_tensor(loss) else float(loss)
+        if not math.isfinite(value):  # the step's only read (one sync on a GPU)
+            logits = strategy.mb_output
+            bad = torch.is_tensor(logits) and bool(torch.isnan(logits).any() |
+                                                  torch.isposinf(logits).any())
+            self._fail(strategy, f"non-finite loss ({value})" +
+                       (" from non-finite logits" if bad else ""))
 
     def after_training_exp(self, strategy, **kwargs):
         bad = [n for n, p in strategy.model.named_parameters()
