@@ -2,8 +2,12 @@
 
 A row depends on these files: its method's module (each method of the entry, and the registry
 for Avalanche's reference methods, whose defaults live there), everything under
-``cl_plugins/core/``, ``cl_plugins/benchmarks/`` and ``cl_plugins/models/``, and the runner
-(``cl_plugins/experiment/runner.py`` and ``evaluation.py``). A result is *stale* when one of them
+``cl_plugins/core/`` and ``cl_plugins/benchmarks/``, the runner
+(``cl_plugins/experiment/runner.py`` and ``evaluation.py``), and the model code it ran: the
+model factory (``models/__init__.py``, ``classifier.py``, ``heads.py``), the backbone's module,
+and every ``models/`` module that these, the method modules, core/ or the runner import (found by
+reading their import lines, so a change to one backbone does not stale the rows that used
+another). A result is *stale* when one of them
 differs from the version that produced it, or when a dependency was added or removed; it is
 *settings changed* when the protocol's config (with the variant's arguments) now describes other
 settings than the result's settings fingerprint.
@@ -18,13 +22,49 @@ which can only make the check stricter, never hide a change made after the run.
 from __future__ import annotations
 
 import hashlib
+import re
 import subprocess
 from functools import lru_cache
 from pathlib import Path
 from typing import Dict, List, Optional
 
-DEP_DIRS = ("cl_plugins/core/", "cl_plugins/benchmarks/", "cl_plugins/models/")
+DEP_DIRS = ("cl_plugins/core/", "cl_plugins/benchmarks/")
 RUNNER_FILES = ("cl_plugins/experiment/runner.py", "cl_plugins/experiment/evaluation.py")
+MODEL_FACTORY = ("cl_plugins/models/__init__.py", "cl_plugins/models/classifier.py",
+                 "cl_plugins/models/heads.py")
+_IMPORT = re.compile(r"^\s*from\s+(\.+\w*|cl_plugins\.models\.\w+)\s+import", re.M)
+
+
+def model_files(model_name: Optional[str], methods: List[str], repo: Path) -> List[str]:
+    """The ``models/`` files a row ran: the factory, the backbone's module, and the models
+    modules imported (transitively) by those, by the method modules, and by core/, benchmarks/ and
+    the runner. Package ``__init__``
+    re-exports are not followed (they list every backbone)."""
+    from cl_plugins.models import BACKBONES
+
+    todo = list(MODEL_FACTORY) + list(methods) + list(RUNNER_FILES)
+    todo += [f.relative_to(repo).as_posix() for d in DEP_DIRS for f in (repo / d).glob("*.py")]
+    backbone = BACKBONES.get(model_name or "mlp")
+    if backbone is None:
+        todo.append(f"<unknown model {model_name}>")
+    else:
+        todo.append(backbone.__module__.replace(".", "/") + ".py")
+    seen = set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        src = repo / path
+        if path.endswith("__init__.py") or not src.is_file():
+            continue
+        here = path.rsplit("/", 1)[0]
+        for name in _IMPORT.findall(src.read_text()):
+            if name.startswith("cl_plugins.models."):
+                todo.append(name.replace(".", "/") + ".py")
+            elif here == "cl_plugins/models" and name.strip(".") and name.count(".") == 1:
+                todo.append(f"{here}/{name.strip('.')}.py")
+    return sorted(p for p in seen if p.startswith("cl_plugins/models/") or p.startswith("<"))
 
 
 def method_files(entry: Dict) -> List[str]:
@@ -46,8 +86,9 @@ def method_files(entry: Dict) -> List[str]:
     return files
 
 
-def is_dependency(path: str, methods: List[str]) -> bool:
-    return path.startswith(DEP_DIRS) or path in RUNNER_FILES or path in methods
+def is_dependency(path: str, methods: List[str], models: List[str] = ()) -> bool:
+    return (path.startswith(DEP_DIRS) or path in RUNNER_FILES or path in methods
+            or path in models)
 
 
 def expected_settings(config_path: Path, variant_args: List[str]) -> Dict[str, str]:
@@ -134,7 +175,9 @@ class Staleness:
             if commit is None:
                 return why + ["no revision recorded"]
             then, now = self.blobs_at(commit), self.current_blobs()
-        deps = {p for p in set(then) | set(now) if is_dependency(p, methods)}
+        model = ((result.get("config") or {}).get("model") or {}).get("name")
+        models = model_files(model, methods, self.repo)
+        deps = {p for p in set(then) | set(now) if is_dependency(p, methods, models)}
         changed = sorted(p for p in deps if then.get(p) != now.get(p))
         why += [p.replace("cl_plugins/", "") + " changed" for p in changed]
         return why

@@ -108,6 +108,10 @@ def test_a_row_is_stale_when_a_file_it_depends_on_changed():
                         ("cl_plugins/benchmarks/builder.py", True),
                         ("cl_plugins/models/mlp.py", True),
                         ("cl_plugins/experiment/runner.py", True),
+                        ("cl_plugins/models/heads.py", True),
+                        ("cl_plugins/models/ensemble.py", True),  # imported by core/params.py
+                        ("cl_plugins/models/fel.py", False),  # another backbone's code
+                        ("cl_plugins/models/preact_resnet.py", False),
                         ("cl_plugins/replay/er.py", False),  # another method's file
                         ("cl_plugins/experiment/cli.py", False)]:  # not the computation
         then = {**now, path: "0" * 12}
@@ -116,6 +120,10 @@ def test_a_row_is_stale_when_a_file_it_depends_on_changed():
     er_plus = {"name": "naive", "params": {}, "plus": [{"name": "er", "params": {}}]}
     then = {**now, "cl_plugins/replay/er.py": "0" * 12}
     assert check.reasons(_provenanced("naive+er", er_plus, then), None) == ["replay/er.py changed"]
+    rgo = {"name": "rgo", "params": {}, "plus": []}
+    fel_row = {**_provenanced("rgo", rgo, {**now, "cl_plugins/models/fel.py": "0" * 12}),
+               "config": {"model": {"name": "fel_mlp"}}}
+    assert check.reasons(fel_row, None) == ["models/fel.py changed"]  # fel_mlp imports fel
     gone = {k: v for k, v in now.items() if k != "cl_plugins/core/checks.py"}
     assert check.reasons(_provenanced("ewc", ewc, gone), None) == ["core/checks.py changed"]
     assert check.reasons(_provenanced("ewc", ewc, now, settings="12345678"), "87654321") == [
