@@ -4,6 +4,7 @@
     python experiments/rerun_stale.py --list                     # stale rows, their seeds
     python experiments/rerun_stale.py --jobs 2 --data-root PATH  # rerun them all
     python experiments/rerun_stale.py --protocols S2,G1 --jobs 2 --data-root PATH
+    python experiments/rerun_stale.py --list --skip 'nscl*,*lwf*'  # leave some methods out
 
 A row is stale when a file it depends on changed since its results were computed, or its
 config now asks for other settings (``provenance_check.py``). Each (protocol, variant, method
@@ -17,6 +18,7 @@ run from its checkpoint and skips what has become current.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import os
 import sys
 from pathlib import Path
@@ -24,11 +26,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def stale_jobs(protocols=None, variants=None, methods=None):
-    """Stale rows, in the order of ``protocols``, ``variants`` and ``methods`` when given."""
+def stale_jobs(protocols=None, variants=None, methods=None, skip=None):
+    """Stale rows, in the order of ``protocols``, ``variants`` and ``methods`` when given,
+    without the method labels that match one of the ``skip`` patterns (fnmatch)."""
     from reproduce import PROTOCOLS, collect
 
-    rows = [r for r in collect() if r["stale"] != "current"]
+    rows = [r for r in collect() if r["stale"] != "current"
+            and not any(fnmatch.fnmatchcase(r["method"], pat) for pat in skip or ())]
     keys = [(protocols or list(PROTOCOLS), "protocol"), (variants, "variant"),
             (methods, "method")]
     for order, key in keys:
@@ -48,12 +52,15 @@ def main(argv=None) -> int:
     ap.add_argument("--protocols", help="comma-separated, in the order to run them")
     ap.add_argument("--variants", help="comma-separated variants, in the order to run them")
     ap.add_argument("--methods", help="comma-separated method labels, in the order to run them")
+    ap.add_argument("--skip", help="comma-separated method-label patterns to leave out "
+                                   "(fnmatch: 'nscl*,*lwf*')")
     ap.add_argument("--jobs", type=int, default=os.cpu_count())
     ap.add_argument("--timeout", type=float, default=None, help="seconds per process")
     ap.add_argument("--data-root", default=os.environ.get("CL_DATA_ROOT"))
     args, extra = ap.parse_known_args(argv)
     split = (lambda v: v.split(",") if v else None)  # noqa: E731
-    rows = stale_jobs(split(args.protocols), split(args.variants), split(args.methods))
+    rows = stale_jobs(split(args.protocols), split(args.variants), split(args.methods),
+                      split(args.skip))
     if args.list:
         for r in rows:
             print(f"{r['protocol']}\t{r['variant']}\t{r['method']}\tseeds {r['seeds']}\t"
