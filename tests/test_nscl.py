@@ -80,8 +80,8 @@ def _params(model):
 
 # ------------------------------------------------------------------ projector and bound
 
-@pytest.mark.parametrize("rank, floor", [(10, None), (4, None), (4, 1e-10)])
-def test_projector_bound_and_descent(rank, floor):
+@pytest.mark.parametrize("rank", [10, 4])
+def test_projector_bound_and_descent(rank):
     """||X_old D^T||_F^2 <= a lambda_min ||D||_F^2 and <D, G> >= 0 for D = G T."""
     g = torch.Generator().manual_seed(rank)
     n, d, a = 40, 10, 10.0
@@ -89,13 +89,13 @@ def test_projector_bound_and_descent(rank, floor):
     x = torch.randn(n, rank, generator=g, dtype=DT) @ torch.randn(rank, d, generator=g,
                                                                   dtype=DT) * scales
     cov = x.T @ x
-    plugin = NSCLPlugin(a=a, lambda_min_floor=floor)
+    plugin = NSCLPlugin(a=a)
     basis, complement = plugin.null_space(cov)
     k = basis.shape[1]
     mags = torch.linalg.eigvalsh(cov).abs()
-    lam_min = mags.min() if floor is None else torch.maximum(mags.min(), floor * mags.max())
+    lam_min = torch.maximum(mags.min(), d * torch.finfo(DT).eps * mags.max())
     assert k == int((mags <= a * lam_min).sum()) >= 1
-    if floor is not None:
+    if rank < d:
         assert k == d - rank  # the whole numerical null space
     t_mat = basis @ basis.T / math.sqrt(k)
     assert torch.linalg.matrix_norm(basis @ basis.T) == pytest.approx(math.sqrt(k))
@@ -128,14 +128,50 @@ def test_null_space_rule_on_a_known_spectrum():
         basis = kept(NSCLPlugin(a=a), cov)
         torch.testing.assert_close(basis @ basis.T, q[:, idx] @ q[:, idx].T, rtol=0,
                                    atol=1e-10)
-    # lambda_min_floor: lambda_min <- max(1e-3, floor * 7) = 0.01, so the threshold is 0.1
-    basis = kept(NSCLPlugin(a=10.0, lambda_min_floor=1e-3 / 7.0 * 10), cov)
-    assert basis.shape[1] == 4
-    # a rank-deficient C has tiny eigenvalues of either sign: thresholds use |lambda| (the
-    # singular values the official code thresholds), so the smallest one is always kept
+    # a rank-deficient C has tiny eigenvalues of either sign: they are below the rank
+    # tolerance, so all of them are kept (3 zeros + the -1e-17), and 1e-3 is not
     cov = q[:, :3] @ torch.diag(torch.tensor([-1e-17, 1e-3, 1.0], dtype=DT)) @ q[:, :3].T
-    assert kept(NSCLPlugin(a=10.0), cov).shape[1] >= 1
-    assert kept(NSCLPlugin(a=10.0, lambda_min_floor=1e-10), cov).shape[1] == 4  # 3 zeros + 1
+    assert kept(NSCLPlugin(a=10.0), cov).shape[1] == 4
+
+
+def _code_rule(cov, a, dtype):
+    """The official code's selection: singular values of ``torch.svd(C)`` at most a times the
+    smallest (in the code's float32, or float64)."""
+    _, sv, vecs = torch.svd(cov.to(dtype), some=False)
+    keep = sv <= sv[-1] * a
+    return vecs[:, keep].to(DT)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_rank_deficient_covariance_keeps_its_whole_null_space(seed):
+    """64-d fan-in, 20 rows (a batch-mean statistic): the null space has exactly 44 dimensions.
+    Thresholding the signed-noise eigenvalues at a * min |lambda| kept 1-4 of them; the rule
+    keeps all 44, and contains whatever the code's float32 SVD rule keeps."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(20, 64, generator=g, dtype=DT) * torch.rand(64, generator=g, dtype=DT)
+    cov = torch.zeros(64, 64, dtype=DT)
+    for row in x:  # accumulated row by row, as the statistics pass does
+        cov.addr_(row, row)
+    basis, complement = NSCLPlugin(a=10.0).null_space(cov)
+    assert basis.shape[1] == 44 and complement.shape[1] == 20
+    assert (x @ basis).abs().max() < 1e-9 * x.abs().max()  # it is the null space
+    mags = torch.linalg.eigvalsh(cov).abs()
+    assert int((mags <= 10.0 * mags.min()).sum()) < 44  # the old rule (can fail)
+    code = _code_rule(cov, 10.0, torch.float32)
+    assert 1 <= code.shape[1] <= 44
+    inside = basis @ (basis.T @ code)  # the code's directions lie in ours
+    assert torch.linalg.matrix_norm(inside - code) < 1e-3 * math.sqrt(code.shape[1])
+
+
+def test_a_full_rank_covariance_follows_the_code_rule_exactly():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(200, 16, generator=g, dtype=DT) * torch.logspace(0, -1.5, 16, dtype=DT)
+    cov = x.T @ x
+    for a in (3.0, 10.0, 30.0):
+        basis, _ = NSCLPlugin(a=a).null_space(cov)
+        code = _code_rule(cov, a, DT)
+        assert basis.shape[1] == code.shape[1] >= 1
+        torch.testing.assert_close(basis @ basis.T, code @ code.T, rtol=0, atol=1e-10)
 
 
 def test_frobenius_scale_option():
@@ -144,7 +180,7 @@ def test_frobenius_scale_option():
                           MultiHeadClassifier(4, 2))
     mats = {}
     for scale in (True, False):
-        plugin = NSCLPlugin(frobenius_scale=scale, lambda_min_floor=1e-10, features="per_sample",
+        plugin = NSCLPlugin(frobenius_scale=scale, features="per_sample",
                             bn_ewc_lambda=0.0)
         plugin.after_training_exp(_strategy(model.double(), None, x,
                                             torch.zeros(3, dtype=torch.long)))
@@ -234,7 +270,7 @@ def test_task1_is_plain_adam_and_task2_step_is_adam_step_times_T():
     ref = copy.deepcopy(model)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=5e-5)
     opt_ref = torch.optim.Adam(ref.parameters(), lr=1e-2, weight_decay=5e-5)
-    plugin = NSCLPlugin(stats_batch_size=4, features="per_sample", lambda_min_floor=1e-10)
+    plugin = NSCLPlugin(stats_batch_size=4, features="per_sample")
     st = _strategy(model, opt, x1, y1)
     plugin.before_training_exp(st)
     for _ in range(3):  # task 1: no statistics, identical to plain Adam
@@ -344,12 +380,14 @@ def _bn_model():
     return ClassifierNet(bb, MultiHeadClassifier(5, 3, masking=False)).double()
 
 
-def test_bn_fisher_penalty_and_not_projected():
+@pytest.mark.parametrize("importance", ["batch", "per_sample"])
+def test_bn_fisher_penalty_and_not_projected(importance):
     model = _bn_model()
     x1, y1 = torch.randn(10, 6, dtype=DT), torch.randint(0, 3, (10,))
     x2, y2 = torch.randn(10, 6, dtype=DT), torch.randint(0, 3, (10,))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    plugin = NSCLPlugin(bn_ewc_lambda=100.0, stats_batch_size=4)
+    plugin = NSCLPlugin(bn_ewc_lambda=100.0, stats_batch_size=4, stats_shuffle=False,
+                        bn_importance=importance)
     st = _strategy(model, opt, x1, y1)
     plugin.before_training_exp(st)
     _step(model, opt, x1, y1, plugin, st)  # train mode: BN batch statistics, running stats move
@@ -358,15 +396,19 @@ def test_bn_fisher_penalty_and_not_projected():
     names = ["backbone.1.weight", "backbone.1.bias"]
     (fisher, anchor), = plugin.quadratic_penalty.terms
     assert sorted(fisher) == sorted(names)  # BN affine parameters only
-    # Fisher by hand: per-sample squared gradients at the predicted label, eval mode
+    # by hand, at the predicted label, eval mode. per_sample: the mean of the per-sample
+    # squared gradients; batch (the code): the mean over the batches (4, 4, 2 samples) of
+    # B_b times the squared gradient of the batch's mean loss
     model.eval()
     by_hand = {n: torch.zeros_like(p) for n, p in zip(names, (bn.weight, bn.bias))}
-    for i in range(10):
+    chunks = [(i, i + 1, 1 / 10) for i in range(10)] if importance == "per_sample" else \
+        [(0, 4, 4 / 3), (4, 8, 4 / 3), (8, 10, 2 / 3)]
+    for lo, hi, weight in chunks:
         model.zero_grad()
-        out = model(x1[i:i + 1], 0)
+        out = model(x1[lo:hi], 0)
         F.cross_entropy(out, out.argmax(1)).backward()
-        by_hand[names[0]] += bn.weight.grad ** 2 / 10
-        by_hand[names[1]] += bn.bias.grad ** 2 / 10
+        by_hand[names[0]] += bn.weight.grad ** 2 * weight
+        by_hand[names[1]] += bn.bias.grad ** 2 * weight
     model.train()
     for n in names:
         torch.testing.assert_close(fisher[n], by_hand[n], rtol=1e-10, atol=1e-14)
@@ -440,7 +482,7 @@ def test_state_round_trip_gives_identical_continuation():
     torch.manual_seed(0)
     bb = _backbone(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), out=16)
     model_a = ClassifierNet(bb, MultiHeadClassifier(16, 2, masking=False))
-    plugin_a = NSCLPlugin(lambda_min_floor=1e-10)
+    plugin_a = NSCLPlugin()
     strat_a = make(model_a, plugin_a)
     strat_a.train(exp0)
     state = copy.deepcopy(plugin_a.state_dict())
@@ -453,7 +495,7 @@ def test_state_round_trip_gives_identical_continuation():
 
     model_b = copy.deepcopy(model_a)
     model_c = copy.deepcopy(model_a)
-    plugin_b = NSCLPlugin(lambda_min_floor=1e-10)
+    plugin_b = NSCLPlugin()
     plugin_b.load_state_dict(state)
     after_b = continue_with(plugin_b, model_b)
     torch.manual_seed(1)
@@ -464,7 +506,7 @@ def test_state_round_trip_gives_identical_continuation():
     torch.testing.assert_close(plugin_b.covariances["backbone.1"],
                                plugin_a.covariances["backbone.1"], rtol=0, atol=0)
     # a fresh plugin (nothing restored) continues differently: the state matters
-    after_c = continue_with(NSCLPlugin(lambda_min_floor=1e-10), model_c)
+    after_c = continue_with(NSCLPlugin(), model_c)
     assert not torch.equal(after_c["backbone.1.weight"], after_a["backbone.1.weight"])
     with pytest.raises(ValueError, match="a="):
         NSCLPlugin(a=30.0).load_state_dict(state)
@@ -494,8 +536,8 @@ def test_changed_layers_raise():
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"a": 0.5}, "a must be"), ({"features": "mean"}, "features"),
-    ({"frobenius_scale": 1}, "frobenius_scale"), ({"lambda_min_floor": 0.0}, "lambda_min_floor"),
-    ({"lambda_min_floor": 1.0}, "lambda_min_floor"), ({"bias": "drop"}, "bias"),
+    ({"frobenius_scale": 1}, "frobenius_scale"), ({"bn_importance": "fisher"}, "bn_importance"),
+    ({"bias": "drop"}, "bias"),
     ({"stats_batch_size": 0}, "stats_batch_size"), ({"stats_shuffle": "yes"}, "stats_shuffle"),
     ({"bn_ewc_lambda": -1.0}, "bn_ewc_lambda"), ({"lr_after_first": 0.0}, "lr_after_first"),
     ({"seed": -1}, "seed"),
@@ -513,7 +555,7 @@ def test_split_digits_less_forgetting_than_naive(digits_cfg):
     digits_cfg["benchmark"]["scenario"] = "domain"  # one shared head: naive forgets
     digits_cfg["strategy"]["epochs"] = 3
     digits_cfg["methods"] = ["naive", {"name": "nscl", "params": {
-        "lambda_min_floor": 1e-10, "frobenius_scale": False}}]
+        "frobenius_scale": False}}]
     naive, nscl = run_experiment(digits_cfg, echo=lambda *a: None)
     assert naive["status"] == nscl["status"] == "finished", nscl.get("error")
     a = np.asarray(nscl["matrix"])
@@ -530,7 +572,7 @@ def test_bias_freeze_keeps_biases_and_drops_the_bias_column():
     x2, y2 = torch.randn(16, 6, dtype=DT), torch.randint(0, 3, (16,))
     model = _mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-3)
-    plugin = NSCLPlugin(bias="freeze", features="per_sample", lambda_min_floor=1e-10)
+    plugin = NSCLPlugin(bias="freeze", features="per_sample")
     st = _strategy(model, opt, x1, y1)
     plugin.before_training_exp(st)
     _step(model, opt, x1, y1, plugin, st)
@@ -564,7 +606,7 @@ def test_gradient_path_equals_update_path_under_plain_sgd(bias):
         model = _mlp(d_in=30, hidden=40, seed=1)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         plugin = NSCLPlugin(bias=bias, bn_ewc_lambda=0.0, projection_path=path,
-                            lambda_min_floor=1e-10, stats_batch_size=1)
+                            stats_batch_size=1)
         st = _strategy(model, opt, x1, y1)
         plugin.after_training_exp(st)
         plugin.before_training_exp(st)

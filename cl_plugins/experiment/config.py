@@ -57,13 +57,11 @@ PATH_KEYS = ("output_dir", "benchmark.data_root")
 # The main job (cl-run without --config) on split_digits task-IL: values picked on seed 0.
 # The paper-protocol defaults (e.g. EWC's 1e5 with the exact Fisher) are far too stiff on
 # 1,257 8x8 images. A YAML config never inherits these.
-# Adam-NSCL: the 8x8 digits have always-blank pixels, so part of the first layer's covariance is
-# exactly zero and lambda_min is rounding noise: the documented floor keeps that whole exact null
-# space (84 -> 90% ACC). RGO: on a small, confidently fitted net the curvature vectors are tiny,
+# RGO: on a small, confidently fitted net the curvature vectors are tiny,
 # so alpha must be smaller than the MNIST protocol's 0.01 (98.2 -> 99.4%).
 MAIN_JOB_METHOD_PARAMS = {"ewc": {"ewc_lambda": 100.0}, "mas": {"mas_lambda": 0.1},
                           "si": {"si_lambda": 10.0}, "scp": {"scp_lambda": 10.0},
-                          "nscl": {"lambda_min_floor": 1e-10}, "rgo": {"alpha": 1e-4},
+                          "rgo": {"alpha": 1e-4},
                           # 30 passes instead of the paper's 128 (time), and an lr range for
                           # the main job's Adam (GDumb's 0.05 is an SGD value): 50 -> 96% ACC
                           "gdumb": {"epochs_on_memory": 30, "lr_max": 0.003, "lr_min": 1e-5}}

@@ -26,8 +26,18 @@ never reset and never normalised. What a row ``x`` is, is the ``features`` optio
 - ``"per_sample"`` (the paper's description): every sample's rows (each of its patches).
 
 Null space: ``C_l = U diag(lambda) U^T`` (``torch.linalg.eigh`` in float64); keep the
-eigenvectors B_l whose eigenvalue satisfies ``|lambda| <= a * lambda_min``,
-``lambda_min = min |lambda|`` (the smallest one, not a fraction of the largest). Projector
+eigenvectors B_l whose eigenvalue satisfies ``|lambda| <= a * lambda_min``, with
+
+    lambda_min = max(min |lambda|, tol),   tol = d * eps_float64 * max |lambda|
+
+``min |lambda|`` is the smallest eigenvalue (not a fraction of the largest), as in the code;
+``tol`` is the numerical-rank tolerance of ``torch.linalg.matrix_rank`` for a d x d matrix.
+When C is numerically full rank, tol < min |lambda| and the rule is the code's. When C is rank
+deficient (fewer rows than d, or input features that are always zero such as MNIST's border
+pixels; batch-mean statistics add one row per batch), its null directions have eigenvalues
+that are signed rounding noise, at most ~tol: thresholding them at ``a * min |lambda|`` would
+keep a noise-dependent handful (5 of a 44-d null space, measured); with the tolerance every one
+of them is kept (tested: a covariance with a known null dimension keeps all of it). Projector
 
     T_l = B_l B_l^T / ||B_l B_l^T||_F = B_l B_l^T / sqrt(k_l)      (frobenius_scale=True, code)
     T_l = B_l B_l^T                                                (frobenius_scale=False, paper)
@@ -49,10 +59,10 @@ projected; a shared head (domain/class-IL) is a shared Linear layer and is prote
 BatchNorm (and any normalisation layer with affine parameters): its weight and bias are *not*
 projected. As in the official code they are regularised with EWC,
 ``loss += bn_ewc_lambda * sum_k sum_i F_k,i (theta_i - theta*_k,i)^2`` (one term per finished
-task, no 1/2: the official code's EWC, from Hsu et al. 2018), F_k the diagonal Fisher of the
-normalisation parameters with the model's *predicted* (arg-max) labels, the mean over the task's
-training samples of the squared per-sample gradient (per-sample gradients through
-:func:`~cl_plugins.core.per_sample.per_sample_gradients`, eval mode). The terms live in a
+task, no 1/2: the official code's EWC, from Hsu et al. 2018), F_k the importance of the
+normalisation parameters with the model's *predicted* (arg-max) labels, in eval mode: by
+default the code's batch-size-scaled squared mini-batch gradient, optionally the per-sample
+Fisher (``bn_importance`` below). The terms live in a
 :class:`~cl_plugins.core.quadratic.QuadraticPenalty` (attribute ``quadratic_penalty``). Running
 statistics are not frozen: they follow the current task, as in the code.
 
@@ -79,18 +89,6 @@ Hyper-parameters (defaults = the official code on 10-split CIFAR-100, ACC 73.77 
 - ``features`` (default ``"batch_mean"``, code) or ``"per_sample"`` (paper). The authors report
   almost the same numbers with both.
 - ``frobenius_scale`` (default True, code): divide the projector by its Frobenius norm sqrt(k).
-- ``lambda_min_floor`` (None or in (0, 1), default None): if set,
-  ``lambda_min <- max(lambda_min, lambda_min_floor * lambda_max)``. A deviation, off by default:
-  when C is rank deficient (fewer rows than d, or input features that are always exactly zero
-  such as MNIST's border pixels), the exact null space has eigenvalues that are rounding noise
-  (~1e-16 lambda_max in float64), so ``a * lambda_min`` selects a noise-dependent part of the
-  null space (or only the exact zeros). A floor such as 1e-10 keeps the whole numerical null
-  space, which is what the paper's rule intends. With ``"batch_mean"`` the rank of C is at most
-  (number of batches) x (output positions) per task, so deep layers are often exactly rank
-  deficient after the first tasks (PreAct-ResNet-18's stage-4 convs on 10-split CIFAR-100:
-  d = 4608, 157 batches x 16 positions = 2512 rows per task). On split_digits (MLP, batch
-  means of 32) the default keeps 2 to 8 of the first layer's 65 fan-in directions, the floor
-  1e-10 keeps 57 after the first task (its exact null space).
 - ``bias`` (default ``"append"``): biases of protected layers. ``"append"``: the bias is one more
   fan-in column (constant 1 appended to every input row), projected with the weight; exact for
   Condition 1. ``"freeze"``: biases keep their value from the end of task 1 (restored after
@@ -98,13 +96,21 @@ Hyper-parameters (defaults = the official code on 10-split CIFAR-100, ACC 73.77 
   so the choice does not affect the published protocol; "append" keeps the layer trainable.
 - ``stats_batch_size`` (int >= 1, default 32): batch size of the statistics pass (with
   ``"batch_mean"`` it defines the statistic: use the protocol's training batch size, 32 for
-  10-split CIFAR-100, 16 for 20-split CIFAR-100 and TinyImageNet). Also the chunk size of the
-  BN Fisher's per-sample gradients (which does not depend on it).
+  10-split CIFAR-100, 16 for 20-split CIFAR-100 and TinyImageNet). Also the BN importance's
+  batch size (``"batch"``: part of the statistic, as in the code, whose training loader it is;
+  ``"per_sample"``: only the chunk size).
 - ``stats_shuffle`` (default True): the statistics pass visits the data in a random order
   (drawn from this plugin's generator), like the official code's shuffled training loader, so
   the batch means mix classes. Irrelevant for ``"per_sample"``.
 - ``bn_ewc_lambda`` (>= 0, default 100, code): EWC coefficient of the normalisation parameters
   (0 disables the penalty and the Fisher pass).
+- ``bn_importance`` (``"batch"`` (default, code) | ``"per_sample"``): the BN importance F_k.
+  ``"batch"``: over the task's data in mini-batches of ``stats_batch_size`` (shuffled when
+  ``stats_shuffle``), the mean over batches of ``B_b * g_b^2``, g_b the gradient of the batch's
+  mean loss and B_b its size; in expectation ``B mu^2 + sigma^2`` (mu, sigma^2: the mean and
+  variance of the per-sample gradients), what the official code computes. ``"per_sample"``: the
+  mean of the squared per-sample gradients, ``mu^2 + sigma^2`` (the textbook diagonal Fisher;
+  1.2-4.8x weaker on the NSCL protocols).
 - ``lr_after_first`` (None or > 0, default None = unchanged): from the second task on, the
   learning rate of every optimizer parameter group that contains a projected parameter. The
   paper trains task 1 with lr 1e-4 and then the projected layers with 5e-5 (set 5e-5 together
@@ -143,8 +149,9 @@ Deviations from the paper / official code, and why:
   for parameters whose grad is not None).
 - The statistics pass and the Fisher use the experience's eval transforms (no augmentation), so
   they are deterministic (the official code iterates a training data loader for this pass).
-- The BN Fisher uses per-sample gradients (the code: squared mini-batch gradients scaled by the
-  batch size, an approximation of the same quantity).
+- Numerically rank-deficient covariances: the rank tolerance above. The code's float32 SVD has
+  a noise floor of its own (~1e-7 relative) that keeps most, not all, of such a null space
+  (3 to 43 of 44 directions on the test's matrices); the tolerance keeps all of it.
 - Biases (absent from the reference network): see ``bias`` above.
 - Unsupported layers with trainable weights (grouped convolutions, ConvTranspose, Conv1d, ...)
   raise instead of being silently left unprojected.
@@ -174,6 +181,7 @@ from cl_plugins.core.subspace import FanInProjector, sym_eigh
 FEATURES = ("batch_mean", "per_sample")
 PROJECTION_PATHS = ("auto", "update", "gradient")
 BIAS_MODES = ("append", "freeze")
+BN_IMPORTANCE = ("batch", "per_sample")
 Tensors = Dict[str, torch.Tensor]
 
 
@@ -249,8 +257,8 @@ class NSCLPlugin(SupervisedPlugin):
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False
     DEFAULTS: dict = {"a": 10.0, "features": "batch_mean", "frobenius_scale": True,
-                      "lambda_min_floor": None, "bias": "append", "stats_batch_size": 32,
-                      "stats_shuffle": True, "bn_ewc_lambda": 100.0, "lr_after_first": None,
+                      "bias": "append", "stats_batch_size": 32, "stats_shuffle": True,
+                      "bn_ewc_lambda": 100.0, "bn_importance": "batch", "lr_after_first": None,
                       "projection_path": "auto", "seed": 0}
     SWEEP: dict = {"a": {"distribution": "log_uniform_values", "min": 1.0, "max": 1000.0},
                    "bn_ewc_lambda": {"distribution": "log_uniform_values", "min": 1.0,
@@ -261,23 +269,20 @@ class NSCLPlugin(SupervisedPlugin):
     supports_distributed = False
 
     def __init__(self, a: float = 10.0, features: str = "batch_mean",
-                 frobenius_scale: bool = True, lambda_min_floor: Optional[float] = None,
-                 bias: str = "append", stats_batch_size: int = 32, stats_shuffle: bool = True,
-                 bn_ewc_lambda: float = 100.0, lr_after_first: Optional[float] = None,
+                 frobenius_scale: bool = True, bias: str = "append",
+                 stats_batch_size: int = 32, stats_shuffle: bool = True,
+                 bn_ewc_lambda: float = 100.0, bn_importance: str = "batch",
+                 lr_after_first: Optional[float] = None,
                  projection_path: str = "auto", seed: int = 0):
         super().__init__()
         self.a = float(check_range("a", a, 1.0, None))
         self.features = check_choice("features", features, FEATURES)
         self.frobenius_scale = check_bool("frobenius_scale", frobenius_scale)
-        if lambda_min_floor is not None:
-            check_range("lambda_min_floor", lambda_min_floor, 0.0, 1.0, low_inclusive=False,
-                        high_inclusive=False)
-            lambda_min_floor = float(lambda_min_floor)
-        self.lambda_min_floor = lambda_min_floor
         self.bias = check_choice("bias", bias, BIAS_MODES)
         self.stats_batch_size = check_int("stats_batch_size", stats_batch_size, 1)
         self.stats_shuffle = check_bool("stats_shuffle", stats_shuffle)
         self.bn_ewc_lambda = float(check_non_negative("bn_ewc_lambda", bn_ewc_lambda))
+        self.bn_importance = check_choice("bn_importance", bn_importance, BN_IMPORTANCE)
         if lr_after_first is not None:
             lr_after_first = float(check_positive("lr_after_first", lr_after_first))
         self.lr_after_first = lr_after_first
@@ -396,7 +401,9 @@ class NSCLPlugin(SupervisedPlugin):
             self.update_covariances(model, layers, dataset, strategy.device)
             norm_params = self._norm_parameters(model, norms)
             if self.bn_ewc_lambda > 0 and norm_params:
-                fisher = self.estimate_bn_fisher(model, norm_params, dataset, strategy.device)
+                estimate = (self.estimate_bn_fisher if self.bn_importance == "per_sample"
+                            else self.estimate_bn_batch_importance)
+                fisher = estimate(model, norm_params, dataset, strategy.device)
                 self.quadratic_penalty.add(
                     {n: f.to(norm_params[n].dtype) for n, f in fisher.items()},
                     snapshot(norm_params))
@@ -448,13 +455,12 @@ class NSCLPlugin(SupervisedPlugin):
             self.null_dims[name] = k
 
     def null_space(self, cov: torch.Tensor):
-        """``(B, V)``: eigenvectors with |lambda| <= a * lambda_min, and the others."""
+        """``(B, V)``: eigenvectors with |lambda| <= a * max(min |lambda|, tol), and the others
+        (tol = d * eps * max |lambda|: numerically zero eigenvalues count as tol)."""
         vals, vecs = sym_eigh(cov)
         mags = vals.abs()  # = the singular values of the symmetric C (the code's SVD)
-        lam_min = mags.min()
-        if self.lambda_min_floor is not None:
-            lam_min = torch.maximum(lam_min, self.lambda_min_floor * mags.max())
-        keep = mags <= self.a * lam_min
+        tol = mags.max() * cov.shape[0] * torch.finfo(mags.dtype).eps
+        keep = mags <= self.a * torch.maximum(mags.min(), tol)
         return vecs[:, keep], vecs[:, ~keep]
 
     def projection_matrix(self, name: str) -> torch.Tensor:
@@ -495,6 +501,29 @@ class NSCLPlugin(SupervisedPlugin):
         if n_seen == 0:
             raise ValueError(f"{type(self).__name__}: the experience's dataset is empty")
         return {n: s / n_seen for n, s in total.items()}
+
+    def estimate_bn_batch_importance(self, model, params: Tensors, dataset, device) -> Tensors:
+        """The code's BN importance (float64): the mean over mini-batches of ``B_b * g_b^2``,
+        g_b the gradient of the batch's mean loss with predicted labels."""
+        names, tensors = list(params), list(params.values())
+        total = [torch.zeros(p.shape, dtype=torch.float64, device=p.device) for p in tensors]
+        n_batches = 0
+        for x, _y, t in iterate_batches(dataset, self.stats_batch_size, device,
+                                        generator=self.generator, shuffle=self.stats_shuffle):
+            loss = 0.0
+            for task in torch.unique(t).tolist():
+                xs = x[t == task]
+                logits = call_model(model, xs, int(task))
+                target = logits.detach().argmax(dim=1)
+                loss = loss + torch.nn.functional.cross_entropy(logits, target, reduction="sum")
+            grads = torch.autograd.grad(loss / len(x), tensors, allow_unused=True)
+            for acc, g in zip(total, grads):
+                if g is not None:
+                    acc.add_(g.to(torch.float64).pow(2), alpha=len(x))
+            n_batches += 1
+        if n_batches == 0:
+            raise ValueError(f"{type(self).__name__}: the experience's dataset is empty")
+        return {n: s / n_batches for n, s in zip(names, total)}
 
     def bn_penalty(self, params: Tensors) -> torch.Tensor:
         """bn_ewc_lambda * sum_k sum_i F_k,i (theta_i - theta*_k,i)^2, evaluated as one collapsed
@@ -539,7 +568,7 @@ class NSCLPlugin(SupervisedPlugin):
     def state_dict(self) -> dict:
         return {**owned_by(self), "method": self.METHOD_NAME, "a": self.a,
                 "features": self.features, "frobenius_scale": self.frobenius_scale,
-                "lambda_min_floor": self.lambda_min_floor, "bias": self.bias,
+                "bn_importance": self.bn_importance, "bias": self.bias,
                 "stats_batch_size": self.stats_batch_size, "stats_shuffle": self.stats_shuffle,
                 "bn_ewc_lambda": self.bn_ewc_lambda, "seed": self.seed,
                 "tasks_seen": self.tasks_seen,
@@ -551,7 +580,7 @@ class NSCLPlugin(SupervisedPlugin):
 
     def load_state_dict(self, state: dict) -> None:
         check_owner(self, state)
-        for key in ("method", "a", "features", "frobenius_scale", "lambda_min_floor", "bias",
+        for key in ("method", "a", "features", "frobenius_scale", "bn_importance", "bias",
                     "stats_batch_size", "stats_shuffle", "bn_ewc_lambda", "seed"):
             mine = self.METHOD_NAME if key == "method" else getattr(self, key)
             if state.get(key) != mine:
