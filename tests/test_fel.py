@@ -119,6 +119,18 @@ def test_build_model_routes_task_labels_and_fel_false_is_same_net():
     build_model({"name": "fel_mlp", "hidden": [8], "fel": False}, _info(scenario="domain"))
 
 
+def test_routed_labels_cleared_when_the_forward_raises_after_the_backbone():
+    torch.manual_seed(0)
+    net = build_model({"name": "fel_mlp", "hidden": [16], "head": "multihead"}, _info())
+    x = torch.randn(4, 1, 8, 8)
+    with pytest.raises(KeyError):  # task 3 has no head yet: raises after the FEL backbone ran
+        net(x, 3)
+    # a later plain backbone call (as LwF / iCaRL make) must not use task 3's permutation
+    with pytest.raises(ValueError, match="needs the task labels"):
+        net.backbone(x)
+    torch.testing.assert_close(net(x, 0), net.head(net.backbone(x, 0), 0), rtol=0, atol=0)
+
+
 def test_fel_seed_drawn_from_the_run_seed_and_kept_in_state_dict():
     torch.manual_seed(1)
     a = FELMLP(10, [8])

@@ -112,6 +112,38 @@ def test_paper_vector_is_the_code_vector_of_one_sample_batches():
     assert paper.n_vectors == code.n_vectors == {n: 12 for n in code.P}
 
 
+@pytest.mark.parametrize("vector", ["code", "paper"])
+def test_batch_softmax_support_only_differs_when_the_batch_lacks_classes(vector):
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 5).double()
+    model = nn.Sequential(lin)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    plugins = {s: RGOPlugin(vector=vector, rls_softmax=s) for s in ("output", "batch")}
+    for plugin in plugins.values():
+        plugin.before_training_exp(_strategy(model))
+
+    def vectors(y):
+        return [plugins[s].curvature_vectors(model, x, y, 0) for s in ("output", "batch")]
+
+    lacking = torch.tensor([0, 2, 2, 0, 1, 0])  # classes 3 and 4 absent
+    full, batch = vectors(lacking)
+    with torch.no_grad():  # by hand: the release's softmax over the classes {0, 1, 2} only
+        p = F.softmax(lin(x)[:, :3], dim=1)[torch.arange(6), lacking]
+    w = (p * (1 - p)).sqrt()
+    by_hand = w[:, None] * x / 5 if vector == "paper" else (w[:, None] * x).sum(0, True) / 5
+    torch.testing.assert_close(batch["0.weight"], by_hand, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(batch["0.weight"], full["0.weight"])
+    full, batch = vectors(torch.tensor([0, 3, 2, 4, 1, 0]))  # every class present: identical
+    for n in full:
+        torch.testing.assert_close(batch[n], full[n], rtol=0, atol=0)
+    state = plugins["output"].state_dict()
+    assert state["rls_softmax"] == "output"
+    with pytest.raises(ValueError, match="rls_softmax='output', this plugin 'batch'"):
+        plugins["batch"].load_state_dict(state)
+    del state["rls_softmax"]  # a state saved before the option existed: "output"
+    RGOPlugin(vector=vector).load_state_dict(state)
+
+
 # ------------------------------------------------------------------------------ the step
 
 def test_identity_P_step_equals_sgd_exactly():
@@ -255,10 +287,32 @@ def test_unsupported_layers_raise_with_the_module_path():
     assert sorted(plugin.P) == ["0.bias", "0.weight", "2.bias", "2.weight"]
 
 
+def test_norms_with_running_statistics_raise_even_without_affine_parameters():
+    stats = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, affine=False), nn.Linear(4, 2))
+    with pytest.raises(UnsupportedLayerError, match=r"normalisation layer '1' \(BatchNorm1d\) "
+                       r"tracks running statistics.*old tasks' outputs.*"
+                       r"track_running_stats=False or no normalisation"):
+        RGOPlugin().before_training_exp(_strategy(stats))
+    nested = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sequential(
+        nn.ReLU(), nn.InstanceNorm2d(2, track_running_stats=True)))
+    with pytest.raises(UnsupportedLayerError, match=r"'1\.1' \(InstanceNorm2d\) tracks running"):
+        RGOPlugin().before_training_exp(_strategy(nested))
+    RGOPlugin(norms="sgd").before_training_exp(_strategy(stats))  # the drift accepted
+    # no running statistics, no trainable parameters: accepted
+    for norm in (nn.BatchNorm1d(4, affine=False, track_running_stats=False),
+                 nn.LayerNorm(4, elementwise_affine=False), nn.GroupNorm(2, 4, affine=False),
+                 nn.InstanceNorm1d(4)):
+        plugin = RGOPlugin()
+        plugin.before_training_exp(_strategy(nn.Sequential(nn.Linear(3, 4), norm,
+                                                           nn.Linear(4, 2))))
+        assert sorted(plugin.P) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"alpha": 0.0}, r"alpha must be in \(0, inf\)"),
     ({"alpha": "big"}, "alpha must be a number"),
     ({"vector": "exact"}, "vector must be one of 'code', 'paper'"),
+    ({"rls_softmax": "present"}, "rls_softmax must be one of 'output', 'batch'"),
     ({"rls_batches": 0}, r"rls_batches must be in \[1, inf\)"),
     ({"rls_batch_size": 2.5}, "rls_batch_size must be an integer"),
     ({"norms": "freeze"}, "norms must be one of 'error', 'sgd'"),

@@ -23,10 +23,10 @@ How the task label arrives: an FEL backbone (``FELMLP``, ``ResNet18NoBN``) takes
 :class:`~cl_plugins.models.classifier.ClassifierNet`, whose forward calls the backbone without
 labels, :meth:`FeatureEncodingLayer.route_task_labels` (installed by ``build_model``) adds a
 forward pre-hook that hands the net's ``task_labels`` argument to the backbone for the duration
-of the call (and clears it afterwards, so a later direct ``backbone(x)`` call without labels
-raises instead of silently reusing stale ones). Labels may be an int (one task for the batch:
-one ``index_select``) or a tensor of per-sample labels (one ``index_select`` per distinct task
-in the batch; no loop over samples).
+of the call (and clears it afterwards, also when the forward raises, so a later direct
+``backbone(x)`` call without labels raises instead of silently reusing stale ones). Labels may
+be an int (one task for the batch: one ``index_select``) or a tensor of per-sample labels (one
+``index_select`` per distinct task in the batch; no loop over samples).
 
 ``enabled=False`` makes the layer the identity for every task ("RGO without FEL" is the same
 network with identity encodings: same parameters, same initialisation).
@@ -152,7 +152,9 @@ class FeatureEncodingLayer(nn.Module):
             raise ValueError(f"route_task_labels needs a net whose backbone has set_task_labels;"
                              f" got {type(net).__name__}")
         net.register_forward_pre_hook(FeatureEncodingLayer._set_labels_hook, with_kwargs=True)
-        net.register_forward_hook(FeatureEncodingLayer._clear_labels_hook)
+        # always_call: cleared even when the forward raises after the backbone ran (e.g. an
+        # unseen task's head), so a later plain ``backbone(x)`` cannot reuse the labels
+        net.register_forward_hook(FeatureEncodingLayer._clear_labels_hook, always_call=True)
         return net
 
     @staticmethod

@@ -7,9 +7,8 @@ the plugin.
 Paper: H. Liu, H. Liu, "Continual Learning with Recursive Gradient Optimization", ICLR 2022
 (arXiv 2201.12522). No code was published under the authors' names; a TensorFlow release that
 looks like theirs is the first commit (b5b1123) of github.com/mushfiqur11/OnlineContiualLearning
-(``Model_RGO.py``, ``run.py``; its ``RGO_Optimizer.py`` is only there as bytecode). Provenance
-unverified: where it and the paper differ both rules are offered (below). Facts only; nothing
-is copied from it.
+(``RGO_Optimizer.py``, ``Model_RGO.py``, ``run.py``). Provenance unverified: where it and the
+paper differ both rules are offered (below). Facts only; nothing is copied from it.
 
 Idea: minimise an upper bound of the old tasks' loss increase, a quadratic model with the sum H
 of their Hessians, without hurting the current task. The optimal preconditioner is
@@ -37,17 +36,18 @@ Equations (one P per protected tensor, float64):
   so that after vectors g_1..g_m (columns of G), P = alpha (alpha I + G G^T)^-1 exactly
   (symmetric positive definite; a block of m vectors at once uses the identical Woodbury form
   P <- P - P G (alpha I + G^T P G)^-1 G^T P).
-- ``vector="code"`` (default; the release's rule): with p = softmax of the logits and, per
-  sample i, w_i = sqrt(p_iy (1 - p_iy)) (y the true class; w treated as a constant), take the
-  gradient of  sum_i w_i z_{i, y_i}  (z the logits, summed over the mini-batch) w.r.t. each
-  tensor; a weight's gradient ``[out, d]`` is averaged over the output units (rows) -> R^d, a
-  bias's ``[out]`` is kept as is -> R^out. One rank-1 update per mini-batch.
+- ``vector="code"`` (default; the release's rule): with p = softmax of the logits (support:
+  ``rls_softmax``) and, per sample i, w_i = sqrt(p_iy (1 - p_iy)) (y the true class; w treated
+  as a constant), take the gradient of  sum_i w_i z_{i, y_i}  (z the logits, summed over the
+  mini-batch) w.r.t. each tensor; a weight's gradient ``[out, d]`` is averaged over the output
+  units (rows) -> R^d, a bias's ``[out]`` is kept as is -> R^out. One rank-1 update per
+  mini-batch.
 - ``vector="paper"``: the paper's g = sqrt(l'') dh_L/dh_l *per sample*: l'' = p_y (1 - p_y) is
   the second derivative of the cross-entropy w.r.t. the true-class logit h_L = z_y, dh_L/dh_l the
   derivative of that logit w.r.t. the tensor, reduced to the tensor's fan-in side the same way
   (mean over output units for a weight, as is for a bias). This is the code's vector of a
-  one-sample batch: one rank-1 update per *sample* (per-sample gradients through ``torch.func``,
-  applied as one Woodbury block per mini-batch).
+  one-sample batch (with ``rls_softmax="output"``): one rank-1 update per *sample* (per-sample
+  gradients through ``torch.func``, applied as one Woodbury block per mini-batch).
 
 Why mean over output units: for z = W x the gradient of a scalar of z is delta x^T; the fan-in
 factor of its curvature is x x^T (per sample), weighted by the output-side factor; averaging
@@ -64,7 +64,8 @@ Protected tensors: the weights and biases of every shared ``nn.Linear``/``nn.Con
 head (``nn.Linear``, ``MaskedHead``) is protected like any layer, as in the release (which
 preconditions every trainable variable, its shared output layer included). Any other module
 owning trainable parameters raises ``UnsupportedLayerError`` (a ``ValueError``) with its module
-path; normalisation layers too, unless ``norms="sgd"`` (the reference networks have none).
+path; normalisation layers with trainable parameters or running statistics too, unless
+``norms="sgd"`` (the reference networks have none).
 
 Hyper-parameters (defaults: the code's rule and the Permuted/Rotated MNIST protocol R2):
 
@@ -78,12 +79,17 @@ Hyper-parameters (defaults: the code's rule and the Permuted/Rotated MNIST proto
   (w_i -> 0 on confidently learnt samples), so small nets on easy data may need a smaller
   alpha (split_digits: 1e-4).
 - ``vector`` (``"code"`` | ``"paper"``, default ``"code"``): the RLS vector rule above.
+- ``rls_softmax`` (``"output"`` | ``"batch"``, default ``"output"``): the support of the RLS
+  softmax p: the model's whole output (the task's head for a multi-head model), or only the
+  classes with a sample in the RLS mini-batch (the release's, below; a one-class mini-batch then
+  gives p_y = 1, a zero vector).
 - ``rls_batches`` (int >= 1 or None = one whole pass, default 1000): mini-batches per RLS pass
   (the code: 1000 for MNIST, 50 for CIFAR-100 / miniImageNet). At most one pass over the data.
 - ``rls_batch_size`` (int >= 1, default 10): samples per RLS mini-batch (the code: 10).
 - ``norms`` (``"error"`` | ``"sgd"``, default ``"error"``): what to do with normalisation layers
-  owning trainable parameters: raise, or let the base optimizer train them unpreconditioned
-  (old tasks then drift).
+  owning trainable parameters or running statistics (``track_running_stats=True``, even without
+  affine parameters: later tasks' training forwards move them, and old tasks' outputs with
+  them): raise, or let them train / update unprotected (old tasks then drift).
 - ``seed`` (int >= 0, default 0): seeds the ``torch.Generator`` that draws the RLS mini-batches;
   its state is part of ``state_dict()``.
 
@@ -119,8 +125,12 @@ Deviations from the paper / release, and why:
   plugin's own generator); the release keeps reading its shuffled training iterator, and its
   batch count for CIFAR (50) comes from the test-set size (500 / 10), which is what
   ``rls_batches`` reproduces.
-- The release computes the RLS softmax over the whole 100-way output (its output mask set to all
-  ones in the update pass); with a multi-head model the softmax here spans the task's own head.
+- RLS softmax: the release's ``RGO_Optimizer.update`` (``RGO_Optimizer.py`` of commit b5b1123,
+  lines 97-98) takes the softmax of the unmasked logits over the classes present in the
+  mini-batch only (a [1, classes] indicator of the labels' column sums; the all-ones output mask
+  that ``run.py`` feeds to the update pass only masks the loss). The default here spans the
+  whole output (the task's head for a multi-head model), so that a vector does not depend on
+  which classes share its mini-batch; ``rls_softmax="batch"`` is the release's.
 - Biases get their own out x out P, as in the release (the paper only discusses weights).
 - ``supports_distributed = False``: the RLS pass is not gathered across ranks.
 """
@@ -136,12 +146,14 @@ from avalanche.core import SupervisedPlugin
 from torch import nn
 
 from cl_plugins.core.checks import check_choice, check_int, check_positive
-from cl_plugins.core.layer_inputs import (UnsupportedLayerError, call_model, iterate_batches,
-                                          protected_layers)
+from cl_plugins.core.layer_inputs import (NORM_TYPES, UnsupportedLayerError, call_model,
+                                          iterate_batches, protected_layers)
+from cl_plugins.core.params import task_specific_prefixes
 from cl_plugins.core.per_sample import per_sample_gradients
 from cl_plugins.core.state import check_owner, owned_by
 
 VECTOR_RULES = ("code", "paper")
+SOFTMAX_SUPPORTS = ("output", "batch")
 NORM_MODES = ("error", "sgd")
 _LOW_RANK_TOL = 1e-10
 
@@ -151,7 +163,7 @@ class RGOPlugin(SupervisedPlugin):
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False
     DEFAULTS = {"alpha": 0.01, "vector": "code", "rls_batches": 1000, "rls_batch_size": 10,
-                "norms": "error", "seed": 0}
+                "rls_softmax": "output", "norms": "error", "seed": 0}
     SWEEP = {"alpha": {"distribution": "log_uniform_values", "min": 1e-4, "max": 10.0},
              "rls_batches": {"values": [50, 200, 1000]}}
     PAPER = "Liu & Liu, Continual Learning with Recursive Gradient Optimization, ICLR 2022"
@@ -161,7 +173,7 @@ class RGOPlugin(SupervisedPlugin):
 
     def __init__(self, alpha: float = 0.01, vector: str = "code",
                  rls_batches: Optional[int] = 1000, rls_batch_size: int = 10,
-                 norms: str = "error", seed: int = 0):
+                 rls_softmax: str = "output", norms: str = "error", seed: int = 0):
         super().__init__()
         self.alpha = float(check_positive("alpha", alpha))
         self.vector = check_choice("vector", vector, VECTOR_RULES)
@@ -169,6 +181,7 @@ class RGOPlugin(SupervisedPlugin):
             check_int("rls_batches", rls_batches, 1)
         self.rls_batches = rls_batches
         self.rls_batch_size = check_int("rls_batch_size", rls_batch_size, 1)
+        self.rls_softmax = check_choice("rls_softmax", rls_softmax, SOFTMAX_SUPPORTS)
         self.norms = check_choice("norms", norms, NORM_MODES)
         self.seed = check_int("seed", seed, 0)
         self.generator = torch.Generator().manual_seed(seed)
@@ -198,6 +211,16 @@ class RGOPlugin(SupervisedPlugin):
                 "parameters; RGO preconditions Linear/Conv2d tensors only (the reference "
                 "networks have no normalisation: use e.g. model.name=resnet18_nobn), or pass "
                 "norms='sgd' to train them unpreconditioned")
+        skip = tuple(task_specific_prefixes(model))
+        for name, mod in model.named_modules():
+            if (self.norms == "error" and isinstance(mod, NORM_TYPES) and not name.startswith(skip)
+                    and getattr(mod, "track_running_stats", False)):
+                raise UnsupportedLayerError(
+                    f"rgo: normalisation layer {name!r} ({type(mod).__name__}) tracks running "
+                    "statistics: later tasks' training forwards update them, which changes old "
+                    "tasks' outputs (RGO only protects Linear/Conv2d tensors); use "
+                    "track_running_stats=False or no normalisation, or pass norms='sgd' to "
+                    "accept the drift")
         tensors = {}
         for path, mod in layers.items():
             for pname in ("weight", "bias"):
@@ -293,12 +316,19 @@ class RGOPlugin(SupervisedPlugin):
         batch size for ``"paper"``); the model must be in eval mode."""
         names = list(self._tensors)
         y = y.long()
+
+        def weight(logits, target):  # sqrt(p_y (1 - p_y)), p = softmax over its support
+            z = logits.detach()
+            if self.rls_softmax == "batch":  # only the classes with a sample in the mini-batch
+                z = z.masked_fill(torch.bincount(y, minlength=z.shape[1]) == 0, float("-inf"))
+            p_y = F.softmax(z, dim=1).gather(1, target[:, None]).squeeze(1)
+            return (p_y * (1.0 - p_y)).sqrt()
+
         if self.vector == "code":
             with torch.enable_grad():
                 logits = call_model(model, x, task)
                 z_y = logits.gather(1, y[:, None]).squeeze(1)
-                p_y = F.softmax(logits.detach().double(), dim=1).gather(1, y[:, None]).squeeze(1)
-                w = (p_y * (1.0 - p_y)).sqrt().to(logits.dtype)
+                w = weight(logits.double(), y).to(logits.dtype)
                 grads = torch.autograd.grad((w * z_y).sum(), [self._tensors[n][0] for n in names],
                                             allow_unused=True)
             out = {}
@@ -312,8 +342,7 @@ class RGOPlugin(SupervisedPlugin):
             return out
 
         def sample_objective(logits, target):
-            p_y = F.softmax(logits.detach(), dim=1).gather(1, target[:, None])
-            return ((p_y * (1.0 - p_y)).sqrt() * logits.gather(1, target[:, None])).sum()
+            return (weight(logits, target) * logits.gather(1, target[:, None]).squeeze(1)).sum()
 
         params = {n: self._tensors[n][0] for n in names}
         with torch.enable_grad():
@@ -368,7 +397,8 @@ class RGOPlugin(SupervisedPlugin):
     def state_dict(self) -> dict:
         return {**owned_by(self), "method": self.METHOD_NAME, "alpha": self.alpha,
                 "vector": self.vector, "rls_batches": self.rls_batches,
-                "rls_batch_size": self.rls_batch_size, "norms": self.norms, "seed": self.seed,
+                "rls_batch_size": self.rls_batch_size, "rls_softmax": self.rls_softmax,
+                "norms": self.norms, "seed": self.seed,
                 "generator": self.generator.get_state(), "tasks_done": self.tasks_done,
                 "n_vectors": dict(self.n_vectors),
                 "P": {n: None if P is None else P.detach().cpu().clone()
@@ -376,8 +406,9 @@ class RGOPlugin(SupervisedPlugin):
 
     def load_state_dict(self, state: dict) -> None:
         check_owner(self, state)
-        for key in ("method", "alpha", "vector", "rls_batches", "rls_batch_size", "norms",
-                    "seed"):
+        state = {"rls_softmax": "output", **state}  # states saved before the option existed
+        for key in ("method", "alpha", "vector", "rls_batches", "rls_batch_size", "rls_softmax",
+                    "norms", "seed"):
             mine = self.METHOD_NAME if key == "method" else getattr(self, key)
             if state.get(key) != mine:
                 raise ValueError(f"saved {type(self).__name__} state has {key}="
