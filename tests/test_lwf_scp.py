@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -245,6 +246,166 @@ def test_lwf_domain_il_distils_all_outputs(bench):
     x = _x(info, 1)
     assert plugin.distillation_term(model, x).item() == pytest.approx(
         kd_loss(model(x), plugin.teacher(x), 2.0).item(), rel=1e-12)
+
+
+# ------------------------------------------------------------------------------ variants
+
+def _softmax(z):
+    m = max(z)
+    e = [math.exp(v - m) for v in z]
+    return [v / sum(e) for v in e]
+
+
+def _kl(q, p):
+    return sum(a * (math.log(a) - math.log(b)) for a, b in zip(q, p) if a > 0)
+
+
+def _variant_plugins(alpha=1.0):
+    return {"standard": LwFPlugin(alpha=alpha),
+            "vandeven2018": LwFPlugin(alpha=alpha, variant="vandeven2018"),
+            "vandeven2022": LwFPlugin(alpha=alpha, variant="vandeven2022", scale_t2=False)}
+
+
+def _tiny_pair(n_out, seed=0):
+    """A tiny single-head student (one linear layer) and a frozen, perturbed teacher copy."""
+    torch.manual_seed(seed)
+    student = nn.Linear(3, n_out).double()
+    teacher = LwFPlugin.frozen_copy(student)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(torch.randn_like(p))
+    return student, teacher
+
+
+def _loss_after_before_backward(plugin, student, x, y):
+    out = student(x)
+    ce = nn.functional.cross_entropy(out, y)
+    strat = SimpleNamespace(model=student, mb_x=x, mb_output=out, loss=ce.clone(), device="cpu",
+                            mb_task_id=torch.zeros(len(x), dtype=torch.long))
+    plugin.before_backward(strat)
+    return ce.item(), strat.loss.item()
+
+
+def test_lwf_variants_class_il_loss_by_hand_on_a_tiny_model():
+    # 8 outputs, training task 3 (t = 3): old classes 0-3, current 4-5, 6-7 never seen; an
+    # unmasked head (model.mask = none), as van de Ven's 2022 code's --active-classes=all.
+    student, teacher = _tiny_pair(8)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    y = torch.tensor([4, 5, 4, 5])
+    zs, zt = student(x).tolist(), teacher(x).tolist()
+    T = 2.0
+    # the 2018-2021 term: student softmax over the seen classes 0-5, teacher's over 0-3 padded
+    seen = sum(_kl(_softmax([v / T for v in a[:4]]) + [0.0, 0.0], _softmax([v / T for v in b[:6]]))
+               for a, b in zip(zt, zs)) / 4
+    # the 2022 term: both softmaxes over all 8 outputs, no padding
+    every = sum(_kl(_softmax([v / T for v in a]), _softmax([v / T for v in b]))
+                for a, b in zip(zt, zs)) / 4
+    want = {"standard": 2 * T * T * seen,         # (t - 1) * T^2 * KD
+            "vandeven2018": 2 * T * T * seen / 6,  # ... divided by the 6 columns it spans
+            "vandeven2022": 1.0 * every}           # class-IL: weight 1, no T^2
+    got = {}
+    for name, plugin in _variant_plugins().items():
+        plugin.teacher, plugin.n_experiences = teacher, 2
+        plugin.old_classes, plugin._current_classes = {0: [0, 1, 2, 3]}, {0: [4, 5]}
+        ce, total = _loss_after_before_backward(plugin, student, x, y)
+        got[name] = total - ce
+        assert total == pytest.approx(ce + want[name], rel=1e-12), name
+    assert len({round(v, 9) for v in got.values()}) == 3  # three different losses
+
+
+def test_lwf_variants_domain_il_loss_by_hand_on_a_tiny_model():
+    # same labels in every experience: 2022 keeps the (t - 1) weight, drops T^2
+    student, teacher = _tiny_pair(2, seed=1)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    y = torch.tensor([0, 1, 1, 0, 1])
+    zs, zt = student(x).tolist(), teacher(x).tolist()
+    kd = sum(_kl(_softmax([v / 2 for v in a]), _softmax([v / 2 for v in b]))
+             for a, b in zip(zt, zs)) / 5
+    want = {"standard": 2 * 4 * kd, "vandeven2018": 2 * 4 * kd / 2, "vandeven2022": 2 * kd}
+    for name, plugin in _variant_plugins().items():
+        plugin.teacher, plugin.n_experiences = teacher, 2
+        plugin.old_classes, plugin._current_classes = {0: [0, 1]}, {0: [0, 1]}
+        ce, total = _loss_after_before_backward(plugin, student, x, y)
+        assert total == pytest.approx(ce + want[name], rel=1e-12), name
+
+
+def test_lwf_variants_on_task_heads(bench):
+    # task-IL: per old head, 2018 divides by the head's 2 columns, 2022 drops T^2; both keep
+    # the mean over old heads and the weight (t - 1), whatever classes the task brings
+    info = bench["task"]
+    exps = info.benchmark.train_stream
+    model = _model(info)
+    plugins = _variant_plugins(alpha=0.5)
+    for e in range(2):
+        _adapt(model, exps[e])
+        for plugin in plugins.values():
+            _finish(plugin, model, exps[e])
+    _adapt(model, exps[2])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = _x(info, 2)
+    terms = {n: p.distillation_term(model, x).item() for n, p in plugins.items()}
+    assert terms["standard"] > 0
+    assert terms["vandeven2018"] == pytest.approx(terms["standard"] / 2, rel=1e-12)
+    assert terms["vandeven2022"] == pytest.approx(terms["standard"] / 4, rel=1e-12)
+    v22 = plugins["vandeven2022"]
+    v22._current_classes = {2: [4, 5]}  # even with new labels: per-task heads, no class-IL rule
+    assert not v22._new_classes(model)
+    assert v22.kd_weight(3, v22._new_classes(model)) == pytest.approx(1.0)
+    assert v22.kd_weight(3, new_classes=True) == 0.5  # a single head's class-IL step
+    assert plugins["standard"].kd_weight(3, new_classes=True) == pytest.approx(1.0)  # keeps t - 1
+
+
+def test_lwf_vandeven2022_in_a_class_il_strategy(bench):
+    # the hooks record the classes: in the second experience of class-IL the weight is alpha
+    # and the term spans all 10 outputs of the unmasked head, without T^2
+    info = bench["class"]
+    exps = info.benchmark.train_stream
+    torch.manual_seed(0)
+    model = build_model({"name": "mlp", "hidden": [8], "mask": "none"}, info)
+    plugin = LwFPlugin(alpha=0.7, variant="vandeven2022", scale_t2=False)
+    seen = []
+
+    class Probe(SupervisedPlugin):
+        def before_backward(self, strategy, **kwargs):
+            if plugin.teacher is not None and not seen:
+                x, out = strategy.mb_x, strategy.mb_output
+                with torch.no_grad():
+                    q = plugin.teacher(x)
+                seen.append((plugin.kd_weight(2, plugin._new_classes(strategy.model)),
+                             plugin.distillation_term(strategy.model, x, out).item(),
+                             kd_loss(out, q, 2.0, scale_t2=False).item(), out.shape[1]))
+
+    strat = _strategy(model, plugin)
+    strat.plugins.append(Probe())
+    for e in range(2):
+        strat.train(exps[e])
+    (weight, got, want, n_out), = seen
+    assert weight == 0.7 and n_out == 10 and got == pytest.approx(want, rel=1e-6)
+
+
+def test_lwf_variant_state_round_trip(bench):
+    info = bench["class"]
+    exps = info.benchmark.train_stream
+    model = _model(info)
+    plugin = LwFPlugin(variant="vandeven2022", scale_t2=False)
+    _finish(plugin, model, exps[0])
+    state = plugin.state_dict()
+    assert state["config"]["variant"] == "vandeven2022"
+    fresh = LwFPlugin(variant="vandeven2022", scale_t2=False)
+    fresh.load_state_dict(copy.deepcopy(state))
+    with torch.no_grad():
+        model.head.linear.weight.add_(0.2)
+    x = _x(info, 1)
+    assert fresh.distillation_term(model, x).item() == plugin.distillation_term(model, x).item()
+    assert fresh.variant == "vandeven2022" and fresh.old_classes == {0: [0, 1]}
+    with pytest.raises(ValueError, match=r"saved LwF state has variant='vandeven2022', "
+                                         r"this plugin 'standard'"):
+        LwFPlugin(scale_t2=False).load_state_dict(copy.deepcopy(state))
+    old = copy.deepcopy(state)  # saved before the option existed: the standard term
+    del old["config"]["variant"]
+    LwFPlugin(scale_t2=False).load_state_dict(old)
 
 
 def test_lwf_teacher_carries_no_hooks_of_other_plugins(bench):
@@ -594,6 +755,16 @@ def test_scp_forgets_less_than_naive_in_domain_il(digits_cfg):
     ({"task_reduction": "max"}, r"task_reduction must be one of 'mean', 'sum'"),
     ({"scale_t2": 1}, r"scale_t2 must be one of True, False; got 1"),
     ({"class_il_softmax": "all"}, r"class_il_softmax must be one of 'old', 'seen'; got 'all'"),
+    ({"variant": "vandeven"},
+     r"variant must be one of 'standard', 'vandeven2018', 'vandeven2022'; got 'vandeven'"),
+    ({"variant": "vandeven2022"}, r"scale_t2 must be False with variant='vandeven2022'"),
+    ({"variant": "vandeven2022", "scale_t2": False, "schedule": "constant"},
+     r"schedule must be 'vandeven' with variant='vandeven2022'"),
+    ({"variant": "vandeven2022", "scale_t2": False, "task_reduction": "sum"},
+     r"task_reduction must be 'mean' with variant='vandeven2022'"),
+    ({"variant": "vandeven2018", "scale_t2": False}, r"scale_t2 must be True with variant="),
+    ({"variant": "vandeven2018", "class_il_softmax": "old"},
+     r"class_il_softmax must be 'seen' with variant='vandeven2018'"),
 ])
 def test_lwf_bad_arguments(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):

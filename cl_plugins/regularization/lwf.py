@@ -3,9 +3,11 @@
 Name: ``lwf``. Scenarios: task-IL, domain-IL, class-IL. Task labels: not needed.
 
 Paper: Z. Li and D. Hoiem, "Learning without Forgetting", IEEE TPAMI 40(12), 2017 (ECCV 2016).
-Protocol of the anchors (S1/S2): G. M. van de Ven and A. S. Tolias, "Three scenarios for continual
-learning" (arXiv 1904.07734, 2018/2019) and van de Ven, Tuytelaars & Tolias, "Three types of
-incremental learning", Nature Machine Intelligence 2022 (temperature 2).
+Reference code of the anchors: GMvandeVen/continual-learning, whose LwF loss changed twice (see
+``variant``): up to commit 26f00db (May 2019; the code of van de Ven & Tolias 2018, arXiv
+1809.10635, behind the S1 LwF row that Hsu et al. 2018 list but their own code does not
+implement), from 26f00db to df9f983 (Aug 2022), and since df9f983 (van de Ven, Tuytelaars &
+Tolias, Nature Machine Intelligence 2022: S2). All use temperature 2.
 
 What is implemented
 -------------------
@@ -35,8 +37,8 @@ The terms over old tasks are averaged (``task_reduction="mean"``, van de Ven's c
 all old tasks). The weight of the term:
 
 - ``schedule="constant"``:  loss = CE + alpha_e * KD  (Li & Hoiem, lambda_o = alpha; Avalanche);
-- ``schedule="vandeven"``:  van de Ven & Tolias weight the current-data loss and the
-  distillation ("replay") loss by how many tasks have been seen:
+- ``schedule="vandeven"``:  van de Ven & Tolias's code before 2022 weights the current-data
+  loss and the distillation ("replay") loss by how many tasks have been seen (``rnt = 1/t``):
       L_total = (1/t) * L_CE + (1 - 1/t) * L_KD.
   Plugins *add* to ``strategy.loss``, which at ``before_backward`` holds the criterion plus the
   terms of the plugins that ran before this one; scaling it by 1/t would scale those terms too
@@ -49,6 +51,33 @@ all old tasks). The weight of the term:
 ``alpha`` is one float or a list with one value per experience (as Avalanche's ``LwF``, used by
 the continual-learning-baselines B1 run); it multiplies the schedule's weight.
 
+``variant`` (which version of van de Ven's code the term follows; the other options must agree
+with it or a ValueError names the one that does not):
+
+- ``"standard"`` (default): the term above, as set by the other options. With the defaults it is
+  his code from 26f00db to df9f983 (1/t weighting, T^2, class-IL softmax over the seen classes,
+  KD summed over the classes).
+- ``"vandeven2018"`` (requires the defaults: ``schedule="vandeven"``, ``scale_t2=True``,
+  ``class_il_softmax="seen"``, ``task_reduction="mean"``): his 2018 code (``utils.loss_fn_kd``
+  from e17b714, 2018, until 26f00db, 2019-05-17) averaged the KD over the batch *and* the
+  n columns it spans instead of summing over the columns: every term above is divided by n
+  (2 per head in split-MNIST task-IL, 2 in domain-IL, 2t in class-IL). S1 class-IL, seed 0:
+  24.33 (published 24.17 +- 0.33; "standard" 20.69).
+- ``"vandeven2022"`` (requires ``schedule="vandeven"``, ``scale_t2=False``,
+  ``task_reduction="mean"``; ``class_il_softmax`` is not used): his code since df9f983 (2022,
+  ``Classifier.train_a_batch``, ``lwf_weighting``; ``loss_fn_kd`` with ``norm=False``):
+
+      loss = CE + w_t * KL(softmax(z_old / T) || softmax(z / T))       (no T^2)
+
+  with w_t = alpha_e * (t - 1) on multi-head models and on a single head whose experience
+  brings no new class (task-, domain-IL: (t - 1) x the mean over old heads, as ``"standard"``),
+  and w_t = alpha_e (no (t - 1), no 1/t) when the experience brings classes not trained before
+  on a single head (class-IL). On a single head the KD spans *every* output of the head, student
+  and teacher, not padded (his default ``--active-classes=all``): the current task's CE and the
+  teacher's targets then also span the outputs of classes not yet seen, which needs an unmasked
+  head (``model: {mask: none}``); with the default seen-classes mask the unseen outputs sit at
+  -1e4 and get zero probability on both sides.
+
 Hooks
 -----
 ``before_train_dataset_adaptation`` (rebuild a teacher restored by ``load_state_dict`` on the
@@ -56,18 +85,20 @@ model before Avalanche adapts it), ``before_training_exp`` (feature hook), ``bef
 (adds the term), ``after_training_exp`` (records the classes trained per task label, copies the
 teacher), ``after_training`` (removes the hook).
 
-Hyper-parameters (DEFAULTS = protocol S2, van de Ven et al. 2022)
------------------------------------------------------------------
+Hyper-parameters (DEFAULTS = van de Ven's code from 26f00db to df9f983)
+-----------------------------------------------------------------------
 - ``alpha`` = 1.0: weight of the distillation term (float >= 0 or list of floats, one per
   experience);
 - ``temperature`` = 2.0 (Li & Hoiem and van de Ven: T = 2);
 - ``schedule`` = "vandeven" ("constant" for Li & Hoiem / Avalanche);
 - ``task_reduction`` = "mean" (over old task heads; "sum" for Avalanche's behaviour);
-- ``scale_t2`` = True: multiply the KD term by T^2 (Hinton et al. 2015; van de Ven's code);
+- ``scale_t2`` = True: multiply the KD term by T^2 (Hinton et al. 2015; van de Ven's code
+  before 2022, not since df9f983);
 - ``class_il_softmax`` = "seen": which columns the student's softmax spans on a single-head
   model: ``"seen"`` = the classes of earlier experiences and of the current one, the teacher's
-  probabilities padded with zeros for the current ones (van de Ven's code, S1/S2); ``"old"`` =
-  the classes of earlier experiences only (Li & Hoiem, Avalanche). See Deviations.
+  probabilities padded with zeros for the current ones (van de Ven's code before 2022); ``"old"`` =
+  the classes of earlier experiences only (Li & Hoiem, Avalanche). See Deviations;
+- ``variant`` = "standard" (see above; S2 uses "vandeven2022", S1 "vandeven2018").
 
 Deviations
 ----------
@@ -75,20 +106,22 @@ Deviations
   joint optimisation) is not done, as in van de Ven's and Avalanche's implementations.
 - Li & Hoiem record the old outputs Y_o once, before training the new task; a frozen teacher
   copy gives the same targets (and allows data augmentation to differ per epoch).
-- Li & Hoiem and Avalanche use KD without the T^2 factor; set ``scale_t2=False`` to get it
-  (with T = 1, as in Avalanche's baseline run, both are identical).
-- Class-IL, ``class_il_softmax``: with ``"seen"`` (the default, the S2 protocol's) the term is
-  van de Ven's (``loss_fn_kd`` in GMvandeVen/continual-learning, the code behind the S1 (24.17)
-  and S2 (21.89) class-IL numbers): the student's softmax spans *all* classes seen so far, old
-  and current, and the teacher's softmax over the old classes is padded with zero
-  probabilities for the classes that are new in the current experience,
+- Li & Hoiem, Avalanche and van de Ven's 2022 code use KD without the T^2 factor; set
+  ``scale_t2=False`` to get it (with T = 1, as in Avalanche's baseline run, both are identical).
+- Class-IL, ``class_il_softmax``: with ``"seen"`` (the default) the term is that of van de Ven's
+  code before 2022 (``loss_fn_kd`` with the teacher's scores cut to the old classes; the 2018
+  version, behind the S1 row 24.17, also divides by the number of columns, ``variant=
+  "vandeven2018"``; the 2022 code behind S2's 21.89 is ``variant="vandeven2022"``): the
+  student's softmax spans *all* classes seen so far, old and current, and the teacher's softmax
+  over the old classes is padded with zero probabilities for the classes that are new in the
+  current experience,
 
       KD = T^2 * sum_{c in old} q_c (log q_c - log p_c),
       q = softmax(z_old[old] / T),  p = softmax(z[old + new] / T)  (mean over the batch),
 
   which also pushes the current classes' logits down on the current inputs (the teacher gives
-  them probability 0). van de Ven's code uses the cross-entropy -sum q log p (see the KL note
-  below: same gradient). With ``"old"``, as in Li & Hoiem (old-task outputs only) and
+  them probability 0). His code uses the cross-entropy -sum q log p (see the KL note below:
+  same gradient). With ``"old"``, as in Li & Hoiem (old-task outputs only) and
   Avalanche, the student's softmax spans the old classes only and the new classes' logits do
   not enter the term. The two are opposite failure modes of single-head LwF: with ``"old"``
   nothing holds the new classes' logits down on old inputs, so every earlier task is lost (S1
@@ -124,6 +157,13 @@ _HOOK_FLAGS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                "_forward_pre_hooks_with_kwargs")
 REDUCTIONS = ("mean", "sum")
 CLASS_IL_SOFTMAX = ("old", "seen")
+VARIANTS = ("standard", "vandeven2018", "vandeven2022")
+# The options each code version fixes (class_il_softmax is not used by "vandeven2022").
+_VARIANT_OPTIONS = {
+    "vandeven2018": {"schedule": "vandeven", "scale_t2": True, "class_il_softmax": "seen",
+                     "task_reduction": "mean"},
+    "vandeven2022": {"schedule": "vandeven", "scale_t2": False, "task_reduction": "mean"},
+}
 
 
 class _FeatureTap:
@@ -164,7 +204,8 @@ class LwFPlugin(SupervisedPlugin):
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False
     DEFAULTS: dict = {"alpha": 1.0, "temperature": 2.0, "schedule": "vandeven",
-                      "task_reduction": "mean", "scale_t2": True, "class_il_softmax": "seen"}
+                      "task_reduction": "mean", "scale_t2": True, "class_il_softmax": "seen",
+                      "variant": "standard"}
     SWEEP: dict = {
         "alpha": {"distribution": "log_uniform_values", "min": 0.1, "max": 10.0},
         "temperature": {"values": [1.0, 2.0, 4.0]},
@@ -176,7 +217,8 @@ class LwFPlugin(SupervisedPlugin):
 
     def __init__(self, alpha: Union[float, Sequence[float]] = 1.0, temperature: float = 2.0,
                  schedule: str = "vandeven", task_reduction: str = "mean",
-                 scale_t2: bool = True, class_il_softmax: str = "seen"):
+                 scale_t2: bool = True, class_il_softmax: str = "seen",
+                 variant: str = "standard"):
         super().__init__()
         self.alpha = _check_alpha(alpha)
         self.temperature = float(check_positive("temperature", temperature))
@@ -185,6 +227,11 @@ class LwFPlugin(SupervisedPlugin):
         self.scale_t2 = check_bool("scale_t2", scale_t2)
         self.class_il_softmax = check_choice("class_il_softmax", class_il_softmax,
                                              CLASS_IL_SOFTMAX)
+        self.variant = check_choice("variant", variant, VARIANTS)
+        for key, want in _VARIANT_OPTIONS.get(variant, {}).items():
+            if getattr(self, key) != want:
+                raise ValueError(f"{key} must be {want!r} with variant={variant!r} (van de Ven's "
+                                 f"{variant[-4:]} code); got {getattr(self, key)!r}.")
 
         self.teacher: Optional[nn.Module] = None
         self.n_experiences = 0  # finished experiences (the task count)
@@ -214,10 +261,12 @@ class LwFPlugin(SupervisedPlugin):
             return self.alpha[exp_index]
         return self.alpha
 
-    def kd_weight(self, t: int) -> float:
-        """Weight of the KD term added to the loss while training task t (counted from 1)."""
+    def kd_weight(self, t: int, new_classes: bool = False) -> float:
+        """Weight of the KD term added to the loss while training task t (counted from 1).
+        ``new_classes``: the experience brings classes not trained before on a single head
+        (class-IL), where ``variant="vandeven2022"`` drops the (t - 1) factor."""
         a = self.alpha_at(t - 1)
-        if self.schedule == "constant":
+        if self.schedule == "constant" or (new_classes and self.variant == "vandeven2022"):
             return a
         w_ce, w_kd = self.vandeven_weights(t)
         return a * w_kd / w_ce
@@ -325,14 +374,14 @@ class LwFPlugin(SupervisedPlugin):
                 s = model.head.forward_single_task(feats, k)[:, cols]
                 with torch.no_grad():
                     q = teacher.head.forward_single_task(t_feats, k)[:, cols]
-                terms.append(kd_loss(s, q, T, self.scale_t2))
+                terms.append(self._kd(s, q, T))
         elif layout == "tasks":
             for k in sorted(self.old_classes):
                 cols = self.old_classes[k]
                 s = model(x, k)[:, cols]
                 with torch.no_grad():
                     q = teacher(x, k)[:, cols]
-                terms.append(kd_loss(s, q, T, self.scale_t2))
+                terms.append(self._kd(s, q, T))
         else:
             cols = sorted(set().union(*self.old_classes.values()))
             if task_labels is None:  # single head: every sample goes through the same head
@@ -341,15 +390,25 @@ class LwFPlugin(SupervisedPlugin):
                 avalanche_forward(model, x, task_labels)
             with torch.no_grad():
                 q = avalanche_forward(teacher, x, task_labels)
-            if self.class_il_softmax == "old":
-                terms.append(kd_loss(out[:, cols], q[:, cols], T, self.scale_t2))
+            if self.variant == "vandeven2022":  # every output of the head, no padding
+                terms.append(self._kd(out, q, T))
+            elif self.class_il_softmax == "old":
+                terms.append(self._kd(out[:, cols], q[:, cols], T))
             else:
                 if current_classes is None:
                     current_classes = set().union(set(), *self._current_classes.values())
                 new = sorted(set(int(c) for c in current_classes) - set(cols))
-                terms.append(self._kd_padded(out[:, cols + new], q[:, cols], T))
+                terms.append(self._kd(out[:, cols + new], q[:, cols], T, padded=True))
         total = torch.stack(terms).sum()
         return total / len(terms) if self.task_reduction == "mean" else total
+
+    def _kd(self, student: torch.Tensor, teacher: torch.Tensor, T: float,
+            padded: bool = False) -> torch.Tensor:
+        """One KD term (``_kd_padded`` if ``padded``, else ``kd_loss``); divided by the student's
+        number of columns under ``variant="vandeven2018"``."""
+        loss = self._kd_padded(student, teacher, T) if padded else \
+            kd_loss(student, teacher, T, self.scale_t2)
+        return loss / student.shape[1] if self.variant == "vandeven2018" else loss
 
     def _kd_padded(self, student: torch.Tensor, teacher: torch.Tensor, T: float) -> torch.Tensor:
         """KL(q || p) with p = softmax(student / T) over all its columns and q the teacher's
@@ -386,7 +445,7 @@ class LwFPlugin(SupervisedPlugin):
     def before_backward(self, strategy, **kwargs):
         if self.teacher is None and self._pending_teacher is None:
             return
-        weight = self.kd_weight(self.n_experiences + 1)
+        weight = self.kd_weight(self.n_experiences + 1, self._new_classes(strategy.model))
         if weight == 0.0:
             return
         feats = self._tap.take(strategy.mb_x) if self._tap is not None else None
@@ -394,6 +453,14 @@ class LwFPlugin(SupervisedPlugin):
                                       student_output=strategy.mb_output,
                                       task_labels=strategy.mb_task_id, features=feats)
         strategy.loss += weight * term
+
+    def _new_classes(self, model: nn.Module) -> bool:
+        """Whether the current experience brings classes not trained before on a single head."""
+        if self.variant != "vandeven2022":
+            return False  # only that variant's weight depends on it
+        old = set().union(set(), *self.old_classes.values())
+        new = set().union(set(), *self._current_classes.values()) - old
+        return bool(new) and self._layout(model) == "single"
 
     def after_training_exp(self, strategy, **kwargs):
         self._remove_tap()  # before the copy: the teacher must not carry the hook
@@ -419,7 +486,7 @@ class LwFPlugin(SupervisedPlugin):
     def _config(self) -> Dict:
         return {"alpha": self.alpha, "temperature": self.temperature, "schedule": self.schedule,
                 "task_reduction": self.task_reduction, "scale_t2": self.scale_t2,
-                "class_il_softmax": self.class_il_softmax}
+                "class_il_softmax": self.class_il_softmax, "variant": self.variant}
 
     def state_dict(self) -> Dict:
         if self.teacher is not None:
