@@ -44,9 +44,13 @@ PROTOCOLS = {
         "seeds": list(range(10)),
         "source": "Hsu et al. 2018, Table 2 (10 runs, mean ± std)",
         "published": {
-            "task": {"naive-adam": (93.46, 2.01), "naive-sgd": (97.98, 0.09)},
-            "domain": {"naive-adam": (55.16, 1.38), "naive-sgd": (63.20, 0.35)},
-            "class": {"naive-adam": (19.71, 0.08), "naive-sgd": (19.46, 0.04)},
+            # joint and cumulative: against the paper's offline upper bound (no spread given)
+            "task": {"naive-adam": (93.46, 2.01), "naive-sgd": (97.98, 0.09),
+                     "joint": (99.52, None), "cumulative": (99.52, None)},
+            "domain": {"naive-adam": (55.16, 1.38), "naive-sgd": (63.20, 0.35),
+                       "joint": (98.59, None), "cumulative": (98.59, None)},
+            "class": {"naive-adam": (19.71, 0.08), "naive-sgd": (19.46, 0.04),
+                      "joint": (97.53, None), "cumulative": (97.53, None)},
         },
     },
     "S1-reg": {
@@ -132,7 +136,10 @@ PROTOCOLS = {
                       "--methods.5.params.si_lambda=5000.0"],
         },
         "skip": {"domain": ["ensemble"], "class": ["ensemble"]},
-        "seeds": [0, 1, 2, 3, 4],
+        # The paper's Table 2 averages seeds 2-21 (all_results.sh: compare.py --seed=2
+        # --n-seeds=20, splitMNIST, each scenario); 10 of them by default (--seeds for all 20).
+        # Domain-IL EWC at lambda 1e10 is chaotic seed to seed, so few seeds do not compare.
+        "seeds": list(range(2, 12)),
         "source": "van de Ven et al. 2022, Table 2 (20 seeds; the paper's s.e.m. shown as a "
                   "std, s.e.m. × √20, like every other protocol's spread; SI is not in "
                   "ANCHORS.md: no published number shown)",
