@@ -137,10 +137,11 @@ Deviations from the paper / official code, and why:
 
 - Statistics and eigendecompositions in float64 (the code: float32 SVD): rounding in float32
   makes lambda_min noise and the kept rank jump between runs.
-- The code takes the SVD of C and thresholds its singular values; for a symmetric PSD matrix
-  they are the absolute eigenvalues, which is what is used here (``eigh`` can return tiny
-  negative eigenvalues for a rank-deficient C; with signed values ``a * lambda_min`` would then
-  select nothing).
+- The code thresholds the singular values of ``torch.svd(C)``; in exact arithmetic they are the
+  absolute eigenvalues used here, but not numerically: on a rank-deficient C the null
+  directions' values are rounding noise in either computation, and ``a * min`` of noise is
+  not a threshold. On a full-rank C both select the same directions (tested); on a
+  rank-deficient one see the rank tolerance (below).
 - The step is projected through parameter deltas (p_old + (p - p_old) T) instead of inside a
   modified Adam: identical for Adam (the code projects ``exp_avg / denom`` times the step size,
   which is exactly the delta), and it works for any optimizer, including AdamW's decoupled
