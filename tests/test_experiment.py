@@ -230,6 +230,41 @@ def test_method_params_apply_by_name_and_are_not_inherited(digits_cfg, tmp_path)
         run_experiment(digits_cfg, echo=lambda *a: None)
 
 
+def test_an_entry_beside_all_customises_that_method_in_place():
+    from cl_plugins.experiment.config import normalize_methods
+    from cl_plugins.experiment.plan import expand_methods
+
+    plain = [e["name"] for e in expand_methods(normalize_methods(["all"]), "task")]
+    sgd = {"name": "sgd", "lr": 0.1}
+    got = expand_methods(normalize_methods(
+        [{"name": "rgo", "optimizer": sgd}, "all", {"name": "rgo", "label": "rgo-2"},
+         {"name": "ewc", "plus": ["er"]}]), "task")
+    names = [e["name"] for e in got]
+    assert names[:len(plain)] == plain  # same methods, same order, rgo once
+    assert got[plain.index("rgo")]["optimizer"] == sgd
+    assert [e.get("label") for e in got[len(plain):]] == ["rgo-2", None]  # labelled / plus: extra
+    assert got[-1]["plus"] == [{"name": "er", "params": {}}]
+    # without 'all', entries are kept as they are
+    assert expand_methods(normalize_methods(["rgo", "rgo"]), "task") == normalize_methods(
+        ["rgo", "rgo"])
+
+
+def test_the_main_job_steps_the_projection_methods_with_plain_sgd():
+    from cl_plugins.experiment.cli import prepare
+
+    plan, _ = prepare([])
+    by_name = {e["name"]: e for e in plan.entries}
+    assert len(by_name) == len(plan.entries)  # each method once
+    for name in ("gpm", "ogd", "rgo"):
+        opt = by_name[name]["optimizer"]
+        assert opt["name"] == "sgd" and opt["momentum"] == 0 and opt["weight_decay"] == 0
+    assert "optimizer" not in by_name["naive"]
+    # --only selects among the methods 'all' stands for, customised entries included
+    plan, _ = prepare(["--only=naive,rgo"])
+    assert [e["name"] for e in plan.entries] == ["naive", "rgo"]
+    assert plan.entries[1]["optimizer"]["name"] == "sgd"
+
+
 class _RecordLR(SupervisedPlugin):
     """Records the first parameter group's learning rate at the start of every epoch."""
 

@@ -72,9 +72,16 @@ def select_methods(cfg, only):
     that entry alone (``--only=ogd`` does not also run the entry labelled ``ogd-lr0.001``); any
     other token selects every entry of that method name."""
     from .config import normalize_methods
-    from .runner import method_label
+    from .plan import expand_methods, method_label
 
     entries = normalize_methods(cfg["methods"])
+    if any(e["name"] == "all" for e in entries):  # select among the methods 'all' stands for
+        from cl_plugins.benchmarks import resolve_scenario
+
+        try:
+            entries = expand_methods(entries, resolve_scenario(cfg["benchmark"]["scenario"]))
+        except (ValueError, KeyError, TypeError):
+            pass  # a bad scenario: the plan reports it
     labels = {method_label(e) for e in entries}
     kept = [e for e in entries
             if method_label(e) in only or any(t == e["name"] and t not in labels for t in only)]

@@ -70,16 +70,24 @@ def method_label(entry: Dict[str, Any]) -> str:
 
 def expand_methods(methods: List[Dict[str, Any]], scenario: str) -> List[Dict[str, Any]]:
     """Replace an entry named 'all' by every registered method that supports ``scenario``
-    (other libraries' reference implementations only run when named)."""
+    (other libraries' reference implementations only run when named). An entry of the same
+    list that names one of those methods, with no label and no ``plus``, customises it: it
+    takes that method's place in 'all' instead of running a second time (``methods: [all,
+    {name: rgo, optimizer: {name: sgd}}]``)."""
     from cl_plugins.registry import list_methods
 
+    if not any(m["name"] == "all" for m in methods):
+        return list(methods)
+    specs = [s for s in list_methods(scenario) if not s.reference]
+    specs.sort(key=lambda s: (s.name != "naive", s.name))
+    names = [s.name for s in specs]
+    custom = {m["name"]: m for m in methods
+              if m["name"] in names and not m.get("label") and not m.get("plus")}
     out = []
     for m in methods:
         if m["name"] == "all":
-            specs = [s for s in list_methods(scenario) if not s.reference]
-            specs.sort(key=lambda s: (s.name != "naive", s.name))
-            out += [{"name": s.name, "params": {}, "plus": []} for s in specs]
-        else:
+            out += [custom.get(n) or {"name": n, "params": {}, "plus": []} for n in names]
+        elif custom.get(m["name"]) is not m:  # else: placed by 'all'
             out.append(m)
     return out
 
