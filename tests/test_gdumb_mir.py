@@ -137,6 +137,36 @@ def test_gdumb_memory_is_greedy_class_balanced_stream_samples():
         assert hit.any() and int(ys[hit][0]) == int(y)
 
 
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_gdumb_memory_draws_from_the_whole_experience(shuffle):
+    """The official code fills a class's slots with a scrambled subset of all its training
+    samples (numpy's unstable argsort), Avalanche's buffer with a random one. An experience's
+    dataset is a set (class-sorted, in file order, here and on MNIST): offered in that order, the
+    greedy memory would hold only the first samples of every class (on G1, MLP-100, memory 500:
+    ~1.5 points of ACC)."""
+    exp = build_benchmark("split_digits", "class").benchmark.train_stream[0]
+    xs, ys = _stream_xy(exp)
+    assert bool((ys[1:] >= ys[:-1]).all())  # class-sorted: the head of a class is its start
+
+    def ranks(seed):
+        g = _gdumb(mem_size=20, seed=seed, shuffle_stream=shuffle)
+        g.fill_memory(exp.dataset)
+        mem_x, mem_y, _ = g.memory_dataset().tensors
+        hit = (mem_x.flatten(1)[:, None, :] == xs[None]).all(-1).float().argmax(1)
+        start = {int(c): int((ys < c).sum()) for c in ys.unique()}
+        return {int(c): sorted(int(i) - start[int(c)] for i, y in zip(hit, mem_y) if y == c)
+                for c in mem_y.unique()}
+
+    got = ranks(0)
+    assert sorted(got) == [0, 1] and [len(v) for v in got.values()] == [10, 10]
+    n = {c: int((ys == c).sum()) for c in (0, 1)}
+    if shuffle:  # spread over each class, and drawn from the plugin's seed
+        assert all(max(got[c]) >= n[c] // 2 for c in (0, 1)), got
+        assert ranks(0) == got and ranks(1) != got
+    else:  # the first 20 zeros fill the memory, the first 10 ones evict half of them
+        assert max(got[0]) < 20 and got[1] == list(range(10))
+
+
 class _Before(SupervisedPlugin):
     """Placed before GDumb: the weights before its reset."""
 
@@ -305,6 +335,66 @@ def test_crop_pads_with_each_images_background():
         assert set(out[i].unique().tolist()) <= set(x[i].unique().tolist())
         assert int((out[i] == 1.0 - 0.25 * (i >= 3)).sum()) == 16  # the square stays whole
     assert not torch.equal(out, x)  # something moved
+
+
+def test_gdumb_crop_is_random_crop_28_padding_4_without_flips():
+    """torchvision's RandomCrop(28, padding=4) on a black-padded image: each of the 81 shifts
+    in [-4, 4]^2, nothing else (no flip: a flip would move column 20 to 7)."""
+    black, white = -0.1307 / 0.3081, (1.0 - 0.1307) / 0.3081  # normalised MNIST levels
+    x = torch.full((3000, 1, 28, 28), black)
+    x[:, :, 14, 20] = white
+    out = crop_on_background(x, 4, False, torch.Generator().manual_seed(0))
+    is_white = (out - white).abs() < 1e-5
+    assert bool(((out - black).abs() < 1e-5).logical_or(is_white).all())  # black padding
+    assert bool((is_white.flatten(1).sum(1) == 1).all())  # the dot is never cut off
+    flat = is_white.flatten(1).float().argmax(1)
+    shifts = set(zip((flat // 28 - 14).tolist(), (flat % 28 - 20).tolist()))
+    assert shifts == {(dy, dx) for dy in range(-4, 5) for dx in range(-4, 5)}
+
+
+def test_gdumb_defaults_are_the_official_recipe():
+    """drimpossible/GDumb: src/opts.py (maxlr 0.05, minlr 0.0005, clip 10), src/main.py
+    (warm-restart schedule), src/dataloader.py (RandomCrop(28, padding=4), no flip for MNIST),
+    scripts/replicate.sh (128 passes, memory 4400 for MLP-400)."""
+    import inspect
+
+    expected = {"mem_size": 4400, "epochs_on_memory": 128, "lr_max": 0.05, "lr_min": 0.0005,
+                "warm_restarts": True, "clip_grad_norm": 10.0, "crop_padding": 4,
+                "hflip": False, "train_only_last": False, "shuffle_stream": True, "seed": None,
+                "x_dtype": None, "x_range": None}
+    assert GDumbPlugin.DEFAULTS == expected
+    sig = inspect.signature(GDumbPlugin.__init__).parameters
+    assert {k: sig[k].default for k in expected} == expected
+
+
+def test_g1_config_is_the_official_mnist_protocol():
+    from pathlib import Path
+
+    from cl_plugins.experiment.config import load_config, normalize_methods, section_for
+
+    path = Path(__file__).resolve().parents[1] / "experiments/configs/prabhu2020_gdumb_split_mnist.yaml"
+    cfg = load_config(path)
+    b, st = cfg["benchmark"], cfg["strategy"]
+    assert (b["name"], b["scenario"], b["n_experiences"], b["pad_to_32"]) == \
+        ("split_mnist", "class", 5, False)
+    assert b["normalize"] and b["mean"] == [0.1307] and b["std"] == [0.3081]
+    assert st["train_mb_size"] == 16 and st["augment"] is None
+    entries = {e.get("label", e["name"]): e for e in normalize_methods(cfg["methods"])}
+    gdumb = {k: e for k, e in entries.items() if e["name"] == "gdumb"}
+    assert sorted(gdumb) == ["gdumb", "gdumb-bn", "gdumb-mlp100", "gdumb-mlp100-bn"]
+    for label, e in gdumb.items():
+        opt = section_for(cfg, e, "optimizer")
+        assert (opt["name"], opt["momentum"], opt["weight_decay"], opt["nesterov"]) == \
+            ("sgd", 0.9, 1e-6, False)
+        assert opt["scheduler"] is None
+        model = section_for(cfg, e, "model")
+        assert model["hidden"] == ([100, 100] if "mlp100" in label else [400, 400])
+        assert e["params"]["mem_size"] == (500 if "mlp100" in label else 4400)
+        # the recipe is the plugin's (official) defaults; only the BN-free MLP lowers lr_max
+        assert set(e["params"]) <= {"mem_size", "lr_max"}
+        assert e["params"].get("lr_max", 0.05) == (0.05 if "bn" in label else 0.01)
+        if "bn" in label:
+            assert (model["batch_norm"], model["bias"], model["bn_eps"]) == (True, False, 1e-6)
 
 
 def test_gdumb_state_round_trip_resumes_identically():
@@ -503,7 +593,8 @@ def test_bad_arguments():
                      ({"warm_restarts": 1}, "warm_restarts"),
                      ({"clip_grad_norm": 0.0}, "clip_grad_norm"),
                      ({"crop_padding": -1}, "crop_padding"), ({"hflip": "yes"}, "hflip"),
-                     ({"train_only_last": None}, "train_only_last"), ({"seed": -1}, "seed"),
+                     ({"train_only_last": None}, "train_only_last"),
+                     ({"shuffle_stream": "yes"}, "shuffle_stream"), ({"seed": -1}, "seed"),
                      ({"x_dtype": "float8"}, "x_dtype")]:
         with pytest.raises(ValueError, match=name):
             GDumbPlugin(**kw)
