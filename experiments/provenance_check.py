@@ -1,7 +1,8 @@
 """Is a stored result still what today's code and config would compute? (``reproduce.py --table``)
 
-A row depends on these files: its method's module (each method of the entry, and the registry
-for Avalanche's reference methods, whose defaults live there), everything under
+A row depends on these files: its method's module (each method of the entry;
+``cl_plugins/baselines/avalanche_refs.py`` for Avalanche's reference methods, whose defaults
+live there), everything under
 ``cl_plugins/core/`` and ``cl_plugins/benchmarks/``, the runner
 (``cl_plugins/experiment/runner.py`` and ``evaluation.py``), and the model code it ran: the
 model factory (``models/__init__.py``, ``classifier.py``, ``heads.py``), the backbone's module,
@@ -82,7 +83,7 @@ def method_files(entry: Dict) -> List[str]:
         if module.startswith("cl_plugins."):
             files.append(module.replace(".", "/") + ".py")
         if spec.reference:
-            files.append("cl_plugins/registry.py")
+            files.append("cl_plugins/baselines/avalanche_refs.py")
     return files
 
 

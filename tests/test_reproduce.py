@@ -120,6 +120,11 @@ def test_a_row_is_stale_when_a_file_it_depends_on_changed():
     er_plus = {"name": "naive", "params": {}, "plus": [{"name": "er", "params": {}}]}
     then = {**now, "cl_plugins/replay/er.py": "0" * 12}
     assert check.reasons(_provenanced("naive+er", er_plus, then), None) == ["replay/er.py changed"]
+    ref = {"name": "avalanche_ewc", "params": {}, "plus": []}  # its defaults: avalanche_refs.py
+    for path, why in [("cl_plugins/baselines/avalanche_refs.py", ["baselines/avalanche_refs.py changed"]),
+                      ("cl_plugins/registry.py", [])]:  # adding a method of ours: not stale
+        assert check.reasons(_provenanced("avalanche_ewc", ref, {**now, path: "0" * 12}),
+                             None) == why
     rgo = {"name": "rgo", "params": {}, "plus": []}
     fel_row = {**_provenanced("rgo", rgo, {**now, "cl_plugins/models/fel.py": "0" * 12}),
                "config": {"model": {"name": "fel_mlp"}}}
