@@ -7,6 +7,7 @@ naive, joint, cumulative) or a *plugin* added to the template's plugin list.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -32,12 +33,13 @@ class MethodSpec:
     @classmethod
     def from_plugin(cls, plugin_cls) -> "MethodSpec":
         """A plugin declares its registry entry as class attributes (Mammoth-style header):
-        ``METHOD_NAME``, ``SCENARIOS``, ``NEEDS_TASK_LABELS``, ``DEFAULTS`` (the paper
-        protocol's hyper-parameters), ``SWEEP`` (wandb parameter space), ``PAPER``, ``SUMMARY``."""
+        ``METHOD_NAME``, ``SCENARIOS``, ``NEEDS_TASK_LABELS``, ``SWEEP`` (wandb parameter
+        space, by parameter name), ``PAPER``, ``SUMMARY``. Its hyper-parameters and their
+        defaults (the paper protocol's) are its ``__init__`` signature: nothing repeats them."""
         return cls(name=plugin_cls.METHOD_NAME, kind="plugin", factory=plugin_cls,
                    scenarios=tuple(plugin_cls.SCENARIOS),
                    needs_task_labels=getattr(plugin_cls, "NEEDS_TASK_LABELS", False),
-                   defaults=dict(getattr(plugin_cls, "DEFAULTS", {})),
+                   defaults=signature_defaults(plugin_cls),
                    sweep=dict(getattr(plugin_cls, "SWEEP", {})),
                    paper=plugin_cls.PAPER, summary=plugin_cls.SUMMARY)
 
@@ -49,6 +51,21 @@ class MethodSpec:
                              f"so it cannot run in {scenario}-IL; use benchmark.scenario=task.")
         raise ValueError(f"Method {self.name!r} supports the scenarios {list(self.scenarios)}; "
                          f"got {scenario!r}.")
+
+
+def signature_defaults(plugin_cls) -> Dict[str, Any]:
+    """``{name: default}`` for every hyper-parameter of ``plugin_cls.__init__``: the single place
+    a plugin declares its hyper-parameters. A parameter without a default is an error, since the
+    runner must be able to build every method from its name alone."""
+    out = {}
+    for name, param in inspect.signature(plugin_cls.__init__).parameters.items():
+        if name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        if param.default is param.empty:
+            raise TypeError(f"{plugin_cls.__name__}.__init__ parameter {name!r} has no default; "
+                            "every registered plugin's hyper-parameter needs one")
+        out[name] = param.default
+    return out
 
 
 _REGISTRY: Dict[str, MethodSpec] = {}

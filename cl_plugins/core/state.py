@@ -10,9 +10,10 @@ states, nor the base its subclass's.
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Iterable
 
 OWNER_KEY = "saved_by"
+_MISSING = object()
 
 
 def owned_by(plugin: Any) -> Dict[str, str]:
@@ -33,3 +34,27 @@ def check_owner(plugin: Any, state: Any) -> None:
                          "cannot load it")
     if owner != mine:
         raise ValueError(f"this state was saved by {owner}; {mine} cannot load it")
+
+
+def settings_of(plugin: Any, keys: Iterable[str]) -> Dict[str, Any]:
+    """``owned_by(plugin)`` plus the current value of each setting in ``keys``, to start a state
+    dict with: ``{**settings_of(self, SETTINGS), "penalty": ...}``."""
+    return {**owned_by(plugin), **{k: getattr(plugin, k) for k in keys}}
+
+
+def check_settings(plugin: Any, state: Any, keys: Iterable[str]) -> None:
+    """``check_owner``, then refuse a state whose saved settings differ from ``plugin``'s.
+
+    The error names the plugin class, the setting and both values, so loading the state of a run
+    with other hyper-parameters fails at once instead of silently mixing two configurations.
+    """
+    check_owner(plugin, state)
+    mine = type(plugin).__name__
+    for key in keys:
+        saved, current = state.get(key, _MISSING), getattr(plugin, key)
+        if saved is _MISSING:
+            raise ValueError(f"{mine}.load_state_dict: the state has no setting {key!r}; this "
+                             f"plugin has {key}={current!r}")
+        if saved != current:
+            raise ValueError(f"{mine}.load_state_dict: the state was saved with {key}={saved!r}, "
+                             f"this plugin has {key}={current!r}")
