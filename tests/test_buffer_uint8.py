@@ -17,6 +17,7 @@ from cl_plugins.benchmarks import build_benchmark
 from cl_plugins.benchmarks.stored import UInt8ImageDataset
 from cl_plugins.core.buffer import ReplayBuffer, _Grid, check_x_range, grid_range
 from cl_plugins.models import build_model
+from cl_plugins.registry import signature_defaults
 from cl_plugins.replay.der import DERPlugin
 from cl_plugins.replay.er import ERPlugin
 from cl_plugins.replay.gdumb import GDumbPlugin
@@ -327,7 +328,7 @@ def test_plugins_train_identically_with_uint8_storage(make):
                                      (DERPlugin, {}), (MIRPlugin, {}), (GDumbPlugin, {}),
                                      (ICaRLPlugin, {})])
 def test_plugins_validate_x_range(cls, kw):
-    assert cls.DEFAULTS["x_range"] is None
+    assert signature_defaults(cls)["x_range"] is None
     with pytest.raises(ValueError, match="x_range.*x_dtype='uint8'"):
         cls(**kw, x_range=[0.0, 1.0])
     with pytest.raises(ValueError, match="x_range needs hi > lo"):

@@ -101,3 +101,38 @@ def test_energy_rank():
     assert energy_rank(s, 0.9, 14.0) == 2
     assert energy_rank(s, 0.99, 14.0) == 3
     assert energy_rank(s, 0.9, 14.0, already_explained=13.0) == 1
+
+
+def test_plain_sgd_and_groups_holding():
+    from cl_plugins.core.input_side import groups_holding, plain_sgd
+
+    a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+    opt = torch.optim.SGD([{"params": a.parameters()},
+                           {"params": b.parameters(), "momentum": 0.9}], lr=0.1)
+    held = groups_holding(opt, [a.weight])
+    assert len(held) == 1 and held[0]["params"][0] is a.weight
+    assert plain_sgd(opt, held) and not plain_sgd(opt)  # the second group has momentum
+    assert not plain_sgd(torch.optim.Adam(a.parameters()))
+
+
+def test_check_fan_ins_names_the_layer():
+    from cl_plugins.core.layer_inputs import check_fan_ins
+
+    layers = {"fc": nn.Linear(3, 2)}
+    check_fan_ins(object(), layers, {}, True)  # nothing stored yet
+    check_fan_ins(object(), layers, {"fc": torch.zeros(4, 4)}, True)  # 3 + bias column
+    with pytest.raises(ValueError, match="'fc' has fan-in 3, the stored statistics 4"):
+        check_fan_ins(object(), layers, {"fc": torch.zeros(4, 4)}, False)
+    with pytest.raises(ValueError, match="protected layers changed"):
+        check_fan_ins(object(), layers, {"other": torch.zeros(3, 3)}, False)
+
+
+def test_extend_basis_drop_one_keeps_one_vector_fewer():
+    from cl_plugins.core.subspace import extend_basis
+
+    rep = torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))  # energies 9, 4, 1
+    assert extend_basis(None, rep, 0.9).shape == (3, 2)  # 13 / 14 >= 0.9
+    assert extend_basis(None, rep, 0.9, drop_one=True).shape == (3, 1)
+    grown = extend_basis(extend_basis(None, rep, 0.6), rep, 0.99)
+    assert grown.shape == (3, 3)
+    torch.testing.assert_close(grown.T @ grown, torch.eye(3, dtype=torch.float64))

@@ -331,3 +331,20 @@ def test_per_method_model_override(digits_cfg):
     model_cfg = section_for(digits_cfg, digits_cfg["methods"][0], "model")
     assert model_cfg == {"name": "mlp", "hidden": [48]}
     assert section_for(digits_cfg, digits_cfg["methods"][1], "model")["hidden"] == [32]
+
+
+def test_main_job_overrides_name_real_parameters():
+    """The main job's override table names only methods that exist and parameters their
+    signatures declare; a renamed parameter would otherwise be silently dropped from it."""
+    import inspect
+
+    from cl_plugins.experiment.config import MAIN_JOB_METHOD_PARAMS
+    from cl_plugins.registry import get_method, signature_defaults
+
+    for name, params in MAIN_JOB_METHOD_PARAMS.items():
+        spec = get_method(name)
+        assert spec.defaults == signature_defaults(spec.factory)
+        declared = set(inspect.signature(spec.factory.__init__).parameters) - {"self"}
+        assert set(params) <= declared, (name, set(params) - declared)
+        for key, value in params.items():
+            assert value != spec.defaults[key], f"{name}.{key} overrides with the default"

@@ -18,12 +18,15 @@ from avalanche.training.plugins import (EvaluationPlugin, GDumbPlugin as Avalanc
 from torch import nn
 
 from cl_plugins.benchmarks import build_benchmark
+from cl_plugins.core.augment import crop_on_background
 from cl_plugins.core.iterations import IterationBudgetPlugin
+from cl_plugins.core.lr_schedule import cosine_warm_restarts
+from cl_plugins.core.reinit import restore_initial_weights
 from cl_plugins.experiment.runner import run_experiment
 from cl_plugins.models import MLP, ClassifierNet, build_model
-from cl_plugins.registry import MethodSpec, _REGISTRY, get_method
+from cl_plugins.registry import MethodSpec, _REGISTRY, get_method, signature_defaults
 from cl_plugins.replay.er import ERPlugin
-from cl_plugins.replay.gdumb import GDumbPlugin, crop_on_background, gdumb_lr
+from cl_plugins.replay.gdumb import GDumbPlugin, gdumb_lr
 from cl_plugins.replay.mir import MIRPlugin, interference_scores
 
 
@@ -99,6 +102,22 @@ def test_gdumb_lr_matches_the_official_warm_restart_loop():
     got = [gdumb_lr(e, lr_max, lr_min) for e in range(128)]
     assert got == pytest.approx(expected, rel=1e-12, abs=1e-15)
     assert got[2] == lr_max and got[127] < 1.1 * lr_min  # restarts at 2, 4, 8, ..., 64
+
+
+@pytest.mark.parametrize("t_0, t_mult", [(1, 2), (3, 1), (2, 3)])
+def test_cosine_warm_restarts_is_torchs_scheduler(t_0, t_mult):
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=t_0, T_mult=t_mult,
+                                                                 eta_min=0.01)
+    expected = []
+    for _ in range(40):
+        expected.append(opt.param_groups[0]["lr"])
+        sched.step()
+    got = [cosine_warm_restarts(n, 0.3, 0.01, t_0, t_mult) for n in range(40)]
+    assert got == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    restarts = [n for n in range(1, 40) if got[n] > got[n - 1]]
+    assert restarts == [n for n in range(1, 40) if expected[n] > expected[n - 1]] and restarts
 
 
 def test_gdumb_sets_the_lr_per_pass_and_restores_it():
@@ -195,6 +214,30 @@ class _After(SupervisedPlugin):
             self.first_step.append(_params(strategy.model))
             self.opt_state.append(len(strategy.optimizer.state))
         self.batches[-1].append((strategy.mb_x.clone(), strategy.mb_y.clone()))
+
+
+def test_restore_initial_weights_grown_new_and_reshaped_tensors():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    saved = {}
+    restore_initial_weights(model, saved)  # first call: stores, changes nothing
+    assert set(saved) == {"0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean",
+                          "1.running_var", "1.num_batches_tracked"}
+    init_w = saved["0.weight"].clone()
+    model(torch.randn(8, 3))  # running statistics move
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+        model[0].weight.data = torch.cat([model[0].weight, torch.full((1, 3), 7.0)])  # grown
+    model.add_module("2", nn.Linear(2, 2))  # new since the copy
+    fresh = model[2].weight.detach().clone()
+    restore_initial_weights(model, saved)
+    assert torch.equal(model[0].weight[:2], init_w) and bool((model[0].weight[2] == 7.0).all())
+    assert torch.equal(saved["0.weight"], model[0].weight.detach())  # the copy grew with it
+    assert torch.equal(model[1].running_mean, torch.zeros(2)) and "2.weight" in saved
+    assert torch.equal(model[2].weight, fresh)
+    model[0].weight.data = torch.zeros(2, 3)  # shrunk: refused, naming the owner
+    with pytest.raises(ValueError, match="Owner cannot reset '0.weight'"):
+        restore_initial_weights(model, saved, "Owner")
 
 
 def test_gdumb_reinitialises_and_trains_on_the_memory_only():
@@ -356,15 +399,11 @@ def test_gdumb_defaults_are_the_official_recipe():
     """drimpossible/GDumb: src/opts.py (maxlr 0.05, minlr 0.0005, clip 10), src/main.py
     (warm-restart schedule), src/dataloader.py (RandomCrop(28, padding=4), no flip for MNIST),
     scripts/replicate.sh (128 passes, memory 4400 for MLP-400)."""
-    import inspect
-
     expected = {"mem_size": 4400, "epochs_on_memory": 128, "lr_max": 0.05, "lr_min": 0.0005,
                 "warm_restarts": True, "clip_grad_norm": 10.0, "crop_padding": 4,
                 "hflip": False, "train_only_last": False, "shuffle_stream": True, "seed": None,
                 "x_dtype": None, "x_range": None}
-    assert GDumbPlugin.DEFAULTS == expected
-    sig = inspect.signature(GDumbPlugin.__init__).parameters
-    assert {k: sig[k].default for k in expected} == expected
+    assert signature_defaults(GDumbPlugin) == expected
 
 
 def test_g1_config_is_the_official_mnist_protocol():

@@ -15,11 +15,12 @@ from avalanche.training import Naive
 from avalanche.training.plugins import EvaluationPlugin
 
 from cl_plugins.benchmarks import build_benchmark
+from cl_plugins.core.episodic import flat_gradients, single_task_label, write_grads
 from cl_plugins.experiment.runner import run_experiment
 from cl_plugins.models import build_model
 from cl_plugins.registry import MethodSpec, _REGISTRY, get_method
-from cl_plugins.replay.agem import AGEMPlugin
-from cl_plugins.replay.gem import GEMPlugin
+from cl_plugins.replay.agem import AGEMPlugin, agem_project
+from cl_plugins.replay.gem import GEMPlugin, gem_project
 
 
 @pytest.fixture(autouse=True)
@@ -74,8 +75,8 @@ def test_gem_projection_is_the_primal_projection(K, P):
     rng = np.random.default_rng(K * 100 + P)
     for _ in range(10):
         g, G = _violating_case(rng, K, P)
-        new, v = GEMPlugin.project(torch.from_numpy(g), torch.from_numpy(G),
-                                   memory_strength=0.0, eps=0.0)
+        new, v = gem_project(torch.from_numpy(g), torch.from_numpy(G),
+                             memory_strength=0.0, eps=0.0)
         expected = _primal_by_active_sets(g, G)
         assert v is not None and new.dtype == torch.float64
         assert np.abs(new.numpy() - expected).max() < 1e-6
@@ -88,8 +89,8 @@ def test_gem_margin_projects_g_plus_gamma_sum_gk_onto_the_cone():
     for gamma in (0.1, 0.5, 2.0):
         for _ in range(10):
             g, G = _violating_case(rng, 3, 8)
-            new, v = GEMPlugin.project(torch.from_numpy(g), torch.from_numpy(G),
-                                       memory_strength=gamma, eps=0.0)
+            new, v = gem_project(torch.from_numpy(g), torch.from_numpy(G),
+                                 memory_strength=gamma, eps=0.0)
             expected = _primal_by_active_sets(g + gamma * G.sum(0), G)
             assert np.abs(new.numpy() - expected).max() < 1e-6
             assert (v.numpy() >= gamma - 1e-9).all()
@@ -102,7 +103,7 @@ def test_gem_projection_matches_scipy_on_a_larger_case():
     rng = np.random.default_rng(3)
     g, G = _violating_case(rng, 5, 40)
     g = g - 2 * G[0] / np.linalg.norm(G[0])  # make sure several constraints bind
-    new, _ = GEMPlugin.project(torch.from_numpy(g), torch.from_numpy(G), 0.0, 0.0)
+    new, _ = gem_project(torch.from_numpy(g), torch.from_numpy(G), 0.0, 0.0)
     res = minimize(lambda z: 0.5 * np.sum((z - g) ** 2), g, jac=lambda z: z - g,
                    constraints=[{"type": "ineq", "fun": lambda z: G @ z, "jac": lambda z: G}],
                    method="SLSQP", options={"ftol": 1e-14, "maxiter": 500})
@@ -117,7 +118,7 @@ def test_gem_eps_is_the_regularised_dual():
     eps, gamma = 1e-2, 0.5
     for _ in range(10):
         g, G = _violating_case(rng, 3, 6)
-        new, v = GEMPlugin.project(torch.from_numpy(g), torch.from_numpy(G), gamma, eps)
+        new, v = gem_project(torch.from_numpy(g), torch.from_numpy(G), gamma, eps)
         v = v.numpy()
         mu = (G @ G.T + eps * np.eye(3)) @ v + G @ g  # multipliers of v >= gamma
         assert (v >= gamma - 1e-9).all() and (mu >= -1e-8).all()
@@ -133,12 +134,12 @@ def test_agem_projection_closed_form_is_the_primal_projection():
         g = rng.standard_normal(9)
         if g @ g_ref >= 0:
             g = g - 2 * (g @ g_ref) / (g_ref @ g_ref) * g_ref  # reflect: now violated
-        new, projected = AGEMPlugin.project(torch.from_numpy(g), torch.from_numpy(g_ref))
+        new, projected = agem_project(torch.from_numpy(g), torch.from_numpy(g_ref))
         expected = _primal_by_active_sets(g, g_ref[None])
         assert projected and np.abs(new.numpy() - expected).max() < 1e-6
         assert new.numpy() @ g_ref >= -1e-8
         # A-GEM is GEM with the single averaged constraint (gamma = 0, eps = 0)
-        gem, _ = GEMPlugin.project(torch.from_numpy(g), torch.from_numpy(g_ref[None]), 0.0, 0.0)
+        gem, _ = gem_project(torch.from_numpy(g), torch.from_numpy(g_ref[None]), 0.0, 0.0)
         assert np.abs(new.numpy() - gem.numpy()).max() < 1e-8
 
 
@@ -149,13 +150,32 @@ def test_no_change_without_a_violated_constraint():
     g = g + 0.01 * rng.standard_normal(7)
     assert (G @ g > 0).all()
     gt = torch.from_numpy(g)
-    new, v = GEMPlugin.project(gt, torch.from_numpy(G), memory_strength=0.5, eps=1e-3)
+    new, v = gem_project(gt, torch.from_numpy(G), memory_strength=0.5, eps=1e-3)
     assert new is gt and v is None
-    new, projected = AGEMPlugin.project(gt, torch.from_numpy(G[0]))
+    new, projected = agem_project(gt, torch.from_numpy(G[0]))
     assert new is gt and not projected
     # float32 inputs come back in float32
-    new32, v = GEMPlugin.project(-gt.float(), torch.from_numpy(G).float(), 0.5, 1e-3)
+    new32, v = gem_project(-gt.float(), torch.from_numpy(G).float(), 0.5, 1e-3)
     assert new32.dtype == torch.float32 and v is not None
+
+
+def test_flat_gradient_helpers():
+    """cl_plugins.core.episodic: flattening over the touched parameters and the write-back."""
+    a, b, c = (torch.nn.Parameter(torch.zeros(*shape)) for shape in ((2, 3), (4,), (1,)))
+    a.grad = torch.ones(2, 3)
+    ga, gb = torch.full((2, 3), 2.0), torch.arange(4.0)
+    ps, g, G = flat_gradients([a, b, c], [(ga, None, None), (None, gb, None)])
+    assert [id(p) for p in ps] == [id(a), id(b)]  # c: touched by nothing
+    assert torch.equal(g, torch.cat([torch.ones(6), torch.zeros(4)]))
+    assert torch.equal(G, torch.stack([torch.cat([ga.flatten(), torch.zeros(4)]),
+                                       torch.cat([torch.zeros(6), gb])]))
+    vec = torch.arange(10.0)
+    write_grads(ps, vec)
+    assert torch.equal(a.grad, vec[:6].view(2, 3)) and torch.equal(b.grad, vec[6:])
+    assert c.grad is None
+    assert single_task_label(torch.tensor([2, 2])) == 2
+    mixed = torch.tensor([0, 1])
+    assert single_task_label(mixed) is mixed
 
 
 # ---------------------------------------------------------------------------- plugins in a strategy

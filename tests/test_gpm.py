@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +16,7 @@ from cl_plugins.benchmarks import build_benchmark
 from cl_plugins.core.layer_inputs import UnsupportedLayerError
 from cl_plugins.models import build_model
 from cl_plugins.projection.gpm import GPMPlugin
+from cl_plugins.registry import signature_defaults
 
 F64 = torch.float64
 
@@ -283,7 +285,9 @@ def test_biases_and_norms_frozen_exactly_after_the_first_task_even_with_momentum
     p2 = GPMPlugin(threshold=0.5, threshold_increment=0.0, n_samples=16,
                    freeze_norms_after_first=False, bias="free")
     p2.after_training_exp(st2)
-    p2.before_training_exp(st2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # plain SGD: no warning
+        p2.before_training_exp(st2)
     w0 = model2[1].weight.detach().clone()
     b0 = model2[3].bias.detach().clone()  # (model2[0].bias feeds a BN: its gradient is 0)
     opt2.zero_grad()
@@ -337,10 +341,13 @@ def test_bad_arguments(kwargs, match):
 
 def test_registry_header():
     sig = inspect.signature(GPMPlugin.__init__).parameters
-    assert set(GPMPlugin.DEFAULTS) == set(sig) - {"self"} and set(GPMPlugin.SWEEP) <= set(sig)
-    for name, value in GPMPlugin.DEFAULTS.items():
-        assert sig[name].default == value, name
-    GPMPlugin(**GPMPlugin.DEFAULTS)
+    defaults = signature_defaults(GPMPlugin)
+    assert set(defaults) == set(sig) - {"self"} and set(GPMPlugin.SWEEP) <= set(sig)
+    assert defaults == {"threshold": 0.97, "threshold_increment": 0.003, "n_samples": 125,
+                        "layer_samples": None, "bias": "freeze",
+                        "freeze_norms_after_first": True, "task1_rank": "paper",
+                        "input_side": True, "seed": 0}  # the CIFAR-100 protocol
+    GPMPlugin(**defaults)
     assert GPMPlugin.METHOD_NAME == "gpm" and not GPMPlugin.NEEDS_TASK_LABELS
     assert set(GPMPlugin.SCENARIOS) == {"task", "domain", "class"}
 
@@ -385,7 +392,8 @@ def test_state_round_trip_resumes_identically():
     assert torch.equal(a["generator"], b["generator"]) and a["history"] == b["history"]
     assert all(torch.equal(a["bases"][n], b["bases"][n]) for n in a["bases"])
     assert a["tasks_seen"] == b["tasks_seen"] == 3
-    with pytest.raises(ValueError, match=r"threshold=\[0.9, 0.95\], this plugin 0.97"):
+    with pytest.raises(ValueError, match=r"threshold=\[0.9, 0.95\], this plugin has "
+                                         r"threshold=0.97"):
         GPMPlugin(bias="append", seed=3).load_state_dict(state)
 
 

@@ -20,7 +20,8 @@ from cl_plugins.experiment.runner import run_experiment
 from cl_plugins.models import ClassifierNet, MaskedHead, build_model
 from cl_plugins.registry import MethodSpec, _REGISTRY, get_method
 from cl_plugins.replay.er import ERPlugin
-from cl_plugins.replay.icarl import ICaRLPlugin, herding_order, icarl_bce, nme_scores
+from cl_plugins.core.exemplars import herding_order
+from cl_plugins.replay.icarl import ICaRLPlugin, icarl_bce
 
 
 @pytest.fixture(autouse=True)

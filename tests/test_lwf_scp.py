@@ -17,6 +17,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from cl_plugins.benchmarks import build_benchmark
 from cl_plugins.core.distill import kd_loss
 from cl_plugins.core.params import shared_parameters
+from cl_plugins.core.schedule import vandeven_weights
+from cl_plugins.core.snapshot import frozen_copy
 from cl_plugins.experiment.runner import run_experiment
 from cl_plugins.models import build_model
 from cl_plugins.regularization.lwf import LwFPlugin
@@ -111,7 +113,7 @@ def test_lwf_multihead_distils_every_old_head(bench):
     assert plugin.distillation_term(model, x, features=feats).item() == pytest.approx(
         got.item(), rel=1e-12)
     plugin_sum = LwFPlugin(task_reduction="sum")
-    plugin_sum.load_state_dict({**plugin.state_dict(), "config": plugin_sum._config()})
+    plugin_sum.load_state_dict({**plugin.state_dict(), "config": plugin_sum.state_dict()["config"]})
     assert plugin_sum.distillation_term(model, x).item() == pytest.approx(
         (by_hand[0] + by_hand[1]).item(), rel=1e-12)
 
@@ -220,8 +222,7 @@ def test_lwf_class_il_seen_softmax_in_a_strategy(bench):
                 with torch.no_grad():
                     q = plugin.teacher(x)
                 seen_terms.append((plugin.distillation_term(strategy.model, x, out).item(),
-                                   plugin._kd_padded(out[:, [0, 1, 2, 3]], q[:, [0, 1]],
-                                                     2.0).item(),
+                                   kd_loss(out[:, [0, 1, 2, 3]], q[:, [0, 1]], 2.0).item(),
                                    kd_loss(out[:, :2], q[:, :2], 2.0).item()))
 
     strat = _strategy(model, plugin)
@@ -270,7 +271,7 @@ def _tiny_pair(n_out, seed=0):
     """A tiny single-head student (one linear layer) and a frozen, perturbed teacher copy."""
     torch.manual_seed(seed)
     student = nn.Linear(3, n_out).double()
-    teacher = LwFPlugin.frozen_copy(student)
+    teacher = frozen_copy(student)
     with torch.no_grad():
         for p in teacher.parameters():
             p.add_(torch.randn_like(p))
@@ -400,8 +401,9 @@ def test_lwf_variant_state_round_trip(bench):
     x = _x(info, 1)
     assert fresh.distillation_term(model, x).item() == plugin.distillation_term(model, x).item()
     assert fresh.variant == "vandeven2022" and fresh.old_classes == {0: [0, 1]}
-    with pytest.raises(ValueError, match=r"saved LwF state has variant='vandeven2022', "
-                                         r"this plugin 'standard'"):
+    with pytest.raises(ValueError, match=r"LwFPlugin.load_state_dict: the state was saved with "
+                                         r"variant='vandeven2022', this plugin has "
+                                         r"variant='standard'"):
         LwFPlugin(scale_t2=False).load_state_dict(copy.deepcopy(state))
     old = copy.deepcopy(state)  # saved before the option existed: the standard term
     del old["config"]["variant"]
@@ -433,7 +435,7 @@ def test_lwf_teacher_carries_no_hooks_of_other_plugins(bench):
 
 
 def test_vandeven_weighting_values():
-    w = LwFPlugin.vandeven_weights
+    w = vandeven_weights
     assert w(1) == (1.0, 0.0)
     assert w(2) == (0.5, 0.5)
     assert w(3) == pytest.approx((1 / 3, 2 / 3))

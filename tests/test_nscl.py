@@ -16,9 +16,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from cl_plugins.core.layer_inputs import UnsupportedLayerError, weight_matrix
-from cl_plugins.core.subspace import FanInProjector
+from cl_plugins.core.subspace import FanInProjector, LayerUpdateProjector
 from cl_plugins.models.classifier import ClassifierNet
-from cl_plugins.projection.nscl import NSCLPlugin, _LayerStep
+from cl_plugins.projection.nscl import NSCLPlugin, null_space
 
 DT = torch.float64
 
@@ -89,8 +89,7 @@ def test_projector_bound_and_descent(rank):
     x = torch.randn(n, rank, generator=g, dtype=DT) @ torch.randn(rank, d, generator=g,
                                                                   dtype=DT) * scales
     cov = x.T @ x
-    plugin = NSCLPlugin(a=a)
-    basis, complement = plugin.null_space(cov)
+    basis, complement = null_space(cov, a)
     k = basis.shape[1]
     mags = torch.linalg.eigvalsh(cov).abs()
     lam_min = torch.maximum(mags.min(), d * torch.finfo(DT).eps * mags.max())
@@ -119,19 +118,19 @@ def test_null_space_rule_on_a_known_spectrum():
     lam = torch.tensor([2e-3, 1e-3, 9.99e-3, 1.001e-2, 3.0, 7.0], dtype=DT)
     cov = q @ torch.diag(lam) @ q.T
 
-    def kept(plugin, c):
-        basis, complement = plugin.null_space(c)
+    def kept(a, c):
+        basis, complement = null_space(c, a)
         assert basis.shape[1] + complement.shape[1] == c.shape[0]
         return basis
 
     for a, idx in ((10.0, [0, 1, 2]), (30.0, [0, 1, 2, 3]), (1.0, [1])):
-        basis = kept(NSCLPlugin(a=a), cov)
+        basis = kept(a, cov)
         torch.testing.assert_close(basis @ basis.T, q[:, idx] @ q[:, idx].T, rtol=0,
                                    atol=1e-10)
     # a rank-deficient C has tiny eigenvalues of either sign: they are below the rank
     # tolerance, so all of them are kept (3 zeros + the -1e-17), and 1e-3 is not
     cov = q[:, :3] @ torch.diag(torch.tensor([-1e-17, 1e-3, 1.0], dtype=DT)) @ q[:, :3].T
-    assert kept(NSCLPlugin(a=10.0), cov).shape[1] == 4
+    assert kept(10.0, cov).shape[1] == 4
 
 
 def _code_rule(cov, a, dtype):
@@ -152,7 +151,7 @@ def test_a_rank_deficient_covariance_keeps_its_whole_null_space(seed):
     cov = torch.zeros(64, 64, dtype=DT)
     for row in x:  # accumulated row by row, as the statistics pass does
         cov.addr_(row, row)
-    basis, complement = NSCLPlugin(a=10.0).null_space(cov)
+    basis, complement = null_space(cov, 10.0)
     assert basis.shape[1] == 44 and complement.shape[1] == 20
     assert (x @ basis).abs().max() < 1e-9 * x.abs().max()  # it is the null space
     mags = torch.linalg.eigvalsh(cov).abs()
@@ -168,7 +167,7 @@ def test_a_full_rank_covariance_follows_the_code_rule_exactly():
     x = torch.randn(200, 16, generator=g, dtype=DT) * torch.logspace(0, -1.5, 16, dtype=DT)
     cov = x.T @ x
     for a in (3.0, 10.0, 30.0):
-        basis, _ = NSCLPlugin(a=a).null_space(cov)
+        basis, _ = null_space(cov, a)
         code = _code_rule(cov, a, DT)
         assert basis.shape[1] == code.shape[1] >= 1
         torch.testing.assert_close(basis @ basis.T, code @ code.T, rtol=0, atol=1e-10)
@@ -200,7 +199,7 @@ def test_fused_update_equals_projector_apply(k, bias):
     q, _ = torch.linalg.qr(torch.randn(d, d, dtype=DT))
     proj = FanInProjector(q[:, :k], "onto", 1 / math.sqrt(k), complement=q[:, k:], dtype=DT)
     assert proj.subtract == (k > d - k)
-    step = _LayerStep(layer, proj, "append")
+    step = LayerUpdateProjector(layer, proj, "append")
     old = weight_matrix(layer, True).detach().clone()
     torch._foreach_copy_(*reversed(step.tensors()))  # snapshot (old <- current)
     with torch.no_grad():
@@ -432,7 +431,7 @@ def test_bn_fisher_penalty_and_not_projected(importance):
     # reference: same loss (task + the same penalty), no projection
     opt_ref.zero_grad()
     ref_bn = {n: p for n, p in ref.named_parameters() if n in names}
-    (F.cross_entropy(ref(x2, 0), y2) + plugin.bn_penalty(ref_bn)).backward()
+    (F.cross_entropy(ref(x2, 0), y2) + plugin.quadratic_penalty.loss(ref_bn)).backward()
     opt_ref.step()
     got, want = dict(model.named_parameters()), dict(ref.named_parameters())
     for n in names:
@@ -440,27 +439,42 @@ def test_bn_fisher_penalty_and_not_projected(importance):
     assert not torch.allclose(got["backbone.0.weight"], want["backbone.0.weight"])
 
 
-def test_bn_penalty_with_several_terms_equals_quadratic_penalty():
+def test_bn_penalty_with_several_terms_is_the_sum_of_its_terms():
+    """Three tasks: before_backward adds bn_ewc_lambda * sum_k sum_i F_k,i (theta_i -
+    theta*_k,i)^2, one term per task anchored at the parameters at the end of that task."""
     model = _bn_model()
     plugin = NSCLPlugin(bn_ewc_lambda=7.0, stats_batch_size=3)
+    names = ["backbone.1.weight", "backbone.1.bias"]
+    anchors = []
     for seed in range(3):
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(9, 6, generator=g, dtype=DT)
         st = _strategy(model, None, x, torch.zeros(9, dtype=torch.long))
         plugin.before_training_exp(st)
         plugin.after_training_exp(st)
+        anchors.append(_params(model))
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=DT))
-    assert len(plugin.quadratic_penalty) == 3
-    params = {n: p for n, p in model.named_parameters() if n.startswith("backbone.1.")}
-    value = plugin.bn_penalty(params)
-    torch.testing.assert_close(value, plugin.quadratic_penalty.loss(params), rtol=1e-12,
-                               atol=0)
-    grads = torch.autograd.grad(value, list(params.values()))
-    analytic = plugin.quadratic_penalty.gradient(params)
+    terms = plugin.quadratic_penalty.terms
+    assert len(terms) == 3
+    params = {n: p for n, p in model.named_parameters() if n in names}
+    plugin.before_training_exp(st)
+    st.loss = torch.zeros((), dtype=DT)
+    plugin.before_backward(st)
+    by_hand = torch.zeros((), dtype=DT)
+    grad_by_hand = {n: torch.zeros_like(p) for n, p in params.items()}
+    for (fisher, anchor), anchor_k in zip(terms, anchors):
+        assert sorted(fisher) == sorted(anchor) == sorted(names)
+        for n, p in params.items():
+            assert torch.equal(anchor[n], anchor_k[n]) and (fisher[n] >= 0).all()
+            by_hand = by_hand + 7.0 * (fisher[n] * (p.detach() - anchor[n]) ** 2).sum()
+            grad_by_hand[n] += 2 * 7.0 * fisher[n] * (p.detach() - anchor[n])
+    assert by_hand > 0
+    torch.testing.assert_close(st.loss, by_hand, rtol=1e-12, atol=0)
+    grads = torch.autograd.grad(st.loss, list(params.values()))
     for gr, n in zip(grads, params):
-        torch.testing.assert_close(gr, analytic[n], rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(gr, grad_by_hand[n], rtol=1e-10, atol=1e-14)
 
 
 # ------------------------------------------------------------------ state and errors

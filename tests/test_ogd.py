@@ -19,8 +19,9 @@ from cl_plugins.core.params import shared_parameters
 from cl_plugins.models import build_model
 from cl_plugins.models.classifier import ClassifierNet
 from cl_plugins.models.mlp import MLP
-from cl_plugins.projection import ogd as ogd_module
-from cl_plugins.projection.ogd import OGDPlugin
+from cl_plugins.core import step_operators
+from cl_plugins.projection.ogd import OGDPlugin, output_gradients
+from cl_plugins.registry import signature_defaults
 
 
 def _data(n, d=5, c=3, seed=0, task=0):
@@ -65,8 +66,7 @@ def _perturb(model, scale=0.3, seed=7):
 def test_output_gradients_equal_autograd_per_sample(variant):
     model = _mlp()
     x, y, _ = _data(6)
-    plugin = OGDPlugin(variant=variant)
-    got = plugin.output_gradients(model, shared_parameters(model), x, y)
+    got = output_gradients(model, shared_parameters(model), x, y, variant)
     want = _autograd_rows(model, x, y, variant)
     assert got.dtype == torch.float64 and got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
@@ -125,7 +125,7 @@ def test_blocked_step_equals_the_projection(monkeypatch, block_rows):
     assert plugin.n_directions == 20
     params = list(model.parameters())
     n = sum(p.numel() for p in params)
-    monkeypatch.setattr(ogd_module, "STEP_BLOCK_BYTES", block_rows * n * 8)
+    monkeypatch.setattr(step_operators, "STEP_BLOCK_BYTES", block_rows * n * 8)
     g = torch.randn(n, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     offs = torch.tensor([0] + [p.numel() for p in params]).cumsum(0)
     for p, a, b in zip(params, offs[:-1], offs[1:]):
@@ -311,7 +311,8 @@ def test_state_round_trip_resumes_identically():
     a, b = plugin.state_dict(), restored.state_dict()
     assert torch.equal(a["basis"], b["basis"]) and torch.equal(a["generator"], b["generator"])
     assert a["memory_indices"] == b["memory_indices"] and a["directions_per_exp"] == [30] * 3
-    with pytest.raises(ValueError, match="memory_per_task=30, this plugin 200"):
+    with pytest.raises(ValueError, match="saved with memory_per_task=30, this plugin has "
+                       "memory_per_task=200"):
         OGDPlugin().load_state_dict(state)
 
 
@@ -354,8 +355,9 @@ def test_bad_arguments(kwargs, match):
 
 def test_registry_header():
     sig = inspect.signature(OGDPlugin.__init__).parameters
-    assert set(OGDPlugin.DEFAULTS) <= set(sig) and set(OGDPlugin.SWEEP) <= set(sig)
-    for name, value in OGDPlugin.DEFAULTS.items():
-        assert sig[name].default == value, name
-    OGDPlugin(**OGDPlugin.DEFAULTS)
+    defaults = signature_defaults(OGDPlugin)
+    assert defaults == {"variant": "gtl", "memory_per_task": 200, "max_directions": None,
+                        "drop_tol": 1e-5, "grad_batch_size": 64, "seed": 0}
+    assert set(OGDPlugin.SWEEP) <= set(sig)
+    OGDPlugin(**defaults)
     assert OGDPlugin.METHOD_NAME == "ogd" and not OGDPlugin.NEEDS_TASK_LABELS

@@ -238,9 +238,10 @@ def test_er_loss_weighting_by_hand(weighting):
     for e in list(info.benchmark.train_stream)[:3]:
         st.train(e)
     assert set(rec.checked) == {2, 3} and len(rec.checked) > 10
-    # the weights themselves
-    assert ERPlugin.vandeven_weights(1) == (1.0, 0.0)
-    assert ERPlugin.vandeven_weights(4) == (0.25, 0.75)
+    # the weights themselves (ER takes them from cl_plugins.core.schedule)
+    from cl_plugins.core.schedule import vandeven_weights
+    assert vandeven_weights(1) == (1.0, 0.0)
+    assert vandeven_weights(4) == (0.25, 0.75)
 
 
 def test_er_per_task_sampling_balances_past_tasks():

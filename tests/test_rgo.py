@@ -18,7 +18,8 @@ from torch.utils.data import TensorDataset
 from cl_plugins.benchmarks import build_benchmark
 from cl_plugins.core.layer_inputs import UnsupportedLayerError
 from cl_plugins.models import build_model
-from cl_plugins.projection.rgo import RGOPlugin
+from cl_plugins.core.step_operators import rls_update
+from cl_plugins.projection.rgo import RGOPlugin, curvature_vectors, protected_tensors
 
 
 def _strategy(model, dataset=None, task=0, optimizer=None):
@@ -47,8 +48,8 @@ def test_rls_equals_closed_form(m):
     expected = _closed_form(V, alpha)
     one_by_one = torch.eye(d, dtype=torch.float64)
     for row in V:
-        RGOPlugin.rls_update(one_by_one, row[None], alpha)
-    block = RGOPlugin.rls_update(torch.eye(d, dtype=torch.float64), V, alpha)
+        rls_update(one_by_one, row[None], alpha)
+    block = rls_update(torch.eye(d, dtype=torch.float64), V, alpha)
     for P in (one_by_one, block):
         assert torch.linalg.norm(P - expected) <= 1e-8 * torch.linalg.norm(expected)
         assert torch.equal(P, P.T) if P is one_by_one else torch.allclose(P, P.T)
@@ -123,7 +124,8 @@ def test_batch_softmax_support_only_differs_when_the_batch_lacks_classes(vector)
         plugin.before_training_exp(_strategy(model))
 
     def vectors(y):
-        return [plugins[s].curvature_vectors(model, x, y, 0) for s in ("output", "batch")]
+        return [curvature_vectors(model, protected_tensors(model), x, y, 0, vector, s)
+                for s in ("output", "batch")]
 
     lacking = torch.tensor([0, 2, 2, 0, 1, 0])  # classes 3 and 4 absent
     full, batch = vectors(lacking)
@@ -138,7 +140,8 @@ def test_batch_softmax_support_only_differs_when_the_batch_lacks_classes(vector)
         torch.testing.assert_close(batch[n], full[n], rtol=0, atol=0)
     state = plugins["output"].state_dict()
     assert state["rls_softmax"] == "output"
-    with pytest.raises(ValueError, match="rls_softmax='output', this plugin 'batch'"):
+    with pytest.raises(ValueError, match="saved with rls_softmax='output', this plugin has "
+                       "rls_softmax='batch'"):
         plugins["batch"].load_state_dict(state)
     del state["rls_softmax"]  # a state saved before the option existed: "output"
     RGOPlugin(vector=vector).load_state_dict(state)
@@ -180,7 +183,7 @@ def test_step_is_scaled_gradient_times_P(form):
     Pb = _closed_form(torch.randn(2, out, dtype=torch.float64), 0.5)
     plugin = RGOPlugin()
     _set_P(plugin, model, {"0.weight": P, "0.bias": Pb}, 3 if form == "low_rank" else d)
-    assert [op.U is not None for op in plugin._ops] == [form == "low_rank"] * 2
+    assert [op.form for _, op in plugin._ops] == [form] * 2
     x = torch.randn(5, d, dtype=torch.float64)  # 5 rows < 20 outputs: the factored path
     for extra in (0.0, 1.0):  # 1.0: another loss term on the weight (residual check)
         model.zero_grad()
@@ -268,7 +271,7 @@ def test_state_round_trip_gives_identical_continuation():
     assert a["tasks_done"] == b["tasks_done"] == 3
     assert torch.equal(a["generator"], b["generator"])
     assert all(torch.equal(a["P"][n], b["P"][n]) for n in a["P"])
-    with pytest.raises(ValueError, match="alpha=0.01, this plugin 1.0"):
+    with pytest.raises(ValueError, match="saved with alpha=0.01, this plugin has alpha=1.0"):
         RGOPlugin(alpha=1.0).load_state_dict(state)
 
 

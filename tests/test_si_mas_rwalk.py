@@ -4,7 +4,6 @@ differences, state round trips, and less forgetting than naive on split_digits."
 from __future__ import annotations
 
 import copy
-import inspect
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,10 +13,11 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from cl_plugins.core.params import shared_parameters
+from cl_plugins.core.path_integral import loss_gradients as _loss_gradients
 from cl_plugins.core.quadratic import QuadraticPenalty
+from cl_plugins.registry import signature_defaults
 from cl_plugins.regularization.mas import MASPlugin
 from cl_plugins.regularization.rwalk import RWalkPlugin
-from cl_plugins.core.path_integral import loss_gradients as _loss_gradients
 from cl_plugins.regularization.si import SIPlugin
 
 PLUGINS = (SIPlugin, MASPlugin, RWalkPlugin)
@@ -432,33 +432,26 @@ def test_bad_arguments_are_named(cls, kwargs, pattern):
 
 def test_registry_headers():
     for cls in PLUGINS:
-        assert set(cls.DEFAULTS) == set(inspect.signature(cls.__init__).parameters) - {"self"}
-        cls(**cls.DEFAULTS)
+        defaults = signature_defaults(cls)
+        cls(**defaults)
         assert cls.SCENARIOS == ("task", "domain", "class") and not cls.NEEDS_TASK_LABELS
-        assert set(cls.SWEEP) <= set(cls.DEFAULTS) and cls.PAPER and cls.SUMMARY
+        assert set(cls.SWEEP) <= set(defaults) and cls.PAPER and cls.SUMMARY
+    # the protocol defaults the docstrings name (S1 task-IL for SI and MAS, B1 for RWalk)
+    assert signature_defaults(SIPlugin) == {"si_lambda": 300.0, "xi": 0.1, "gradient": "task"}
+    assert signature_defaults(MASPlugin)["mas_lambda"] == 1.0
+    assert signature_defaults(RWalkPlugin) == {"ewc_lambda": 0.1, "alpha": 0.9, "delta_t": 10,
+                                               "eps": 1e-3, "normalize": "max"}
 
 
 # ------------------------------------------------------------------------------ end to end
 
-class _registered:
-    """Register the plugins for one test (restoring whatever the registry held before)."""
+def _check_registered():
+    """The runner builds these methods from the built-in registry: it must hold these classes."""
+    from cl_plugins.registry import get_method
 
-    def __enter__(self):
-        from cl_plugins.registry import MethodSpec, _REGISTRY, get_method
-
-        get_method("naive")  # load the built-in entries first
-        self.saved = {c.METHOD_NAME: _REGISTRY.get(c.METHOD_NAME) for c in PLUGINS}
-        for c in PLUGINS:
-            _REGISTRY[c.METHOD_NAME] = MethodSpec.from_plugin(c)
-
-    def __exit__(self, *exc):
-        from cl_plugins.registry import _REGISTRY
-
-        for name, spec in self.saved.items():
-            if spec is None:
-                del _REGISTRY[name]
-            else:
-                _REGISTRY[name] = spec
+    for cls in PLUGINS:
+        spec = get_method(cls.METHOD_NAME)
+        assert spec.factory is cls and spec.defaults == signature_defaults(cls)
 
 
 def test_less_forgetting_than_naive_domain_il(digits_cfg):
@@ -472,8 +465,8 @@ def test_less_forgetting_than_naive_domain_il(digits_cfg):
         {"name": "mas", "params": {"mas_lambda": 10.0}},
         {"name": "rwalk", "params": {"ewc_lambda": 30.0}},
     ]
-    with _registered():
-        runs = run_experiment(digits_cfg, echo=lambda *a: None)
+    _check_registered()
+    runs = run_experiment(digits_cfg, echo=lambda *a: None)
     assert [r["status"] for r in runs] == ["finished"] * 4, [r.get("error") for r in runs]
     naive, *methods = runs
     assert naive["summary"]["bwt"] < -0.05  # naive clearly forgets here
@@ -489,8 +482,8 @@ def test_all_three_compose_on_a_multihead_model(digits_cfg):
     digits_cfg["benchmark"]["n_experiences"] = 2
     digits_cfg["loggers"]["json"] = False
     digits_cfg["methods"] = [{"name": "si", "plus": [{"name": "mas"}, {"name": "rwalk"}]}]
-    with _registered():
-        (r,) = run_experiment(digits_cfg, echo=lambda *a: None)
+    _check_registered()
+    (r,) = run_experiment(digits_cfg, echo=lambda *a: None)
     assert r["status"] == "finished", r.get("error")
     assert r["summary"]["acc"] > 0.5  # 5 classes per task: chance is 0.2
 

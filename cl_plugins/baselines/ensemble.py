@@ -33,11 +33,9 @@ class EnsemblePlugin(SupervisedPlugin):
     METHOD_NAME = "ensemble"
     SCENARIOS = ("task",)
     NEEDS_TASK_LABELS = True
-    DEFAULTS: dict = {}
     SWEEP: dict = {}
     PAPER = "separate networks (van de Ven, Tuytelaars & Tolias, Nat. Mach. Intell. 2022)"
     SUMMARY = "one freshly initialised network per task; the task label picks it"
-    supports_distributed = False
 
     def __init__(self):
         super().__init__()

@@ -108,10 +108,21 @@ class ReplayBatch(NamedTuple):
     index: torch.Tensor
 
 
-def _dtype(name: str, value) -> Optional[torch.dtype]:
+def storage_dtype(name: str, value) -> Optional[torch.dtype]:
+    """The storage dtype ``value`` names (a torch dtype, one of ``"float32"``, ``"float16"``,
+    ``"bfloat16"``, ``"float64"``, ``"uint8"``, or None: the inputs' own); a ValueError naming
+    the argument ``name`` otherwise."""
     if value is None or isinstance(value, torch.dtype):
         return value
     return _DTYPES[check_choice(name, value, tuple(_DTYPES))]
+
+
+def resolve_seed(seed: Optional[int]) -> int:
+    """``seed`` checked (an integer >= 0), or, for None, one drawn from torch's global RNG (so a
+    run seeded with ``torch.manual_seed`` is reproducible, and run seeds give other draws)."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    return check_int("seed", seed, 0)
 
 
 def _dtype_name(d: torch.dtype) -> str:
@@ -158,7 +169,7 @@ def check_x_range(x_range, x_dtype=torch.uint8, name: str = "x_range") -> Option
     if any(h <= lw for lw, h in zip(lo, hi)):
         raise ValueError(f"{name} needs hi > lo for every channel (hi: the value of pixel level "
                          f"255, lo: of level 0); got lo={list(lo)}, hi={list(hi)}")
-    dtype = _dtype("x_dtype", x_dtype)
+    dtype = storage_dtype("x_dtype", x_dtype)
     if dtype != torch.uint8:
         shown = None if dtype is None else _dtype_name(dtype)
         raise ValueError(f"{name} sets the value grid of uint8 input storage: it needs "
@@ -310,10 +321,8 @@ class ReplayBuffer:
                  x_range=None):
         self.capacity = check_int("capacity", capacity, 1)
         self.policy = check_choice("policy", policy, POLICIES)
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-        self.seed = check_int("seed", seed, 0)
-        self.x_dtype = _dtype("x_dtype", x_dtype)
+        self.seed = resolve_seed(seed)
+        self.x_dtype = storage_dtype("x_dtype", x_dtype)
         self.x_range: Optional[XRange] = check_x_range(x_range, self.x_dtype)
         self._grid = None if self.x_range is None else _Grid(self.x_range)
         self.device = torch.device(device)

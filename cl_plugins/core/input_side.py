@@ -11,11 +11,16 @@ keeps a reference to ``X`` (autograd keeps it anyway) and a tensor hook on the o
 penalty gradient, forward passes outside the step) is ``G - D^T X``; it is projected the usual
 way unless its norm is within the rounding bound ``n eps ||D||_F ||X||_F``. Conv layers
 (n = batch x positions, usually > out) always take the whole-gradient path.
+
+Projecting the gradient projects the step only for plain SGD (:func:`plain_sgd`). Plugins that
+use the projector inherit :class:`StepCaptureHooks`, which opens and closes the capture window
+of every training step.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+import warnings
+from typing import Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
@@ -133,3 +138,48 @@ class InputSideGradientProjector:
             if residual > tol:
                 new += proj.apply(rest)
         return new
+
+
+class StepCaptureHooks:
+    """Plugin mixin: the capture window of ``self._grad_projector`` (an
+    :class:`InputSideGradientProjector`) spans each training iteration."""
+
+    def before_training_iteration(self, strategy, **kwargs):
+        self._grad_projector.start_step()
+
+    def after_training_iteration(self, strategy, **kwargs):
+        self._grad_projector.end_step()
+
+
+def groups_holding(optimizer, params: Iterable[torch.Tensor]) -> List[dict]:
+    """The optimizer's parameter groups that contain any of ``params``."""
+    ids = {id(p) for p in params}
+    return [g for g in getattr(optimizer, "param_groups", [])
+            if any(id(p) in ids for p in g["params"])]
+
+
+def plain_sgd(optimizer, groups: Optional[List[dict]] = None) -> bool:
+    """Whether ``optimizer`` is SGD without momentum or weight decay in ``groups`` (default: all
+    its groups), i.e. whether its step is ``-lr * grad`` there."""
+    groups = getattr(optimizer, "param_groups", []) if groups is None else groups
+    return isinstance(optimizer, torch.optim.SGD) and all(
+        not g.get("momentum", 0) and not g.get("weight_decay", 0) for g in groups)
+
+
+def set_group_lr(optimizer, model: nn.Module, params: List[torch.Tensor], lr: float,
+                 who: str) -> None:
+    """Set the learning rate of every optimizer group holding any of ``params`` (Adam-NSCL's
+    ``lr_after_first``, named in the message); warn (naming ``who``) about the other parameters
+    of those groups, whose rate changes too."""
+    ids = {id(p) for p in params}
+    others = set()
+    for group in groups_holding(optimizer, params):
+        group["lr"] = lr
+        others |= {id(p) for p in group["params"] if id(p) not in ids}
+    if others:
+        names = [n for n, p in model.named_parameters() if id(p) in others]
+        warnings.warn(f"{who}: lr_after_first={lr} also applies to {len(others)} unprojected "
+                      "parameter tensor(s) that share an optimizer parameter group with "
+                      f"projected layers ({', '.join(names[:6])}{', ...' if len(names) > 6 else ''}"
+                      "); put them in their own group (optimizer.param_groups) to keep their "
+                      "learning rate")

@@ -17,6 +17,7 @@ Everything else that owns weights (grouped/depthwise convolutions, ConvTranspose
 Embedding, RNNs, attention, ...) is *unsupported*: :func:`protected_layers` raises with the
 module path instead of silently leaving it unprotected. Normalisation layers (BatchNorm,
 LayerNorm, GroupNorm) are returned separately: the methods say what they do with them.
+:func:`accumulate_covariances` is the statistics pass ``C += X^T X`` over a dataset (Adam-NSCL).
 """
 
 from __future__ import annotations
@@ -203,3 +204,51 @@ def call_model(model: nn.Module, x: torch.Tensor, task: torch.Tensor) -> torch.T
     if isinstance(model, MultiTaskModule):
         return model(x, task)
     return model(x)
+
+
+def accumulate_covariances(covariances: Dict[str, torch.Tensor], model: nn.Module,
+                           layers: Dict[str, nn.Module], dataset, device, batch_size: int, *,
+                           with_bias: bool, batch_mean: bool,
+                           generator: Optional[torch.Generator] = None,
+                           shuffle: bool = False) -> None:
+    """``C_l += rows^T rows`` (float64, uncentred) over one pass of ``dataset``, in place, for
+    every layer (missing ``C_l`` start at zero, on the layer's device). The caller sets eval
+    mode. ``batch_mean``: the rows of each mini-batch's *mean* input (Linear: one row; Conv2d:
+    the patches of the mean input map); else every sample's rows."""
+    for name, module in layers.items():
+        if name not in covariances:
+            d = fan_in(module, with_bias)
+            covariances[name] = torch.zeros(d, d, dtype=torch.float64,
+                                            device=module.weight.device)
+
+    def accumulate(name, module, x):
+        x = x.to(torch.float64)
+        if batch_mean:
+            x = x.mean(0, keepdim=True)
+        rows = input_rows(module, x, with_bias)
+        cov = covariances[name]
+        cov.addmm_(rows.T.to(cov.device), rows.to(cov.device))
+
+    with torch.no_grad(), record_inputs(layers, accumulate):
+        for x, _y, t in iterate_batches(dataset, batch_size, device, generator=generator,
+                                        shuffle=shuffle):
+            # one task in the batch (the usual case): an int label takes Avalanche's
+            # single-task path (cheaper, and dtype-safe for float64 models)
+            call_model(model, x, int(t[0]) if bool((t == t[0]).all()) else t)
+
+
+def check_fan_ins(owner, layers: Dict[str, nn.Module], stored: Dict[str, torch.Tensor],
+                  with_bias: bool) -> None:
+    """Raise ``ValueError`` unless ``stored`` (per-layer statistics whose first dimension is the
+    fan-in, e.g. covariances ``[d, d]``) is empty or covers exactly ``layers`` with their fan-ins.
+    ``owner``: the plugin, named in the message."""
+    if not stored:
+        return
+    who = type(owner).__name__
+    if set(layers) != set(stored):
+        raise ValueError(f"{who}: the protected layers changed; stored statistics cover "
+                         f"{sorted(stored)}, the model has {sorted(layers)}")
+    for name, module in layers.items():
+        d, saved = fan_in(module, with_bias), stored[name].shape[0]
+        if saved != d:
+            raise ValueError(f"{who}: layer {name!r} has fan-in {d}, the stored statistics {saved}")

@@ -40,14 +40,6 @@ def snapshot(params: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in params.items()}
 
 
-def zeros_like(params: Dict[str, torch.Tensor], dtype=None) -> Dict[str, torch.Tensor]:
-    return {n: torch.zeros_like(p, dtype=dtype or p.dtype) for n, p in params.items()}
-
-
-def to_device(state: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor]:
-    return {n: t.to(device) for n, t in state.items()}
-
-
 def check_same_keys(found: Iterable[str], expected: Iterable[str], what: str) -> None:
     """Raise when a restored state does not cover exactly the model's parameters."""
     found, expected = set(found), set(expected)

@@ -10,16 +10,22 @@ momentum and Adam are accounted for). ``StepTracker`` provides both with preallo
 - ``before_step`` (``before_update``) and ``displacements`` (``after_update``): yields
   ``(name, g, theta(t) - theta(t+1))`` for each tracked parameter.
 
+``PathIntegralPlugin`` is the base of both plugins: it holds their ``quadratic_penalty``, adds it
+to the loss and drives a ``StepTracker`` from the hooks; a subclass starts the tracking in
+``before_training_exp`` (``track``) and accumulates each step's ``(g, -delta)`` in ``integrate``.
+
 Per-step buffers use the parameters' dtype, at least float32: float64 updates at every step are
 several times slower on CPU, and the rounding error stays around 1e-5 after 10,000 steps.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
+from avalanche.core import SupervisedPlugin
 
+from cl_plugins.core.params import shared_parameters
 from cl_plugins.core.quadratic import QuadraticPenalty, penalties_of
 
 Tensors = Dict[str, torch.Tensor]
@@ -72,3 +78,48 @@ class StepTracker:
         """``(name, g, theta(t) - theta(t+1))``; the last tensor is a reused buffer."""
         for n, p in self.params.items():
             yield n, self.grads[n], self._before[n].sub_(p)
+
+
+class PathIntegralPlugin(SupervisedPlugin):
+    """Hooks shared by SI and RWalk: the penalty in ``before_backward``, the task-loss gradient
+    in ``after_backward`` and the step's displacement around the optimizer step, handed to
+    ``integrate(steps)`` with ``steps`` yielding ``(name, g, theta(t) - theta(t+1))``."""
+
+    gradient = "task"  # which gradient is integrated (GRADIENTS); SI makes it a setting
+
+    def __init__(self):
+        super().__init__()
+        self.quadratic_penalty: Optional[QuadraticPenalty] = None  # set by the subclass
+        self._params: Optional[Dict[str, torch.nn.Parameter]] = None
+        self._steps: Optional[StepTracker] = None  # gradient and displacement of each step
+
+    def track(self, strategy) -> Dict[str, torch.nn.Parameter]:
+        """Start of an experience: the shared parameters, tracked from now on; the penalty moves
+        to ``strategy.device``."""
+        params = self._params = shared_parameters(strategy.model)
+        self.quadratic_penalty.to(strategy.device)
+        self._steps = StepTracker(params)
+        return params
+
+    def untrack(self) -> None:
+        self._params, self._steps = None, None
+
+    def integrate(self, steps: Iterator[Tuple[str, torch.Tensor, torch.Tensor]]) -> None:
+        """Accumulate one optimizer step (each subclass's own path integral)."""
+        raise NotImplementedError
+
+    def before_backward(self, strategy, **kwargs):
+        if len(self.quadratic_penalty):
+            params = self._params or shared_parameters(strategy.model)
+            strategy.loss += self.quadratic_penalty.loss(params)
+
+    def after_backward(self, strategy, **kwargs):
+        self._steps.record_gradients(strategy, self.gradient)
+
+    @torch.no_grad()
+    def before_update(self, strategy, **kwargs):
+        self._steps.before_step()
+
+    @torch.no_grad()
+    def after_update(self, strategy, **kwargs):
+        self.integrate(self._steps.displacements())

@@ -4,26 +4,33 @@ Fisher information and MAS importances are defined per sample; averaging squared
 *batch* gradients instead makes them depend on the batch size. ``per_sample_gradients`` returns
 one gradient per sample for the requested parameters, computed without a Python loop over samples.
 The model runs through ``functional_call`` with an integer task label, so multi-head models take
-their single-task path (no data-dependent branching under vmap).
+their single-task path (no data-dependent branching under vmap). ``per_sample_gradient_sums``
+gives only their sum (one matmul per Linear layer), and ``dataset_mean`` averages such sums over
+a dataset (EWC's Fisher, MAS's importance).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Iterable, Optional
 
 import torch
+from avalanche.models import MultiTaskModule
 from torch import nn
 from torch.func import functional_call, grad, vmap
+from torch.utils.data import DataLoader
+
+Tensors = Dict[str, torch.Tensor]
+SampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def per_sample_gradients(
-    model: nn.Module,
-    params: Dict[str, torch.Tensor],
-    x: torch.Tensor,
-    targets: torch.Tensor,
-    sample_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    task_label: int = 0,
-) -> Dict[str, torch.Tensor]:
+def forward(model: nn.Module, x: torch.Tensor, task_label: int) -> torch.Tensor:
+    """``model(x)``, with the integer ``task_label`` for a multi-task model."""
+    return model(x, task_label) if isinstance(model, MultiTaskModule) else model(x)
+
+
+def per_sample_gradients(model: nn.Module, params: Tensors, x: torch.Tensor,
+                         targets: torch.Tensor, sample_loss: SampleLoss,
+                         task_label: int = 0) -> Tensors:
     """Gradient of ``sample_loss(logits[1, C], target[1]) -> scalar`` for each sample.
 
     Returns ``{name: tensor [B, *param.shape]}`` for the parameters in ``params`` (other parameters
@@ -33,8 +40,6 @@ def per_sample_gradients(
     names = list(params)
     fixed = {n: p.detach() for n, p in model.named_parameters() if n not in params}
     buffers = dict(model.named_buffers())
-    from avalanche.models import MultiTaskModule
-
     multitask = isinstance(model, MultiTaskModule)
 
     def loss_one(p, xi, ti):
@@ -50,16 +55,10 @@ def cross_entropy_sample(logits: torch.Tensor, target: torch.Tensor) -> torch.Te
     return torch.nn.functional.cross_entropy(logits, target)
 
 
-def per_sample_gradient_sums(
-    model: nn.Module,
-    params: Dict[str, torch.Tensor],
-    x: torch.Tensor,
-    targets: torch.Tensor,
-    sample_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    task_label: int = 0,
-    transform: str = "square",
-    weights: Optional[torch.Tensor] = None,
-) -> Dict[str, torch.Tensor]:
+def per_sample_gradient_sums(model: nn.Module, params: Tensors, x: torch.Tensor,
+                             targets: torch.Tensor, sample_loss: SampleLoss, task_label: int = 0,
+                             transform: str = "square",
+                             weights: Optional[torch.Tensor] = None) -> Tensors:
     """``sum_n w_n f(g_n)`` per parameter, with ``g_n`` sample n's gradient (as in
     :func:`per_sample_gradients`), ``f`` = ``transform`` ("square" or "abs", element-wise) and
     ``w_n`` = ``weights`` (all ones when None), in the parameters' dtype.
@@ -88,12 +87,11 @@ def per_sample_gradient_sums(
             seen.setdefault(mod_name, []).append((inputs[0].detach(), output))
         return hook
 
-    handles = [modules[m].register_forward_hook(recorder(m)) for m in {o[0] for o in owners.values()}]
+    handles = [modules[m].register_forward_hook(recorder(m))
+               for m in {o[0] for o in owners.values()}]
     try:
         with torch.enable_grad():
-            from avalanche.models import MultiTaskModule
-
-            out = model(x, task_label) if isinstance(model, MultiTaskModule) else model(x)
+            out = forward(model, x, task_label)
     finally:
         for h in handles:
             h.remove()
@@ -123,3 +121,37 @@ def per_sample_gradient_sums(
             result[n] = (torch.tensordot(weights.to(g.dtype), g, dims=1) if weights is not None
                          else g.sum(0))
     return {n: result[n] for n in params}
+
+
+def eval_view(dataset):
+    """The dataset with its eval transforms (no random augmentation) when it has them."""
+    return dataset.eval() if hasattr(dataset, "eval") else dataset
+
+
+def dataset_mean(model: nn.Module, params: Tensors, dataset, batch_size: int,
+                 batch_sums: Callable[[tuple, int], Iterable[Tensors]]) -> Tensors:
+    """Mean over the samples of ``dataset`` (not empty) of a per-sample quantity, in float64.
+
+    ``batch_sums(batch, start)`` (``start``: the number of samples in the batches before) yields
+    one or more ``{name: sum over the batch}`` dicts (e.g. from ``per_sample_gradient_sums``, one
+    per class or task); each is added to a float64 total per parameter of ``params``, which is
+    divided by the number of samples at the end. The model
+    runs in eval mode (per-sample gradients need running statistics, no dropout) and gets its
+    mode back afterwards; the data are read in order, ``batch_size`` samples at a time."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                        collate_fn=getattr(dataset, "collate_fn", None))
+    device = next(iter(params.values())).device
+    total = {n: torch.zeros(p.shape, dtype=torch.float64, device=device)
+             for n, p in params.items()}
+    count = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in loader:
+            for sums in batch_sums(batch, count):
+                for n, s in sums.items():
+                    total[n] += s
+            count += len(batch[0])
+    finally:
+        model.train(was_training)
+    return {n: t / count for n, t in total.items()}

@@ -28,7 +28,7 @@ is evaluated term by term (``reference_loss``). No double backward (create_graph
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -140,14 +140,12 @@ class QuadraticPenalty:
                 "terms": [({n: t.cpu() for n, t in imp.items()},
                            {n: t.cpu() for n, t in anc.items()}) for imp, anc in self.terms]}
 
-    def load_state_dict(self, state: Dict, device: Optional[torch.device] = None) -> None:
+    def load_state_dict(self, state: Dict) -> None:
         for key in ("coef", "mode", "gamma"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"saved penalty has {key}={state[key]!r}, this one "
                                  f"{getattr(self, key)!r}")
-        self.terms = [({n: t.to(device) for n, t in imp.items()},
-                       {n: t.to(device) for n, t in anc.items()})
-                      for imp, anc in state["terms"]]
+        self.terms = [(dict(imp), dict(anc)) for imp, anc in state["terms"]]
         self._collapsed = self._last_step = None
 
     def to(self, device) -> "QuadraticPenalty":

@@ -24,14 +24,17 @@ Replay methods feed old samples into training in one of two ways:
 Avalanche's own dataloader-replacing plugins are recognised by class (``KNOWN_AVALANCHE_OWNERS``),
 so mixing them with ours fails just as clearly.
 
-Helpers for plugins of kind 2: :func:`check_minibatch` (the minibatch is (x, y, task label)) and
-:func:`augmenter_before` (a ``BatchAugmentPlugin`` that has already run when the plugin's
-``before_forward`` runs, so the plugin must augment the rows it appends itself).
+Helpers for plugins of kind 2: :func:`stream_minibatch` (the (x, y, task label) minibatch to
+record in ``before_training_iteration``, checked by :func:`check_minibatch`), :func:`append_rows`
+(rule (b) above) and :func:`augmenter_before` (a ``BatchAugmentPlugin`` that has already run when
+the plugin's ``before_forward`` runs, so the plugin must augment the rows it appends itself).
 """
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Tuple
+
+import torch
 
 KNOWN_AVALANCHE_OWNERS = ("ReplayPlugin", "BiCPlugin", "RARPlugin", "CoPEPlugin",
                           "GSS_greedyPlugin", "GDumbPlugin")
@@ -93,6 +96,22 @@ def check_minibatch(plugin: str, mbatch) -> None:
     if len(mbatch) != 3:
         raise ValueError(f"{plugin} expects training minibatches (x, y, task_label); got "
                          f"{len(mbatch)} fields")
+
+
+def stream_minibatch(plugin, mbatch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, y, t) of a training minibatch, to record as the stream part in
+    ``before_training_iteration``, before any plugin appends rows; ValueError (naming
+    ``plugin``'s class) unless the minibatch has exactly these three fields."""
+    check_minibatch(type(plugin).__name__, mbatch)
+    x, y, t = mbatch
+    return x, y, t
+
+
+def append_rows(mbatch, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> None:
+    """Append replayed samples to ``strategy.mbatch`` in place (its rows stay first)."""
+    mbatch[0] = torch.cat([mbatch[0], x])
+    mbatch[1] = torch.cat([mbatch[1], y])
+    mbatch[2] = torch.cat([mbatch[2], t])
 
 
 def augmenter_before(strategy, plugin):

@@ -6,13 +6,17 @@ A projector here acts on the fan-in side of a layer's weight matrix ``G`` (``[ou
 ``2 * out * d * k`` multiply-adds; when ``k > d - k`` the same projector is applied through the
 orthonormal complement ``V`` (rank ``d - k``): ``G U U^T = G - G V V^T``. :class:`FanInProjector`
 makes that choice once, at the experience boundary, so every step pays for ``min(k, d - k)``.
+:class:`LayerUpdateProjector` applies one to a layer's parameter *update* in place
+(:class:`UpdateProjection`: to several layers; Adam-NSCL),
+:func:`extend_basis` grows an orthonormal basis by the energy criterion (GPM).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
+from torch import nn
 
 
 def sym_eigh(matrix: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -113,3 +117,146 @@ def energy_rank(singular_values: torch.Tensor, threshold: float, total_energy: f
     cumulative = already_explained + torch.cumsum(energy, 0)
     reached = (cumulative >= threshold * total_energy).nonzero()
     return int(reached[0]) + 1 if len(reached) else len(energy)
+
+
+class LayerUpdateProjector:
+    """``W <- W_old + (W - W_old) @ T`` for one Linear/Conv2d layer, in place, with buffers
+    allocated once per experience (two matrix products per step, no allocation).
+
+    ``T = scale * F F^T`` or ``scale * (I - F F^T)`` (``projector.subtract``), ``F`` the
+    projector's factor. ``bias_mode``: ``"append"`` (the bias is the last fan-in column, projected
+    with the weight) or ``"freeze"`` (the bias is restored to its value before the step). Use:
+    ``torch._foreach_copy_(old, cur)`` with ``cur, old = tensors()`` before the optimizer step,
+    :meth:`project` after it.
+    """
+
+    def __init__(self, module: nn.Module, projector: FanInProjector, bias_mode: str):
+        w = module.weight
+        self.module = module
+        self.w = w.detach().view(w.shape[0], -1)  # [out, d] view sharing storage
+        self.old_w = torch.empty_like(self.w)
+        self.delta_w = torch.empty_like(self.w)
+        b = module.bias
+        self.b = None if b is None else b.detach()
+        self.old_b = None if b is None else torch.empty_like(self.b)
+        self.append = b is not None and bias_mode == "append"
+        self.freeze_b = b is not None and bias_mode == "freeze"
+        factor = projector.factor.to(device=w.device, dtype=w.dtype)
+        d = self.w.shape[1]
+        self.fw = factor[:d]  # rows of the weight's fan-in
+        self.fw_t = self.fw.T
+        self.fb = factor[d] if self.append else None  # the bias column's row, [r]
+        self.delta_b = torch.empty_like(self.b) if self.append else None
+        self.tmp = self.w.new_empty(self.w.shape[0], factor.shape[1])
+        self.scale, self.subtract = projector.scale, projector.subtract
+
+    def tensors(self) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """``(current, old)``: the layer's tensors and their snapshot buffers."""
+        cur = [self.w] + ([self.b] if self.b is not None else [])
+        old = [self.old_w] + ([self.old_b] if self.b is not None else [])
+        return cur, old
+
+    def project(self) -> None:
+        """w <- old + (w - old) @ T, T = scale * F F^T (or scale * (I - F F^T) if subtract)."""
+        s = self.scale
+        torch.sub(self.w, self.old_w, out=self.delta_w)
+        if self.append:
+            torch.sub(self.b, self.old_b, out=self.delta_b)
+        if self.tmp.shape[1] == 0:  # empty factor: T = 0 (subtract=False) or s * I
+            if self.subtract:
+                torch.add(self.old_w, self.delta_w, alpha=s, out=self.w)
+                if self.append:
+                    torch.add(self.old_b, self.delta_b, alpha=s, out=self.b)
+            else:
+                self.w.copy_(self.old_w)
+                if self.append:
+                    self.b.copy_(self.old_b)
+        else:
+            torch.mm(self.delta_w, self.fw, out=self.tmp)  # [out, r] = delta @ F
+            if self.append:
+                self.tmp.addr_(self.delta_b, self.fb)
+            if self.subtract:
+                # old + s * (delta - delta F F^T)
+                torch.add(self.old_w, self.delta_w, alpha=s, out=self.w)
+                self.w.addmm_(self.tmp, self.fw_t, alpha=-s)
+                if self.append:
+                    torch.add(self.old_b, self.delta_b, alpha=s, out=self.b)
+                    self.b.addmv_(self.tmp, self.fb, alpha=-s)
+            else:
+                # old + s * delta F F^T
+                torch.addmm(self.old_w, self.tmp, self.fw_t, alpha=s, out=self.w)
+                if self.append:
+                    torch.addmv(self.old_b, self.tmp, self.fb, alpha=s, out=self.b)
+        if self.freeze_b:
+            self.b.copy_(self.old_b)
+
+
+class UpdateProjection:
+    """:class:`LayerUpdateProjector` over several layers (moving each projector to its layer's
+    device and dtype): :meth:`snapshot` before the optimizer step, :meth:`project` after it."""
+
+    def __init__(self, layers: Dict[str, nn.Module], projectors: Dict[str, FanInProjector],
+                 bias_mode: str):
+        for name, m in layers.items():
+            projectors[name].to(device=m.weight.device, dtype=m.weight.dtype)
+        self.steps = [LayerUpdateProjector(m, projectors[n], bias_mode) for n, m in layers.items()]
+        pairs = [step.tensors() for step in self.steps]
+        self._cur = [t for cur, _ in pairs for t in cur]
+        self._old = [t for _, old in pairs for t in old]
+
+    def snapshot(self) -> None:
+        torch._foreach_copy_(self._old, self._cur)  # one fused copy
+
+    def project(self) -> None:
+        for step in self.steps:
+            step.project()
+
+    def zero_frozen_bias_grads(self) -> None:
+        """For a gradient-side projection: frozen biases get no step."""
+        for step in self.steps:
+            if step.freeze_b and step.module.bias.grad is not None:
+                step.module.bias.grad.zero_()
+
+
+def extend_basis(basis: Optional[torch.Tensor], rep: torch.Tensor, threshold: float,
+                 drop_one: bool = False) -> torch.Tensor:
+    """GPM's update of an orthonormal basis ``M`` ``[d, k]`` (None: empty) with a
+    representation ``R`` ``[d, n]`` (columns are inputs), in float64, returned on the CPU.
+
+    ``R_hat = R - M M^T R``; the smallest ``r >= 0`` left singular vectors of ``R_hat`` with
+    ``||M^T R||_F^2 + sum_{i<=r} s_i^2 >= threshold ||R||_F^2`` are appended (:func:`energy_rank`;
+    ``drop_one``: one fewer, GPM's code rule on the first task), re-orthogonalised against ``M``
+    and QR-orthonormalised; at most ``d`` columns. Singular values at most
+    ``max(d, n) * eps * ||R||_F`` count as zero and are never added. The SVD runs where ``R``
+    lives (except on MPS: CPU).
+    """
+    work = rep.device if rep.device.type != "mps" else torch.device("cpu")
+    rep = rep.to(work, torch.float64)
+    d, n = rep.shape
+    total = float(rep.pow(2).sum())
+    if basis is None:
+        basis = rep.new_zeros(d, 0)
+    else:
+        basis = basis.to(work, torch.float64)
+    if total <= 0.0 or basis.shape[1] >= d:
+        return basis.cpu()
+    explained = 0.0
+    if basis.shape[1]:
+        coeff = basis.T @ rep
+        explained = float(coeff.pow(2).sum())  # ||M^T R||_F^2
+        rep = rep - basis @ coeff  # R_hat
+    u, s, _ = torch.linalg.svd(rep, full_matrices=False)
+    tol = max(d, n) * torch.finfo(torch.float64).eps * total ** 0.5
+    valid = int((s > tol).sum())
+    u, s = u[:, :valid], s[:valid]
+    if explained >= threshold * total or valid == 0:
+        return basis.cpu()
+    r = energy_rank(s, threshold, total, already_explained=explained) - int(drop_one)
+    r = min(r, d - basis.shape[1])
+    if r <= 0:
+        return basis.cpu()
+    new = u[:, :r]
+    if basis.shape[1]:
+        new = new - basis @ (basis.T @ new)  # re-orthogonalise against M (rounding)
+    new, _ = torch.linalg.qr(new)
+    return torch.cat([basis, new], dim=1).cpu()

@@ -93,16 +93,18 @@ def expand_methods(methods: List[Dict[str, Any]], scenario: str) -> List[Dict[st
 
 
 def instantiate(spec, params: Dict[str, Any]):
-    """Construct a plugin method with its registry defaults updated by ``params``."""
-    kwargs = {**spec.defaults, **(params or {})}
+    """Construct a plugin method from the hyper-parameters a config gives it, over the
+    registry's defaults (for our plugins, read from their signature, where they are declared);
+    the plugin's ``__init__`` validates them."""
+    params = {**spec.defaults, **(params or {})}
     sig = inspect.signature(spec.factory.__init__)
     accepts_any = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
     allowed = [n for n in sig.parameters if n != "self"]
-    unknown = [k for k in kwargs if k not in allowed]
+    unknown = [k for k in params if k not in allowed]
     if unknown and not accepts_any:
         raise ValueError(f"Unknown hyper-parameter(s) {unknown} for method {spec.name!r}; "
                          f"valid: {allowed or 'none'}")
-    return spec.factory(**kwargs)
+    return spec.factory(**params)
 
 
 def entry_params(cfg: Dict[str, Any], part: Dict[str, Any]) -> Dict[str, Any]:

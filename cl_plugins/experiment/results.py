@@ -160,6 +160,18 @@ def text_table(rows: List[Dict[str, Any]], task_view: bool) -> str:
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
 
 
+def _save_figure(fig, path: Path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` atomically, then free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    try:
+        _atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
+    return path
+
+
 def plot_matrix(matrix: List[List[float]], path: Path, title: str) -> Path:
     import matplotlib
     matplotlib.use("Agg")
@@ -176,12 +188,7 @@ def plot_matrix(matrix: List[List[float]], path: Path, title: str) -> Path:
     ax.set_ylabel("after training experience")
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    try:
-        _atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    finally:
-        plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def plot_curves(curves: Dict[str, List[float]], path: Path, title: str) -> Path:
@@ -197,9 +204,4 @@ def plot_curves(curves: Dict[str, List[float]], path: Path, title: str) -> Path:
     ax.set_ylim(0, 100)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    try:
-        _atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    finally:
-        plt.close(fig)
-    return path
+    return _save_figure(fig, path)

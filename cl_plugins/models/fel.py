@@ -6,7 +6,7 @@ permutation of every hidden representation: neurons of a linear layer's output, 
 conv map (the same permutation at every spatial position). The layer has no parameter; it only
 needs the task label, at training, evaluation and in RGO's statistics pass alike.
 
-Rules (those of :mod:`cl_plugins.projection.rgo`, see ``shared/design/projection.md``):
+Rules (those of :mod:`cl_plugins.projection.rgo`):
 
 - the permutation of task t is drawn by ``numpy.random.Generator.permutation(width)`` from a
   generator seeded by the pair (run seed, t) (``numpy.random.SeedSequence([seed, t])``), so it

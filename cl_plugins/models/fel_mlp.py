@@ -29,6 +29,7 @@ from torch import nn
 from cl_plugins.core.checks import check_bool, check_choice, check_int
 
 from .fel import FeatureEncodingLayer
+from .mlp import check_widths
 
 INITS = ("code", "torch")
 
@@ -37,12 +38,7 @@ class FELMLP(nn.Module):
     def __init__(self, input_size: int, hidden: Sequence[int] = (256, 256), bias: bool = True,
                  fel: bool = True, fel_seed: Optional[int] = None, init: str = "code"):
         super().__init__()
-        check_int("model.input_size", input_size, 1)
-        hidden = list(hidden)
-        if not hidden:
-            raise ValueError("model.hidden must list at least one hidden-layer width")
-        for i, h in enumerate(hidden):
-            check_int(f"model.hidden[{i}]", h, 1)
+        hidden = check_widths(input_size, hidden)
         check_bool("model.fel", fel)
         check_choice("model.init", init, INITS)
         if fel_seed is not None:

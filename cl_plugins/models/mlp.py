@@ -17,6 +17,17 @@ ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": 
                "leaky_relu": nn.LeakyReLU, "elu": nn.ELU}
 
 
+def check_widths(input_size: int, hidden: Sequence[int]) -> list:
+    """``hidden`` as a list, after checking it and ``input_size`` are positive integers."""
+    check_int("model.input_size", input_size, 1)
+    hidden = list(hidden)
+    if not hidden:
+        raise ValueError("model.hidden must list at least one hidden-layer width")
+    for i, h in enumerate(hidden):
+        check_int(f"model.hidden[{i}]", h, 1)
+    return hidden
+
+
 class MLP(nn.Module):
     """Flatten, then ``Linear -> activation [-> dropout]`` for each width in ``hidden``.
 
@@ -35,12 +46,7 @@ class MLP(nn.Module):
                  activation: str = "relu", dropout: float = 0.0, batch_norm: bool = False,
                  bn_eps: float = 1e-5):
         super().__init__()
-        check_int("model.input_size", input_size, 1)
-        hidden = list(hidden)
-        if not hidden:
-            raise ValueError("model.hidden must list at least one hidden-layer width")
-        for i, h in enumerate(hidden):
-            check_int(f"model.hidden[{i}]", h, 1)
+        hidden = check_widths(input_size, hidden)
         check_choice("model.activation", activation, sorted(ACTIVATIONS))
         check_range("model.dropout", dropout, 0.0, 1.0, high_inclusive=False)
         if not isinstance(batch_norm, bool):

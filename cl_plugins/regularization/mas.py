@@ -58,11 +58,10 @@ from typing import Dict, List
 
 import torch
 from avalanche.core import SupervisedPlugin
-from torch.utils.data import DataLoader
 
 from cl_plugins.core.checks import check_choice, check_int, check_non_negative
 from cl_plugins.core.params import shared_parameters, snapshot
-from cl_plugins.core.per_sample import per_sample_gradient_sums
+from cl_plugins.core.per_sample import dataset_mean, eval_view, per_sample_gradient_sums
 from cl_plugins.core.quadratic import QuadraticPenalty
 from cl_plugins.core.state import check_owner, owned_by
 
@@ -74,13 +73,10 @@ class MASPlugin(SupervisedPlugin):
     METHOD_NAME = "mas"
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False
-    DEFAULTS: dict = {"mas_lambda": 1.0, "outputs": "experience", "output_reduction": "sum",
-                      "importance_batch_size": 128}
     SWEEP: dict = {"mas_lambda": {"distribution": "log_uniform_values", "min": 0.01, "max": 1e5}}
     PAPER = "Memory Aware Synapses (Aljundi et al., ECCV 2018)"
     SUMMARY = ("quadratic penalty weighted by the mean absolute gradient of the squared L2 norm "
                "of the outputs (unsupervised importance)")
-    supports_distributed = False
 
     def __init__(self, mas_lambda: float = 1.0, outputs: str = "experience",
                  output_reduction: str = "sum", importance_batch_size: int = 128):
@@ -127,29 +123,16 @@ class MASPlugin(SupervisedPlugin):
                                  f"model gives {logits.shape[-1]} outputs")
             return reduce(logits[:, idx].pow(2))
 
-        if hasattr(dataset, "eval"):
-            dataset = dataset.eval()  # no training augmentations
-        loader = DataLoader(dataset, batch_size=self.importance_batch_size, shuffle=False,
-                            collate_fn=getattr(dataset, "collate_fn", None))
-        total = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
-        count = 0
-        was_training = model.training
-        model.eval()
-        try:
-            for batch in loader:
-                x = batch[0].to(device)
-                sums = per_sample_gradient_sums(model, params, x,
-                                                torch.zeros(len(x), device=device), sq_norm,
-                                                task_label=task_label, transform="abs")
-                for n, s_ in sums.items():
-                    # per-chunk sums in the parameters' dtype; the running total is float64
-                    total[n] += s_
-                count += len(x)
-        finally:
-            model.train(was_training)
-        if count == 0:
+        def batch_sums(batch, _start):  # Eq. 4 for one chunk, in the parameters' dtype
+            x = batch[0].to(device)
+            yield per_sample_gradient_sums(model, params, x, torch.zeros(len(x), device=device),
+                                           sq_norm, task_label=task_label, transform="abs")
+
+        dataset = eval_view(dataset)  # no training augmentations
+        if len(dataset) == 0:
             raise ValueError("MAS: the experience's dataset is empty; no importance to compute")
-        return {n: (t / count).to(params[n].dtype) for n, t in total.items()}
+        mean = dataset_mean(model, params, dataset, self.importance_batch_size, batch_sums)
+        return {n: t.to(params[n].dtype) for n, t in mean.items()}
 
     def state_dict(self) -> dict:
         return {**owned_by(self), "penalty": self.quadratic_penalty.state_dict(),

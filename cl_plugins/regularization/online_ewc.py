@@ -4,8 +4,9 @@ Name: ``online_ewc``. Scenarios: task-, domain- and class-IL. Task labels: not n
 
 Paper: J. Schwarz, J. Luketina, W. M. Czarnecki, A. Grabska-Barwinska, Y. W. Teh, R. Pascanu,
 R. Hadsell, "Progress & Compress: A scalable framework for continual learning", ICML 2018
-(Section "online EWC"); the same method as evaluated by van de Ven & Tolias 2018 (ANCHORS P2) and
-Hsu et al. 2018 (ANCHORS S1, ``EWC_online_mnist``).
+(Section "online EWC"); the same method as evaluated by van de Ven & Tolias 2018 (protocol P2)
+and Hsu et al. 2018 (protocol S1, ``EWC_online_mnist``); protocol labels as in
+experiments/reproduce.py.
 
 Equations (theta = the shared parameters, T = tasks finished so far):
 
@@ -29,11 +30,11 @@ penalty to ``strategy.loss``, ``after_training_exp`` estimates F_T and merges it
 term is a :class:`~cl_plugins.core.quadratic.QuadraticPenalty` in ``online`` mode with
 ``coef = lambda / 2`` (attribute ``quadratic_penalty``).
 
-Hyper-parameters (defaults = ANCHORS S1, Split MNIST task-IL, Hsu et al. 2018):
+Hyper-parameters (defaults = protocol S1, Split MNIST task-IL, Hsu et al. 2018):
 
 - ``ewc_lambda`` (>= 0, default 800): lambda above. Hsu et al.'s coefficient (400 task-IL, 700
   domain-IL, 100 class-IL) multiplies sum F (theta - theta*)^2 without the 1/2, hence
-  ``ewc_lambda = 2 * reg_coef``. Other libraries' lambdas convert as listed in ewc.py.
+  ``ewc_lambda = 2 * reg_coef``. Other libraries' lambdas convert as in docs/methods/ewc.md.
 - ``gamma`` (in [0, 1], default 1.0): decay of the old Fisher. 1.0 is what Hsu et al. and van de
   Ven's online EWC use; gamma = 0 keeps only the latest task's Fisher.
 - ``fisher`` (default ``"predicted"``: the arg-max label, as both S1 (Hsu) and P2 (van de Ven &
@@ -41,7 +42,7 @@ Hyper-parameters (defaults = ANCHORS S1, Split MNIST task-IL, Hsu et al. 2018):
   60,000), ``fisher_batch_size`` (default 128, memory/speed only), ``seed`` (default 0): as in
   EWCPlugin.
 
-Why these defaults differ from EWCPlugin's (exact Fisher, lambda 1e5 from S2): ANCHORS S2 has no
+Why these defaults differ from EWCPlugin's (exact Fisher, lambda 1e5 from S2): protocol S2 has no
 online EWC; S1 is the anchor that gives online EWC's coefficient, and a coefficient only carries
 over together with the Fisher it was tuned for (the exact Fisher of a confident model is orders
 of magnitude larger than the arg-max one).
@@ -65,7 +66,7 @@ from typing import Optional
 from avalanche.core import SupervisedPlugin
 
 from cl_plugins.core.checks import check_range
-from cl_plugins.core.state import check_owner
+from cl_plugins.core.state import check_settings
 from cl_plugins.regularization.ewc import EWCPlugin
 
 
@@ -73,29 +74,23 @@ class OnlineEWCPlugin(EWCPlugin):
     METHOD_NAME = "online_ewc"
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False
-    DEFAULTS: dict = {"ewc_lambda": 800.0, "gamma": 1.0, "fisher": "predicted",
-                      "fisher_samples": None, "fisher_batch_size": 128, "seed": 0}
     SWEEP: dict = {"ewc_lambda": {"distribution": "log_uniform_values", "min": 1.0, "max": 1e10},
                    "gamma": {"distribution": "uniform", "min": 0.5, "max": 1.0}}
     PAPER = "online EWC (Schwarz et al., ICML 2018, Progress & Compress)"
     SUMMARY = ("one quadratic penalty (lambda/2) sum F (theta - theta*)^2 with F <- gamma F + "
                "F_new, anchored at the latest parameters")
-    supports_distributed = False
 
     def __init__(self, ewc_lambda: float = 800.0, gamma: float = 1.0, fisher: str = "predicted",
                  fisher_samples: Optional[int] = None, fisher_batch_size: int = 128,
                  seed: int = 0):
         SupervisedPlugin.__init__(self)
         self.gamma = float(check_range("gamma", gamma, 0.0, 1.0))
-        self._configure(ewc_lambda, "online", self.gamma, fisher, fisher_samples,
-                        fisher_batch_size, seed)
+        self.configure(ewc_lambda, "online", self.gamma, fisher, fisher_samples,
+                       fisher_batch_size, seed)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "gamma": self.gamma}
 
     def load_state_dict(self, state: dict) -> None:
-        check_owner(self, state)
-        if state.get("gamma") != self.gamma:
-            raise ValueError(f"saved OnlineEWCPlugin state has gamma={state.get('gamma')!r}, "
-                             f"this plugin {self.gamma!r}")
+        check_settings(self, state, ("gamma",))
         super().load_state_dict(state)

@@ -30,7 +30,9 @@ terms that are not quadratic penalties count as task loss).
 
 Hooks: ``before_training_exp``, ``before_backward`` (penalty), ``after_backward`` (gradient),
 ``before_update`` / ``after_update`` (displacement, Fisher and score updates every ``delta_t``
-steps), ``after_training_exp`` (averaging, normalisation, anchor).
+steps), ``after_training_exp`` (averaging, normalisation, anchor). The per-step hooks are
+:class:`~cl_plugins.core.path_integral.PathIntegralPlugin`'s (shared with SI); RWalk's own part
+is ``integrate``.
 
 Hyper-parameters (defaults = Avalanche's continual-learning-baselines RWalk run on Split MNIST
 task-IL, protocol B1, which reaches 0.99):
@@ -64,13 +66,12 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 import torch
-from avalanche.core import SupervisedPlugin
 
 from cl_plugins.core.checks import (check_choice, check_int, check_non_negative, check_positive,
                                     check_range)
 from cl_plugins.core.params import check_same_keys, shared_parameters, snapshot
+from cl_plugins.core.path_integral import PathIntegralPlugin, accumulator_dtype
 from cl_plugins.core.quadratic import QuadraticPenalty
-from cl_plugins.core.path_integral import StepTracker, accumulator_dtype
 from cl_plugins.core.state import check_owner, owned_by
 
 Tensors = Dict[str, torch.Tensor]
@@ -79,18 +80,25 @@ _ACCUMULATED = ("fisher", "scores", "task_scores", "interval_loss", "interval_sq
                 "checkpoint")  # per-parameter tensors carried across steps and experiences
 
 
-class RWalkPlugin(SupervisedPlugin):
+def normalized(values: Tensors, how: str) -> Tensors:
+    """``values`` scaled to [0, 1] over all parameters together (Section 4.3): divided by the
+    largest value (``"max"``) or ``(v - min) / (max - min)`` (``"minmax"``)."""
+    hi = max(float(t.max()) for t in values.values())
+    if how == "max":
+        return {n: t / hi if hi > 0 else t.clone() for n, t in values.items()}
+    lo = min(float(t.min()) for t in values.values())
+    return {n: (t - lo) / (hi - lo + 1e-32) for n, t in values.items()}
+
+
+class RWalkPlugin(PathIntegralPlugin):
     METHOD_NAME = "rwalk"
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False
-    DEFAULTS: dict = {"ewc_lambda": 0.1, "alpha": 0.9, "delta_t": 10, "eps": 1e-3,
-                      "normalize": "max"}
     SWEEP: dict = {"ewc_lambda": {"distribution": "log_uniform_values", "min": 0.01, "max": 1e4},
                    "alpha": {"values": [0.5, 0.9]}}
     PAPER = "Riemannian Walk (Chaudhry, Dokania, Ajanthan & Torr, ECCV 2018)"
     SUMMARY = ("quadratic penalty weighted by an online (EWC++) Fisher plus a KL-normalised "
                "path-integral score")
-    supports_distributed = False
 
     def __init__(self, ewc_lambda: float = 0.1, alpha: float = 0.9, delta_t: int = 10,
                  eps: float = 1e-3, normalize: str = "max"):
@@ -112,15 +120,12 @@ class RWalkPlugin(SupervisedPlugin):
         self.interval_sq_grad: Optional[Tensors] = None
         self.checkpoint: Optional[Tensors] = None
         self.interval_steps = 0
-        self._params = None
-        self._steps: Optional[StepTracker] = None  # gradient and displacement of each step
 
     # ------------------------------------------------------------------------------- hooks
 
     def before_training_exp(self, strategy, **kwargs):
-        params = self._params = shared_parameters(strategy.model)
+        params = self.track(strategy)
         dev = strategy.device
-        self.quadratic_penalty.to(dev)
         if self.fisher is None:
             self.fisher = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
         if self.task_scores is None:  # a fresh task (not a resumed, half-trained one)
@@ -131,29 +136,14 @@ class RWalkPlugin(SupervisedPlugin):
             self.interval_sq_grad = {n: torch.zeros_like(p, dtype=accumulator_dtype(p))
                                      for n, p in params.items()}
             self.checkpoint, self.interval_steps = snapshot(params), 0
-        for name in ("fisher", "scores", "task_scores", "interval_loss", "interval_sq_grad",
-                     "checkpoint"):
+        for name in _ACCUMULATED:
             state = getattr(self, name)
             if state is not None:
                 check_same_keys(state, params, f"RWalk's {name}")
                 setattr(self, name, {n: t.to(dev) for n, t in state.items()})
-        self._steps = StepTracker(params)
 
-    def before_backward(self, strategy, **kwargs):
-        if len(self.quadratic_penalty):
-            params = self._params or shared_parameters(strategy.model)
-            strategy.loss += self.quadratic_penalty.loss(params)
-
-    def after_backward(self, strategy, **kwargs):
-        self._steps.record_gradients(strategy, "task")
-
-    @torch.no_grad()
-    def before_update(self, strategy, **kwargs):
-        self._steps.before_step()
-
-    @torch.no_grad()
-    def after_update(self, strategy, **kwargs):
-        for n, g, minus_step in self._steps.displacements():  # minus_step = theta(t) - theta(t+1)
+    def integrate(self, steps):
+        for n, g, minus_step in steps:  # minus_step = theta(t) - theta(t+1)
             self.interval_loss[n].addcmul_(g, minus_step)  # += -g * delta
             self.interval_sq_grad[n].addcmul_(g, g)
         self.interval_steps += 1
@@ -169,13 +159,16 @@ class RWalkPlugin(SupervisedPlugin):
         if self.scores is None:
             self.scores = self.task_scores
         else:
-            self.scores = {n: 0.5 * (self.scores[n] + self.task_scores[n]) for n in self.scores}
-        fisher_n, scores_n = self._normalized(self.fisher), self._normalized(self.scores)
+            self.scores = {n: 0.5 * (self.scores[n] + self.task_scores[n])  # Eq. 8
+                           for n in self.scores}
+        fisher_n = normalized(self.fisher, self.normalize)
+        scores_n = normalized(self.scores, self.normalize)
         importance = {n: (fisher_n[n] + scores_n[n]).to(p.dtype) for n, p in params.items()}
         self.quadratic_penalty.add(importance, snapshot(params))
         self.tasks_done += 1
         self.task_scores = self.interval_loss = self.interval_sq_grad = self.checkpoint = None
-        self.interval_steps, self._params, self._steps = 0, None, None
+        self.interval_steps = 0
+        self.untrack()
 
     # ------------------------------------------------------------------------------- helpers
 
@@ -193,13 +186,6 @@ class RWalkPlugin(SupervisedPlugin):
             self.checkpoint[n].copy_(p.detach())
         self.interval_steps = 0
 
-    def _normalized(self, values: Tensors) -> Tensors:
-        hi = max(float(t.max()) for t in values.values())
-        if self.normalize == "max":
-            return {n: t / hi if hi > 0 else t.clone() for n, t in values.items()}
-        lo = min(float(t.min()) for t in values.values())
-        return {n: (t - lo) / (hi - lo + 1e-32) for n, t in values.items()}
-
     def state_dict(self) -> dict:
         cpu = (lambda d: None if d is None else {n: t.detach().cpu() for n, t in d.items()})
         return {**owned_by(self), "penalty": self.quadratic_penalty.state_dict(),
@@ -214,4 +200,4 @@ class RWalkPlugin(SupervisedPlugin):
             setattr(self, name, copy(state[name]))
         self.tasks_done = int(state["tasks_done"])
         self.interval_steps = int(state["interval_steps"])
-        self._params, self._steps = None, None
+        self.untrack()

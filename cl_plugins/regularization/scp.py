@@ -6,69 +6,52 @@ Name: ``scp``. Scenarios: task-IL, domain-IL, class-IL. Task labels: not needed.
 Paper: S. Kolouri, N. A. Ketz, A. Soltoggio and P. K. Pilly, "Sliced Cramér Synaptic
 Consolidation for Preserving Deeply Learned Representations", ICLR 2020 (Algorithm 1);
 the authors' PyTorch code (``scp.py``, S. Kolouri 2019) was read for the details below.
+Longer notes (how Gamma is computed, the authors' code): docs/methods/scp.md.
 
-What is implemented
--------------------
 SCP keeps the distribution of the outputs phi(x; theta) in R^d over a task's data close to the one
 at the end of that task, theta*. The sliced Cramér distance compares the one-dimensional
 distributions of the projections <xi, phi(x)> for directions xi uniform on the unit sphere
 S^{d-1}; its second-order approximation around theta* gives the diagonal importance
 
-    Gamma_i = 1/L * sum_{l=1..L} ( d/d theta_i  <xi_l, (1/N) sum_n phi(x_n; theta*)> )^2,
+    Gamma_i = 1/L * sum_{l=1..L} ( d/d theta_i  <xi_l, (1/N) sum_n phi(x_n; theta*)> )^2,  (Alg. 1)
 
 i.e. for each slice, the squared gradient of the projected *mean* output over the task's N
-training samples (the mean is taken before the gradient is squared: unlike MAS or EWC this is
-not an average of per-sample gradients). The loss on later tasks is
+training samples (not, as in MAS or EWC, a mean of per-sample gradients). Later tasks' loss:
 
     L(theta) = L_task(theta) + lambda * sum_i Gamma_i (theta_i - theta*_i)^2,
 
 with Gamma accumulated over tasks in one term anchored at the latest parameters
 (``QuadraticPenalty`` mode "accumulate"; mode "online" decays the old importance by ``gamma``).
+Gamma is exact (``importance``), with no loop over samples, in float64 and in eval mode.
 
-Computation: with J = d mean_phi / d theta (d x P), Gamma = 1/L sum_l (xi_l^T J)^2. When d <= L
-the d rows of J are accumulated (one batched backward pass per minibatch, vmapped over the d
-output units) and Gamma_i = sum_{c,c'} M_cc' J_ci J_c'i with M = 1/L sum_l xi_l xi_l^T; when
-L < d the L projected gradients xi_l^T J are accumulated instead. Both give the formula above
-exactly; neither loops over samples. Statistics are accumulated in float64, in eval mode.
-
-phi is the model's output (logits), as in the authors' code. Masked logits carry no gradient and
-are left out of the slices: on a ``MaskedHead`` only the columns the head leaves open for the
-task (seen classes, or the task's classes with ``mask="task"``), on a masking
-``MultiHeadClassifier`` only the task head's active units. On multi-head models the current
-task's head is used (integer task label). Only shared parameters are penalised
-(``shared_parameters``): task-specific heads are never trained after their task.
+phi is the model's output (logits), as in the authors' code, without masked logits (no
+gradient): a ``MaskedHead``'s open columns for the task (seen classes, or the task's with
+``mask="task"``), a masking ``MultiHeadClassifier``'s active units; on multi-head models the
+current task's head. Only shared parameters are penalised (task heads never train again).
 
 Slices xi_l are drawn from the plugin's own ``torch.Generator`` (Gaussian vectors normalised to
 unit length); its state is part of ``state_dict`` so a resumed run draws the same slices.
 
-Hooks: ``before_training_exp`` (checks the model still has the penalised parameters, moves the
-penalty to the strategy's device), ``before_backward`` (adds the penalty),
-``after_training_exp`` (computes Gamma on ``strategy.experience.dataset``, adds it).
+Hooks: ``before_training_exp`` (checks the penalised parameters, moves the penalty to the
+device), ``before_backward`` (adds it), ``after_training_exp`` (Gamma on the experience's data).
 
-Hyper-parameters (DEFAULTS)
----------------------------
-- ``scp_lambda`` = 100: penalty coefficient lambda. The paper gives no Split MNIST value; 100 is
-  the EWC coefficient of protocol S1 (Hsu et al. 2018) for task/domain-IL, where SCP is compared
-  with EWC. Sweep it (``SWEEP``). See the deviation on the 1/N factor for the authors' values.
+Hyper-parameters (defaults):
+- ``scp_lambda`` = 100: lambda. No Split MNIST value in the paper; 100 is protocol S1's (Hsu et
+  al. 2018) EWC coefficient for task/domain-IL. Sweep it; the authors' values: see 1/N below.
 - ``n_slices`` = 100: L, as in the authors' permuted-MNIST script (their class default is 50).
 - ``mode`` = "accumulate" (sum of the tasks' importances); "online" with ``gamma`` in [0, 1].
 - ``gamma`` = 1.0: decay of the old importance in "online" mode (must stay 1.0 otherwise).
 - ``seed`` = None: seed of the slice generator; None draws one from torch's global RNG when the
   plugin is built (the runner seeds it), an integer fixes the slices independently of the run.
 
-Deviations and uncertainty
---------------------------
-- The authors' code divides Gamma by N (the task's dataset size) in addition to 1/L. The paper's
-  formula has no such factor and it makes lambda depend on the dataset size, so it is left out:
-  their permuted-MNIST lambda = 1e6 with N = 60,000 corresponds to lambda ~= 16.7 here.
-- The authors' code updates Gamma online, Gamma <- alpha Gamma + (1 - alpha) Gamma_new
-  (alpha = 0.25 in their permuted-MNIST script). That is ``mode="online"``, ``gamma=alpha`` with
-  ``scp_lambda = lambda_theirs * (1 - alpha)``; the default here accumulates (gamma = 1).
-- One version of the authors' code normalises the random matrix along the wrong axis (each
-  coordinate across slices rather than each slice), so its slices are not unit vectors; the
-  paper's definition (xi_l uniform on S^{d-1}) is used here.
-- Uncertainty: the exact constant of the second-order approximation (e.g. a factor 1/2 in the
-  penalty, present in some versions of the authors' code) is absorbed by lambda.
+Deviations and uncertainty:
+- No 1/N: the authors' code also divides Gamma by the dataset size N (not in the paper; it ties
+  lambda to N): their permuted-MNIST lambda = 1e6 (N = 60,000) is lambda ~= 16.7 here.
+- Their online update Gamma <- alpha Gamma + (1 - alpha) Gamma_new (alpha = 0.25, permuted MNIST)
+  is ``mode="online", gamma=alpha, scp_lambda=lambda_theirs * (1 - alpha)``; default: accumulate.
+- One version of their code normalises the slices along the wrong axis (not unit vectors); the
+  paper's xi_l uniform on S^{d-1} is used here.
+- Uncertainty: the approximation's constant (e.g. 1/2, in some versions of their code) is in lambda.
 """
 
 from __future__ import annotations
@@ -77,29 +60,29 @@ from typing import Dict, Iterable, List, Optional
 
 import torch
 from avalanche.core import SupervisedPlugin
-from avalanche.models import MultiHeadClassifier
+from avalanche.models import MultiHeadClassifier, MultiTaskModule
 from avalanche.models.utils import avalanche_forward
 from torch import nn
 from torch.utils.data import DataLoader
 
 from cl_plugins.core.checks import check_choice, check_int, check_non_negative, check_range
 from cl_plugins.core.params import shared_parameters, snapshot
+from cl_plugins.core.per_sample import eval_view
 from cl_plugins.core.quadratic import QuadraticPenalty
-from cl_plugins.core.state import check_owner, owned_by
+from cl_plugins.core.state import check_owner, check_settings, owned_by
 
 MODES = ("accumulate", "online")
+CONFIG = ("scp_lambda", "n_slices", "mode", "gamma", "seed")  # the state's "config"
 
 
-def _task_columns(model: nn.Module, task_label) -> Optional[torch.Tensor]:
+def task_columns(model: nn.Module, task_label) -> Optional[torch.Tensor]:
     """Indices of the output columns that are not masked for ``task_label`` (None = all)."""
     from cl_plugins.models.heads import MaskedHead
 
     head = getattr(model, "head", None)
     if isinstance(head, MaskedHead) and head.mask != "none":
-        if head.mask == "seen":
-            allowed = head.class_task >= 0
-        else:
-            allowed = head.class_task == int(task_label)
+        allowed = head.class_task >= 0 if head.mask == "seen" else \
+            head.class_task == int(task_label)
         return torch.nonzero(allowed).flatten()
     if isinstance(head, MultiHeadClassifier) and head.masking and task_label is not None:
         mask = getattr(head, f"active_units_T{int(task_label)}", None)
@@ -112,13 +95,10 @@ class SCPPlugin(SupervisedPlugin):
     METHOD_NAME = "scp"
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False
-    DEFAULTS: dict = {"scp_lambda": 100.0, "n_slices": 100, "mode": "accumulate", "gamma": 1.0,
-                      "seed": None}
     SWEEP: dict = {"scp_lambda": {"distribution": "log_uniform_values", "min": 1.0, "max": 1e6}}
     PAPER = "Sliced Cramer Preservation (Kolouri, Ketz, Soltoggio & Pilly, ICLR 2020)"
     SUMMARY = ("quadratic penalty; importance = squared gradients of randomly sliced mean "
                "outputs (sliced Cramér distance, second order)")
-    supports_distributed = False
 
     def __init__(self, scp_lambda: float = 100.0, n_slices: int = 100, mode: str = "accumulate",
                  gamma: float = 1.0, seed: Optional[int] = None):
@@ -138,9 +118,7 @@ class SCPPlugin(SupervisedPlugin):
                                                   gamma=self.gamma)
         self.n_experiences = 0
         self._shapes: Dict[str, torch.Size] = {}
-        self._cache = None  # (model, its penalised parameters) for the current experience
-
-    # ------------------------------------------------------------------ importance
+        self._cache = None  # (model, its penalised parameters): the same all experience long
 
     def draw_slices(self, d: int) -> torch.Tensor:
         """L directions uniform on the unit sphere S^{d-1}, as rows of an [L, d] float64 tensor."""
@@ -149,46 +127,30 @@ class SCPPlugin(SupervisedPlugin):
 
     def importance(self, model: nn.Module, batches: Iterable, task_label=None,
                    slices: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        """Gamma (float64) for the shared parameters of ``model`` over ``batches``.
-
-        ``batches`` yields ``(x, y)`` or ``(x, y, t)``; ``task_label`` (int) is passed to a
-        multi-task model. ``slices`` ([L, d]) replaces the random directions (for tests); by
-        default they are drawn from the plugin's generator.
-        """
+        """Gamma (float64) for ``model``'s shared parameters over ``batches`` (``(x, y[, t])``),
+        ``task_label`` (int) passed to a multi-task model, ``slices`` ([L, d], for tests) instead
+        of drawn ones. J = d mean_phi / d theta (d x P): Gamma = 1/L sum_l (xi_l^T J)^2
+        = sum_{c,c'} M_cc' J_c J_c', M = xi^T xi / L (J's rows accumulated when d <= L)."""
         params = shared_parameters(model)
         names, tensors = list(params), list(params.values())
         device = tensors[0].device
-        cols = _task_columns(model, task_label)
+        cols = task_columns(model, task_label)
         was_training = model.training
         model.eval()
         acc: Optional[List[torch.Tensor]] = None
         basis = weights = None
-        n = 0
+        n = 0  # samples seen
         try:
             for batch in batches:
                 x = batch[0].to(device)
-                if x.is_floating_point():  # e.g. a float64 model on float32 data
-                    x = x.to(tensors[0].dtype)
+                x = x.to(tensors[0].dtype) if x.is_floating_point() else x  # float64 models
                 out = avalanche_forward(model, x, task_label) if task_label is not None \
                     else model(x)
                 if cols is not None:
                     out = out[:, cols.to(out.device)]
                 if basis is None:
-                    d = out.shape[1]
-                    xi = self.draw_slices(d) if slices is None else \
-                        torch.as_tensor(slices, dtype=torch.float64).cpu()
-                    if xi.dim() != 2 or xi.shape[1] != d:
-                        raise ValueError(f"slices must have shape [L, {d}] (the output width); "
-                                         f"got {tuple(xi.shape)}")
-                    L = xi.shape[0]
-                    if d <= L:  # accumulate J (d rows); weights M = xi^T xi / L
-                        basis = torch.eye(d, dtype=torch.float64)
-                        weights = xi.T @ xi / L
-                    else:  # accumulate the L projections xi_l^T J; weights I / L
-                        basis = xi
-                        weights = torch.eye(L, dtype=torch.float64) / L
-                    basis, weights = basis.to(device), weights.to(device)
-                s = out.sum(0)
+                    basis, weights = self._basis(out.shape[1], slices, device)
+                s = out.sum(0)  # one batched backward pass per minibatch, over basis's rows
                 grads = torch.autograd.grad(s, tensors, grad_outputs=basis.to(s.dtype),
                                             is_grads_batched=True, allow_unused=True)
                 grads = [torch.zeros((basis.shape[0], *p.shape), dtype=torch.float64,
@@ -204,31 +166,42 @@ class SCPPlugin(SupervisedPlugin):
         gamma = {}
         for name, a in zip(names, acc):
             j = (a / n).reshape(a.shape[0], -1)  # [K, P]: rows of d mean_phi / d theta
-            gamma[name] = ((weights @ j) * j).sum(0).reshape(a.shape[1:])
+            gamma[name] = ((weights @ j) * j).sum(0).reshape(a.shape[1:])  # Alg. 1's Gamma
         return gamma
 
-    # ------------------------------------------------------------------ penalty
+    def _basis(self, d: int, slices, device):
+        """(directions to differentiate the summed output along, weights) for output width d"""
+        xi = self.draw_slices(d) if slices is None else \
+            torch.as_tensor(slices, dtype=torch.float64).cpu()
+        if xi.dim() != 2 or xi.shape[1] != d:
+            raise ValueError(f"slices must have shape [L, {d}] (the output width); "
+                             f"got {tuple(xi.shape)}")
+        L = xi.shape[0]
+        if d <= L:  # accumulate J (d rows); weights M = xi^T xi / L
+            basis, weights = torch.eye(d, dtype=torch.float64), xi.T @ xi / L
+        else:  # accumulate the L projections xi_l^T J; weights I / L
+            basis, weights = xi, torch.eye(L, dtype=torch.float64) / L
+        return basis.to(device), weights.to(device)
 
     def penalty(self, model: nn.Module) -> torch.Tensor:
         """lambda * sum_i Gamma_i (theta_i - theta*_i)^2 for ``model``'s shared parameters."""
-        params = shared_parameters(model)
-        self._check_params(params)
-        return self.quadratic_penalty.loss({n: params[n] for n in self._shapes})
+        return self.quadratic_penalty.loss(self._penalised(model))
 
-    def _check_params(self, params: Dict[str, torch.Tensor]) -> None:
+    def _penalised(self, model: nn.Module) -> Dict[str, torch.Tensor]:
+        """The parameters the importances were computed for, checked against their shapes."""
+        params = shared_parameters(model)
         missing = [n for n in self._shapes if n not in params]
         changed = [n for n in self._shapes if n in params and params[n].shape != self._shapes[n]]
         if missing or changed:
             raise ValueError(f"SCP: the model's shared parameters changed since the importances "
                              f"were computed: missing {missing[:5]}, reshaped {changed[:5]}. "
                              "SCP needs a fixed set of shared parameters (grow only task heads).")
-
-    # ------------------------------------------------------------------ hooks
+        return {n: params[n] for n in self._shapes}
 
     def before_training_exp(self, strategy, **kwargs):
         self._cache = None
         if len(self.quadratic_penalty):
-            self._check_params(shared_parameters(strategy.model))
+            self._penalised(strategy.model)
             self.quadratic_penalty.to(strategy.device)
 
     def before_backward(self, strategy, **kwargs):
@@ -236,24 +209,20 @@ class SCPPlugin(SupervisedPlugin):
             return
         model = strategy.model
         if self._cache is None or self._cache[0] is not model:
-            # The parameter objects stay the same within an experience: look them up once.
-            params = shared_parameters(model)
-            self._check_params(params)
-            self._cache = (model, {n: params[n] for n in self._shapes})
+            self._cache = (model, self._penalised(model))
         strategy.loss += self.quadratic_penalty.loss(self._cache[1])
 
     def after_training_exp(self, strategy, **kwargs):
-        exp = strategy.experience
+        exp, model = strategy.experience, strategy.model
         labels = list(exp.task_labels)
         task_label = int(labels[0]) if len(labels) == 1 else None
-        if task_label is None and self._per_task(strategy.model):
+        if task_label is None and any(isinstance(m, MultiHeadClassifier)
+                                      for m in model.modules()):
             raise ValueError(f"SCP on a multi-head model needs one task label per experience; "
                              f"experience {exp.current_experience} has {labels}")
-        ds = exp.dataset.eval() if hasattr(exp.dataset, "eval") else exp.dataset
-        loader = DataLoader(ds, batch_size=getattr(strategy, "eval_mb_size", 256) or 256,
-                            shuffle=False)
-        model = strategy.model
-        label = task_label if self._is_multitask(model) else None
+        loader = DataLoader(eval_view(exp.dataset), shuffle=False,
+                            batch_size=getattr(strategy, "eval_mb_size", 256) or 256)
+        label = task_label if isinstance(model, MultiTaskModule) else None
         gamma = self.importance(model, loader, task_label=label)
         params = shared_parameters(model)
         imp = {n: g.to(params[n].dtype) for n, g in gamma.items()}
@@ -262,36 +231,16 @@ class SCPPlugin(SupervisedPlugin):
         self.n_experiences += 1
         self._cache = None
 
-    @staticmethod
-    def _is_multitask(model) -> bool:
-        from avalanche.models import MultiTaskModule
-
-        return isinstance(model, MultiTaskModule)
-
-    @staticmethod
-    def _per_task(model) -> bool:
-        return any(isinstance(m, MultiHeadClassifier) for m in model.modules())
-
-    # ------------------------------------------------------------------ state
-
-    def _config(self) -> Dict:
-        return {"scp_lambda": self.scp_lambda, "n_slices": self.n_slices, "mode": self.mode,
-                "gamma": self.gamma, "seed": self.seed}
-
     def state_dict(self) -> Dict:
-        return {**owned_by(self), "config": self._config(), "n_experiences": self.n_experiences,
-                "penalty": self.quadratic_penalty.state_dict(),
+        return {**owned_by(self), "config": {k: getattr(self, k) for k in CONFIG},
+                "n_experiences": self.n_experiences, "penalty": self.quadratic_penalty.state_dict(),
                 "shapes": {n: list(s) for n, s in self._shapes.items()},
                 "generator": self.generator.get_state().clone()}
 
     def load_state_dict(self, state: Dict) -> None:
         check_owner(self, state)
-        for key, value in state["config"].items():
-            if key == "seed":
-                continue  # the generator state below supersedes the seed
-            if getattr(self, key) != value:
-                raise ValueError(f"saved SCP state has {key}={value!r}, this plugin "
-                                 f"{getattr(self, key)!r}")
+        # the seed is not checked: the generator state below supersedes it
+        check_settings(self, {**state, **state["config"]}, CONFIG[:-1])
         self.seed = state["config"]["seed"]
         self.quadratic_penalty.load_state_dict(state["penalty"])
         self.n_experiences = int(state["n_experiences"])

@@ -5,18 +5,18 @@ Name ``si``. Scenarios: task-, domain- and class-IL (no task label is needed).
 
 Equations (the paper's Eqs. 3-5, discrete time), for every shared parameter i:
 
-- path integral accumulated while training on task mu,
+- path integral accumulated while training on task mu (Eq. 3),
   ``omega_i^mu = sum_t -g_i(t) * delta_i(t)``,
   with g(t) the gradient of the *task* loss at step t and
   ``delta_i(t) = theta_i(t+1) - theta_i(t)`` the change the optimizer step really made. The
   displacement is measured around the step (snapshot in ``before_update``, difference in
   ``after_update``), so momentum, Adam, weight decay and gradient projections by other plugins are
   all accounted for: the path integral follows the true trajectory, not ``-lr * g``;
-- importance after task mu:
+- importance after task mu (Eq. 5):
   ``Omega_i <- Omega_i + omega_i^mu / ((Delta_i^mu)^2 + xi)``, with
   ``Delta_i^mu = theta_i(end of task mu) - theta_i(start of task mu)`` and xi the damping term
   (the paper's xi; van de Ven et al. call it epsilon); omega is then reset;
-- surrogate loss on the next task: ``L~ = L + c * sum_i Omega_i (theta_i - theta~_i)^2`` with
+- surrogate loss on the next task (Eq. 4): ``L~ = L + c * sum_i Omega_i (theta_i - theta~_i)^2`` with
   theta~ the parameters at the end of the previous task (no factor 1/2, as in the paper). This is
   a :class:`~cl_plugins.core.quadratic.QuadraticPenalty` in ``accumulate`` mode.
 
@@ -33,7 +33,9 @@ Which gradient (``gradient``):
 
 Hooks: ``before_training_exp`` (start snapshot), ``before_backward`` (adds the penalty),
 ``after_backward`` (gradient), ``before_update`` / ``after_update`` (displacement, path integral),
-``after_training_exp`` (importance, anchor).
+``after_training_exp`` (importance, anchor). The per-step hooks are
+:class:`~cl_plugins.core.path_integral.PathIntegralPlugin`'s (shared with RWalk); SI's own part
+is ``integrate`` (Eq. 3).
 
 Hyper-parameters (defaults = protocol S1 task-IL, Hsu et al. 2018):
 
@@ -61,28 +63,25 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 import torch
-from avalanche.core import SupervisedPlugin
 
 from cl_plugins.core.checks import check_choice, check_non_negative, check_positive
 from cl_plugins.core.params import check_same_keys, shared_parameters, snapshot
-from cl_plugins.core.path_integral import GRADIENTS, StepTracker, accumulator_dtype
+from cl_plugins.core.path_integral import GRADIENTS, PathIntegralPlugin, accumulator_dtype
 from cl_plugins.core.quadratic import QuadraticPenalty
 from cl_plugins.core.state import check_owner, owned_by
 
 Tensors = Dict[str, torch.Tensor]
 
 
-class SIPlugin(SupervisedPlugin):
+class SIPlugin(PathIntegralPlugin):
     METHOD_NAME = "si"
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False
-    DEFAULTS: dict = {"si_lambda": 300.0, "xi": 0.1, "gradient": "task"}
     SWEEP: dict = {"si_lambda": {"distribution": "log_uniform_values", "min": 0.1, "max": 1e5},
                    "xi": {"values": [0.001, 0.1, 1.0]}}
     PAPER = "Synaptic Intelligence (Zenke, Poole & Ganguli, ICML 2017)"
     SUMMARY = ("quadratic penalty weighted by each parameter's path-integral contribution to the "
                "loss decrease, normalised by its squared total change")
-    supports_distributed = False
 
     def __init__(self, si_lambda: float = 300.0, xi: float = 0.1, gradient: str = "task"):
         super().__init__()
@@ -92,53 +91,34 @@ class SIPlugin(SupervisedPlugin):
         self.quadratic_penalty = QuadraticPenalty(coef=si_lambda, mode="accumulate")
         self.omega: Optional[Tensors] = None  # path integral of the current task
         self.start: Optional[Tensors] = None  # parameters at the start of the current task
-        self._params: Optional[Dict[str, torch.nn.Parameter]] = None
-        self._steps: Optional[StepTracker] = None  # gradient and displacement of each step
-
-    # ------------------------------------------------------------------------------- hooks
 
     def before_training_exp(self, strategy, **kwargs):
-        params = self._params = shared_parameters(strategy.model)
-        self.quadratic_penalty.to(strategy.device)
+        params = self.track(strategy)
         if self.omega is None:  # a fresh task (not a resumed, half-trained one)
-            self.omega = {n: torch.zeros_like(p, dtype=accumulator_dtype(p)) for n, p in params.items()}
+            self.omega = {n: torch.zeros_like(p, dtype=accumulator_dtype(p))
+                          for n, p in params.items()}
             self.start = snapshot(params)
         else:
             check_same_keys(self.omega, params, "SI's path integral")
             self.omega = {n: t.to(strategy.device) for n, t in self.omega.items()}
             self.start = {n: t.to(strategy.device) for n, t in self.start.items()}
-        self._steps = StepTracker(params)
 
-    def before_backward(self, strategy, **kwargs):
-        if len(self.quadratic_penalty):
-            params = self._params or shared_parameters(strategy.model)
-            strategy.loss += self.quadratic_penalty.loss(params)
-
-    def after_backward(self, strategy, **kwargs):
-        self._steps.record_gradients(strategy, self.gradient)
-
-    @torch.no_grad()
-    def before_update(self, strategy, **kwargs):
-        self._steps.before_step()
-
-    @torch.no_grad()
-    def after_update(self, strategy, **kwargs):
-        for n, g, minus_step in self._steps.displacements():  # minus_step = theta(t) - theta(t+1)
-            self.omega[n].addcmul_(g, minus_step)  # += -g * delta
+    def integrate(self, steps):
+        for n, g, minus_step in steps:  # minus_step = theta(t) - theta(t+1)
+            self.omega[n].addcmul_(g, minus_step)  # Eq. 3: += -g * delta
 
     @torch.no_grad()
     def after_training_exp(self, strategy, **kwargs):
         params = shared_parameters(strategy.model)
         check_same_keys(params, self.omega, "SI's path integral")
         importance = {}
-        for n, p in params.items():
+        for n, p in params.items():  # Eq. 5
             total = (p.detach() - self.start[n]).to(torch.float64)
             omega = self.omega[n].to(torch.float64)
             importance[n] = (omega / (total.pow(2) + self.xi)).to(p.dtype)
-        self.quadratic_penalty.add(importance, snapshot(params))
-        self.omega, self.start, self._params, self._steps = None, None, None, None
-
-    # ------------------------------------------------------------------------------- state
+        self.quadratic_penalty.add(importance, snapshot(params))  # Eq. 4's anchor theta~
+        self.omega, self.start = None, None
+        self.untrack()
 
     def state_dict(self) -> dict:
         cpu = (lambda d: None if d is None else {n: t.detach().cpu() for n, t in d.items()})
@@ -150,4 +130,4 @@ class SIPlugin(SupervisedPlugin):
         self.quadratic_penalty.load_state_dict(state["penalty"])
         copy = (lambda d: None if d is None else {n: t.clone() for n, t in d.items()})
         self.omega, self.start = copy(state["omega"]), copy(state["start"])
-        self._params, self._steps = None, None
+        self.untrack()

@@ -9,9 +9,9 @@ A-GEM", ICLR 2019 (official code: facebookresearch/agem, ``fc_permute_mnist.py``
 
 Memory: one episodic memory M holding, for every past experience, a random subset of its
 training samples (``patterns_per_experience`` each, or a total ``mem_size`` split evenly over the
-experiences seen, older subsets truncated; or ``patterns_per_class`` per class, growing). The
-code fills, per task, a ring buffer of the last
-``mem_size`` samples *per class* of the shuffled stream; here a uniform random subset of the
+experiences seen, older subsets truncated; or ``patterns_per_class`` per class, growing:
+``cl_plugins.core.episodic.EpisodicMemory``). The code fills, per task, a ring buffer of the
+last ``mem_size`` samples *per class* of the shuffled stream; here a uniform random subset of the
 experience is drawn at ``after_training_exp`` (see "deviations"). The current experience enters
 M only after it has been trained on, as in the code (``episodic_filled_counter`` is advanced at
 the end of each task).
@@ -75,103 +75,67 @@ Choices and deviations:
   the code (which computes it before the current step); the model is in training mode, so
   BatchNorm running statistics also see the reference batches.
 - Cost: one extra forward/backward pass over ``sample_size`` samples per step, plus two dot
-  products over the parameter vector. Measured (1 CPU thread, step time vs naive in the same
-  process, 5th experience): B1 (MLP 784-256-256, batch 10, sample 256) 4.9 ms vs 0.68 ms = 7.2x
-  (Avalanche's AGEMPlugin 10.4x); S1 model (MLP 1024-400-400, batch 128, sample 256) 2.9x.
-  The reference batch is 25x (B1) / 2x (S1) the training batch, so this is the method's cost.
+  products over the parameter vector (the reference batch is 25x the training batch on B1, 2x on
+  S1; measurements in ``docs/methods/agem.md``).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
-from avalanche.core import SupervisedPlugin
 
 from cl_plugins.core.checks import check_choice, check_int, check_non_negative
-from cl_plugins.core.state import check_owner, owned_by
-from cl_plugins.replay.gem import (_check_memory_args, _EpisodicMemory, _flat, _memory_gradients,
-                                   _touched, _trainable, _write_grads)
-
+from cl_plugins.core.episodic import EpisodicMemory, check_memory_budget, single_task_label
+from cl_plugins.core.memory_projection import MemoryProjectionPlugin
 
 BATCH_SAMPLINGS = ("uniform", "per_task")
 
 
-class AGEMPlugin(SupervisedPlugin):
+def agem_project(g: torch.Tensor, g_ref: torch.Tensor, eps: float = 0.0
+                 ) -> Tuple[torch.Tensor, bool]:
+    """A-GEM's step (Eq. 11): (g~, True) with g~ = g - (<g, g_ref> / (<g_ref, g_ref> + eps))
+    g_ref when <g, g_ref> < 0, else (g, False). Dot products in float64; g~ has g's dtype."""
+    dot = torch.dot(g.double(), g_ref.double())
+    if not bool(dot < 0):
+        return g, False
+    coef = dot / (torch.dot(g_ref.double(), g_ref.double()) + eps)  # Eq. 11
+    return (g.double() - coef * g_ref.double()).to(g.dtype), True
+
+
+class AGEMPlugin(MemoryProjectionPlugin):
     METHOD_NAME = "agem"
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False
-    DEFAULTS: dict = {"patterns_per_experience": 250, "mem_size": None, "sample_size": 256,
-                      "seed": None, "patterns_per_class": None, "batch_sampling": "uniform",
-                      "eps": 0.0}
     SWEEP: dict = {"patterns_per_experience": {"values": [50, 250, 1000]},
                    "sample_size": {"values": [64, 256, 1024]}}
     PAPER = "A-GEM (Chaudhry, Ranzato, Rohrbach & Elhoseiny, ICLR 2019)"
     SUMMARY = ("episodic memory of past experiences; the step is projected onto the half-space "
                "<g, g_ref> >= 0 of a random memory batch's gradient, in closed form")
     SETS_DATALOADER = False
-    supports_distributed = False
 
     def __init__(self, patterns_per_experience: Optional[int] = 250,
                  mem_size: Optional[int] = None, sample_size: int = 256,
                  seed: Optional[int] = None, patterns_per_class: Optional[int] = None,
                  batch_sampling: str = "uniform", eps: float = 0.0):
-        super().__init__()
-        _check_memory_args(patterns_per_experience, mem_size, patterns_per_class,
-                           per_class_allowed=True)
+        check_memory_budget(patterns_per_experience, mem_size, patterns_per_class,
+                            per_class_allowed=True)
         check_int("sample_size", sample_size, 1)
         check_choice("batch_sampling", batch_sampling, BATCH_SAMPLINGS)
         check_non_negative("eps", eps)
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-        check_int("seed", seed, 0)
         self.patterns_per_experience, self.mem_size = patterns_per_experience, mem_size
         self.patterns_per_class = patterns_per_class
         self.sample_size, self.batch_sampling, self.eps = sample_size, batch_sampling, float(eps)
-        self.memory = _EpisodicMemory(patterns_per_experience, mem_size, seed,
-                                      patterns_per_class=patterns_per_class)
-        self.n_steps = 0  # steps with a non-empty memory
-        self.n_projected = 0  # of which had <g, g_ref> < 0 (diagnostics)
+        super().__init__(EpisodicMemory(patterns_per_experience, mem_size, seed,
+                                        patterns_per_class=patterns_per_class))
 
-    @staticmethod
-    def project(g: torch.Tensor, g_ref: torch.Tensor, eps: float = 0.0) -> tuple:
-        """A-GEM's step: (g~, projected) with g~ = g - (<g, g_ref> / (<g_ref, g_ref> + eps))
-        g_ref when <g, g_ref> < 0, else (g, False). Dot products in float64; g~ has g's dtype."""
-        dot = torch.dot(g.double(), g_ref.double())
-        if not bool(dot < 0):
-            return g, False
-        coef = dot / (torch.dot(g_ref.double(), g_ref.double()) + eps)
-        return (g.double() - coef * g_ref.double()).to(g.dtype), True
-
-    def before_update(self, strategy, **kwargs):
-        if self.memory.n_experiences == 0:
-            return
-        buf = self.memory.buffer
+    def reference_batches(self, strategy):
+        buf = self.memory.buffer  # one random batch of the whole memory
         ref = (buf.sample_per_task(self.sample_size, device=strategy.device)
                if self.batch_sampling == "per_task"
                else buf.sample(self.sample_size, device=strategy.device))
-        params = _trainable(strategy.model)
-        labels = ref.t.unique()
-        t = int(labels[0]) if labels.numel() == 1 else ref.t
-        mem = _memory_gradients(strategy, params, [(ref.x, ref.y, t)])
-        idx = _touched(params, mem)
-        ps = [params[i] for i in idx]
-        g = _flat([p.grad for p in ps], ps)
-        g_ref = _flat([mem[0][i] for i in idx], ps)
-        new, projected = self.project(g, g_ref, self.eps)
-        self.n_steps += 1
-        if projected:
-            self.n_projected += 1
-            _write_grads(ps, new)
+        return [(ref.x, ref.y, single_task_label(ref.t))]
 
-    def after_training_exp(self, strategy, **kwargs):
-        self.memory.add_experience(strategy.experience.dataset)
-
-    def state_dict(self) -> dict:
-        return {**owned_by(self), "memory": self.memory.state_dict(), "n_steps": self.n_steps,
-                "n_projected": self.n_projected}
-
-    def load_state_dict(self, state: dict) -> None:
-        check_owner(self, state)
-        self.memory.load_state_dict(state["memory"])
-        self.n_steps, self.n_projected = int(state["n_steps"]), int(state["n_projected"])
+    def project(self, g, G):
+        new, projected = agem_project(g, G[0], self.eps)
+        return new if projected else None

@@ -28,8 +28,8 @@ strategy's loss is kept, so other plugins' terms compose), ``after_training_iter
 (memory update with the logits of rows 0..n-1 of the step's output: rows beyond n, appended by
 another replay plugin such as ER, are not stream samples and are not stored).
 
-Hyper-parameters (defaults = ANCHORS R1, buffer 500, DER++ row: lr 0.2, alpha 0.5, beta 1; the
-R1 DER 500 row is alpha 0.5 with beta 0):
+Hyper-parameters (defaults = protocol R1's buffer-500 DER++ row: lr 0.2, alpha 0.5, beta 1; its
+DER 500 row is alpha 0.5 with beta 0; ``experiments/configs/buzzega2020_der_rotated_mnist.yaml``):
 
 - ``mem_size`` (int >= 1, default 500). R1 also uses 200 (DER++: alpha 1, beta 0.5, lr 0.1;
   DER: alpha 1.0, lr 0.2). The memory policy is always reservoir, as in the paper.
@@ -40,12 +40,8 @@ R1 DER 500 row is alpha 0.5 with beta 0):
   Rotated/Permuted MNIST and Split CIFAR-10 configurations).
 - ``seed`` (int >= 0 or None, default None): the memory's generator seed; None draws it from
   torch's global RNG at construction (it follows the run seed). Part of ``state_dict()``.
-- ``x_dtype`` (None or a dtype name, default None = the inputs' dtype): storage dtype of inputs.
-- ``x_range`` (None, ``[lo, hi]`` or ``[[lo_c, ...], [hi_c, ...]]``, default None): with
-  ``x_dtype="uint8"``, the input values of pixel levels 0 and 255 (``[0.0, 1.0]`` without
-  normalisation, ``cl_plugins.core.buffer.grid_range(mean, std)`` with it): the inputs are stored as
-  their 1-byte pixel levels (784 bytes per 28x28 image instead of 3,136) and read back as the
-  exact float32 inputs; inputs off that grid raise a ValueError. See ``cl_plugins.core.buffer``.
+- ``x_dtype``, ``x_range`` (default None): input storage of the memory (e.g. 1-byte pixel
+  levels), see ``cl_plugins.core.buffer``.
 
 Choices and deviations:
 
@@ -65,8 +61,8 @@ Choices and deviations:
 - Inputs are stored as float32 by default (see ``cl_plugins.core.buffer`` for the bytes); the
   logits as float32 (10 classes: 40 more bytes per sample).
 - Cost: DER adds a forward/backward pass over m replayed samples, DER++ over 2m, so with
-  m = ``train_mb_size`` a step costs about 2x / 3x naive's, as in Mammoth (measured on the R1
-  MLP: 2.1x / 3.0x; on the S1 MLP-400: 2.0x / 2.9x). A smaller ``replay_mb_size`` is cheaper.
+  m = ``train_mb_size`` a step costs about 2x / 3x naive's, as in Mammoth (measured:
+  ``docs/methods/der.md``). A smaller ``replay_mb_size`` is cheaper.
 - When one training step is repeated over several epochs, each pass offers the samples to the
   reservoir again (as Mammoth's multi-epoch settings do); R1 trains a single epoch.
 """
@@ -80,10 +76,10 @@ import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
 from avalanche.models.utils import avalanche_forward
 
-from cl_plugins.core.augment import BatchAugmentPlugin, random_crop_flip
+from cl_plugins.core.augment import BatchAugmentPlugin
 from cl_plugins.core.buffer import ReplayBuffer
 from cl_plugins.core.checks import check_int, check_non_negative
-from cl_plugins.core.replay_loader import check_minibatch, require_stream_batches
+from cl_plugins.core.replay_loader import require_stream_batches, stream_minibatch
 from cl_plugins.core.state import check_owner, owned_by
 from cl_plugins.models.heads import MaskedHead
 
@@ -98,8 +94,6 @@ class DERPlugin(SupervisedPlugin):
     METHOD_NAME = "der"
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False
-    DEFAULTS: dict = {"mem_size": 500, "alpha": 0.5, "beta": 1.0, "replay_mb_size": None,
-                      "seed": None, "x_dtype": None, "x_range": None}
     SWEEP: dict = {"alpha": {"values": [0.1, 0.2, 0.5, 1.0]},
                    "beta": {"values": [0.0, 0.5, 1.0]},
                    "mem_size": {"values": [200, 500, 5120]}}
@@ -107,7 +101,6 @@ class DERPlugin(SupervisedPlugin):
     SUMMARY = ("reservoir memory of inputs, labels and logits; loss += alpha MSE on replayed "
                "logits (+ beta CE on replayed labels for DER++)")
     SETS_DATALOADER = False  # replays through extra forward passes in before_backward
-    supports_distributed = False
 
     def __init__(self, mem_size: int = 500, alpha: float = 0.5, beta: float = 1.0,
                  replay_mb_size: Optional[int] = None, seed: Optional[int] = None,
@@ -118,11 +111,9 @@ class DERPlugin(SupervisedPlugin):
         self.beta = check_non_negative("beta", beta)
         if replay_mb_size is not None:
             check_int("replay_mb_size", replay_mb_size, 1)
-        if seed is not None:
-            check_int("seed", seed, 0)
         self.mem_size, self.replay_mb_size = mem_size, replay_mb_size
         self.buffer = ReplayBuffer(mem_size, policy="reservoir", seed=seed, x_dtype=x_dtype,
-                                   x_range=x_range)
+                                   x_range=x_range)  # checks seed, x_dtype, x_range
         self._incoming = None
         self._augment = None
         self._hook = None  # forward hook on a masked head's linear layer
@@ -152,9 +143,7 @@ class DERPlugin(SupervisedPlugin):
         self._hook, self._raw, self._step_logits, self._capturing = None, None, None, False
 
     def before_training_iteration(self, strategy, **kwargs):
-        check_minibatch(type(self).__name__, strategy.mbatch)
-        x, y, t = strategy.mbatch
-        self._incoming = (x, y, t)
+        self._incoming = stream_minibatch(self, strategy.mbatch)
         self._capturing = True  # the training forward pass: keep the unmasked logits
 
     def after_forward(self, strategy, **kwargs):
@@ -174,16 +163,17 @@ class DERPlugin(SupervisedPlugin):
             parts.append(self.buffer.sample(m, device=strategy.device))
         x = torch.cat([p.x for p in parts])
         if self._augment is not None:
-            x = random_crop_flip(x, self._augment.padding, self._augment.flip_p)
+            x = self._augment.augment(x)
         self._capturing = True
         out = avalanche_forward(strategy.model, x, torch.cat([p.t for p in parts]))
         self._capturing = False
         sizes = [p.x.shape[0] for p in parts]
         if self.alpha > 0:
             z = self._logits(out).split(sizes)[0]
-            strategy.loss += self.alpha * F.mse_loss(z, parts[0].logits)
+            strategy.loss += self.alpha * F.mse_loss(z, parts[0].logits)  # Eq. 4
         if self.beta > 0:
-            strategy.loss += self.beta * F.cross_entropy(out.split(sizes)[-1], parts[-1].y)
+            strategy.loss += self.beta * F.cross_entropy(out.split(sizes)[-1],
+                                                         parts[-1].y)  # Eq. 6
         self._raw = None
 
     def after_training_iteration(self, strategy, **kwargs):

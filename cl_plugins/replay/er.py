@@ -17,130 +17,127 @@ Algorithm, at every training step with incoming minibatch B = (x, y, t) of size 
     theta <- optimizer step on loss
     M <- policy(M, B)                                      (reservoir: Vitter's algorithm R)
 
-i.e. the replayed samples simply join the minibatch, so the strategy's own criterion covers them
-and any other plugin's loss term composes with them. m = ``replay_mb_size`` (default: the
-strategy's ``train_mb_size``, Mammoth's ``minibatch_size = batch_size``). Inserted samples are the
-incoming ones (never the replayed ones) and only after the optimizer step, so the memory batch of
-step s never contains step s's own samples (as Mammoth). The first step of the first experience
-trains on B alone. Variant of van de Ven et al. 2022 (``--replay=buffer``, protocol S2), set by
-``mem_per_class``, ``loss_weighting="vandeven"`` and ``batch_sampling="per_task"`` below: M is
-filled with a fixed number of samples per class at the end of each experience, and
+The replayed samples join the minibatch, so the strategy's own criterion covers them and other
+plugins' loss terms compose with them. Only incoming samples are inserted, after the optimizer
+step, so step s never replays its own samples (as Mammoth); the first step trains on B alone.
+van de Ven et al. 2022's variant (``--replay=buffer``, protocol S2: ``mem_per_class``,
+``loss_weighting="vandeven"``, ``batch_sampling="per_task"``) fills M per class at the end of
+each experience and, while training the t-th experience (weights: ``cl_plugins.core.schedule``),
 
-    loss = (1/t) CE(f(x, t), y) + (1 - 1/t) CE(f(x_m, t_m), y_m)     (t-th experience)
+    loss = (1/t) CE(f(x, t), y) + (1 - 1/t) CE(f(x_m, t_m), y_m)
 
-Hooks: ``before_training_exp`` (dataloader-ownership check: ER reads the incoming minibatches as
-the stream, so it refuses a plugin that replaces the dataloader, see
-``cl_plugins.core.replay_loader``), ``before_training_iteration`` (records the incoming
-minibatch before any plugin extends it), ``before_forward`` (appends the memory batch to
-``strategy.mbatch``: rows 0..n-1 stay the stream), ``before_backward`` (``"vandeven"`` loss
-weighting only), ``after_training_iteration`` (online memory update), ``after_training_exp``
-(experience-end memory update; experience count). ER never touches ``strategy.dataloader``.
+Hooks (``strategy.dataloader`` is never touched): ``before_training_exp`` (refuses a plugin that
+replaces the dataloader: ER reads the incoming minibatches as the stream, see
+``cl_plugins.core.replay_loader``),
+``before_training_iteration`` (records the incoming minibatch before any plugin extends it),
+``before_forward`` (appends the memory batch to ``strategy.mbatch``; rows 0..n-1 stay the
+stream), ``before_backward`` (``"vandeven"`` weighting only), ``after_training_iteration``
+(online memory update), ``after_training_exp`` (experience-end memory update; experience count).
 
 Hyper-parameters (defaults = ANCHORS R1, buffer 500, DER paper Table 2 / Mammoth):
 
-- ``mem_size`` (int >= 1, or None together with ``mem_per_class``; default 500): slots of the
-  online memory. R1 uses 200 / 500 (lr 0.2 / 0.2 on Rotated MNIST); S1 uses 1,100 / 4,400.
-- ``mem_per_class`` (int >= 1 or None, default None = the online memory above): van de Ven et
-  al.'s memory (code GMvandeVen/continual-learning, ``--replay=buffer``, ``--budget``; S2: 100).
-  Nothing is stored during an experience; at its end (``after_training_exp``)
-  ``min(mem_per_class, n_c)`` samples of every class c of the experience are drawn uniformly
-  without replacement from its training data (his ``construct_memory_set`` with random
-  selection) and added for good, so the memory grows by ``mem_per_class`` per class seen and
-  the current experience is never replayed while it is trained on. In domain-IL a label seen
-  in two experiences counts twice (his code keeps one set per class of every context). Needs
-  ``mem_size=None`` and ``policy="reservoir"`` (the online memory's settings, unused here);
-  ``x_dtype``, ``x_range`` and ``seed`` apply. His ``--use-full-capacity`` (a fixed total split
-  over the classes seen) is not modelled.
-- ``replay_mb_size`` (int >= 1 or None = ``train_mb_size``, default None).
+- ``mem_size`` (int >= 1, or None with ``mem_per_class``; default 500): slots of the online
+  memory. R1 uses 200 / 500 (lr 0.2 / 0.2 on Rotated MNIST); S1 uses 1,100 / 4,400.
+- ``mem_per_class`` (int >= 1 or None, default None): van de Ven et al.'s memory (code
+  GMvandeVen/continual-learning, ``--budget``; S2: 100): at each experience's end
+  ``min(mem_per_class, n_c)`` samples of every class c, drawn uniformly without replacement
+  (his ``construct_memory_set``, random selection), are added for good; the current experience
+  is never replayed while trained on. A label seen in two experiences (domain-IL) counts twice,
+  as in his code. Needs ``mem_size=None`` and ``policy="reservoir"``; ``x_dtype``, ``x_range``
+  and ``seed`` apply. His ``--use-full-capacity`` is not modelled.
+- ``replay_mb_size`` (int >= 1 or None = ``train_mb_size`` as Mammoth; default None): m above.
 - ``policy`` (default ``"reservoir"``): ``"reservoir"``, ``"class_balanced"`` (CBRS) or
-  ``"greedy_class_balanced"`` (GDumb's sampler), updated online every step, see
-  ``cl_plugins.core.buffer``; or ``"per_experience"``: Hsu et al.'s Naive_Rehearsal memory
-  (GT-RIPL/Continual-Learning-Benchmark, protocol S1): nothing is stored during an experience;
-  at its end a uniform random subset is kept, and ``mem_size`` is split equally over the
-  experiences seen (``mem_size // k`` each after k experiences, older subsets truncated; the
-  same episodic memory as GEM's ``mem_size``), so only *past* experiences are replayed. The
-  online policies also replay the current experience's stored samples (at the second
-  experience about half of a full memory): on S1 domain-IL that costs ~0.6 points
-  (class_balanced 94.57 +- 0.20 vs the published 95.16 +- 0.49, seeds 0-2).
-- ``seed`` (int >= 0 or None, default None): seed of the memory's generator (sampling and
-  reservoir draws); None draws it from torch's global RNG at construction, so it follows the run
-  seed. Its state is part of ``state_dict()``.
-- ``x_dtype`` (None, ``"float32"``, ``"float16"``, ``"uint8"``, ..., default None = the
-  inputs' dtype): storage dtype of the inputs; see the memory accounting in
-  ``cl_plugins.core.buffer``.
+  ``"greedy_class_balanced"`` (GDumb's sampler), updated every step (``cl_plugins.core.buffer``);
+  or ``"per_experience"``: Hsu et al.'s Naive_Rehearsal (GT-RIPL/Continual-Learning-Benchmark,
+  protocol S1): a uniform random subset kept at each experience's end, ``mem_size // k`` each
+  after k experiences, older subsets truncated (``cl_plugins.core.episodic.EpisodicMemory``, as
+  GEM's ``mem_size``), so only past experiences are replayed. The online policies also replay
+  the current experience's stored samples, which costs a little on S1 domain-IL
+  (``docs/methods/er.md``).
+- ``seed`` (int >= 0 or None, default None): seed of the memory's generator (stored and drawn
+  samples); None: drawn from torch's global RNG at construction. In ``state_dict()``.
+- ``x_dtype`` (None = the inputs' dtype, ``"float32"``, ``"float16"``, ``"uint8"``, ...): the
+  inputs' storage dtype (memory accounting: ``cl_plugins.core.buffer``).
 - ``x_range`` (None, ``[lo, hi]`` or ``[[lo_c, ...], [hi_c, ...]]``, default None): with
-  ``x_dtype="uint8"``, the input values of pixel levels 0 and 255 (``[0.0, 1.0]`` without
-  normalisation; ``cl_plugins.core.buffer.grid_range(mean, std)`` for normalised inputs): the
-  memory stores every input value as its 1-byte pixel level (784 bytes per 28x28 image instead
-  of 3,136) and replays the float32 values exactly; inputs off that grid raise a ValueError.
-- ``loss_weighting`` (default ``"batch"``): ``"batch"`` = the replayed samples join the
-  minibatch and the criterion averages over all n + m samples (Chaudhry et al., Mammoth), i.e.
-  weights n / (n + m) and m / (n + m); ``"vandeven"`` = separate means over the stream rows and
-  the replayed rows, weighted 1/t and 1 - 1/t while training the t-th experience (t counted
-  from 1): van de Ven et al.'s ``rnt * loss_cur + (1 - rnt) * loss_replay`` with
-  ``rnt = 1/context``. Done at ``before_backward`` by replacing the criterion's share of
-  ``strategy.loss`` (recomputed from the same outputs and subtracted) with the two weighted
-  means, so terms that other plugins add stay unweighted, as the weight penalties in his code.
-  Exact up to float rounding; assumes a per-sample-mean criterion (the strategy's own is used).
-- ``batch_sampling`` (default ``"uniform"``): how the m replayed samples are drawn:
-  ``"uniform"`` = m distinct samples from the whole memory; ``"per_task"`` = ceil(m / K)
-  distinct samples from each of the K task labels in memory (``ReplayBuffer.sample_per_task``):
-  van de Ven et al.'s task-IL replay (one batch of ceil(128 / K) per past task); with a single
-  task label (domain-/class-IL) it is ``"uniform"``, same draws included, which is also his
-  domain-/class-IL replay (one batch of 128 from the whole memory).
+  ``x_dtype="uint8"``, the input values of pixel levels 0 and 255 (``grid_range(mean, std)`` of
+  ``cl_plugins.core.buffer`` for normalised inputs): inputs are stored as their 1-byte level
+  (784 instead of 3,136 bytes per 28x28 image) and replayed exactly; off-grid inputs raise.
+- ``loss_weighting`` (default ``"batch"``): ``"batch"`` = one mean over all n + m rows
+  (Chaudhry et al., Mammoth); ``"vandeven"`` = the stream rows' and the replayed rows' means
+  weighted 1/t and 1 - 1/t (his ``rnt * loss_cur + (1 - rnt) * loss_replay``, ``rnt =
+  1/context``), done at ``before_backward`` by swapping the criterion's share of
+  ``strategy.loss`` (recomputed from the same outputs) for the weighted means, so other plugins'
+  terms stay unweighted, as the weight penalties in his code. Exact up to float rounding;
+  assumes a per-sample-mean criterion.
+- ``batch_sampling`` (default ``"uniform"``): ``"uniform"`` = m distinct samples from the whole
+  memory; ``"per_task"`` = ceil(m / K) from each of the K task labels in memory
+  (``ReplayBuffer.sample_per_task``): his task-IL replay; with one task label identical to
+  ``"uniform"`` (same draws), as is his domain-/class-IL replay.
 
 Choices and deviations:
 
 - Augmentation: Mammoth stores non-augmented inputs and augments replayed ones. Here the incoming
-  inputs are recorded before any plugin changes them, and a ``BatchAugmentPlugin`` placed after
-  ER in the plugin list (the runner's order) augments the whole extended batch; one placed
-  before ER has already run, so ER augments its memory batch itself with the same settings.
-- Inputs are stored as float32 by default (our benchmarks hold normalised float tensors; the
-  uint8 source is not available from the Avalanche datasets): 3,136 bytes per 28x28 sample;
-  ``x_dtype="uint8"`` with ``x_range`` stores the pixel levels (784 bytes).
-- Cost: a step trains on n + m samples, so with m = ``train_mb_size`` it costs up to ~2x
-  naive's (measured: 2.05x on the R1 MLP 100-100, 1.46x on the S1 MLP-400, batch 128); the
-  memory update and the draw take ~0.1 ms per step (the class-balanced loop included).
-- Several epochs over one experience offer its samples to the memory again at every pass (as
-  Mammoth's multi-epoch settings do); the online protocols (R1) train a single epoch.
-- Task-IL multi-head models: the replayed samples carry their task labels; Avalanche's
-  ``MultiTaskModule.forward`` (our ``ClassifierNet`` head) splits a mixed-task batch by task
-  label, and the backbone runs once on the whole batch.
-- van de Ven et al.'s replay draws its batches epoch-wise from a shuffled ``DataLoader`` over the
-  memory (``drop_last``, a new loader after each pass), here every step draws afresh: the same
-  marginal distribution, without the no-repeat-within-a-pass coupling between steps. His
-  task-IL replay loss is the mean over past tasks of per-task means; with ``"per_task"`` the
-  tasks contribute equal counts, so this is the plain mean over the replayed rows (as long as
-  every task holds at least ceil(m / K) samples: 200 >= 128 on S2). His forward runs the
-  replayed and the current batch separately (no BatchNorm in the S2 MLP, so no difference).
+  inputs are recorded before any plugin changes them; a ``BatchAugmentPlugin`` after ER (the
+  runner's order) augments the whole extended batch, one before ER has already run, so ER
+  augments its memory batch itself with the same settings.
+- Inputs are stored as float32 by default (our benchmarks hold normalised floats, not the uint8
+  source); ``x_dtype="uint8"`` with ``x_range`` stores the pixel levels.
+- Cost: a step trains on n + m samples, up to ~2x naive's with m = ``train_mb_size``; the
+  memory update and the draw are small (measurements in ``docs/methods/er.md``).
+- Several epochs offer an experience's samples to the memory again at every pass (as Mammoth's
+  multi-epoch settings); the online protocols (R1) train a single epoch.
+- Task-IL: ``MultiTaskModule.forward`` (our ``ClassifierNet`` head) splits a mixed-task batch by
+  task label; the backbone runs once on the whole batch.
+- van de Ven et al.'s replay draws batches epoch-wise from a shuffled ``DataLoader`` over the
+  memory (``drop_last``); here each step draws afresh (same marginal, no no-repeat coupling).
+  His task-IL replay loss is the mean of per-task means, equal to the plain mean here as
+  ``"per_task"`` gives equal counts (when every task holds ceil(m / K) samples: 200 >= 128 on
+  S2). His forward runs the two batches separately (no BatchNorm in the S2 MLP: no difference).
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from avalanche.core import SupervisedPlugin
 
 from cl_plugins.core.augment import random_crop_flip
-from cl_plugins.core.buffer import POLICIES, ReplayBuffer, _dtype, check_x_range
+from cl_plugins.core.buffer import POLICIES, ReplayBuffer
 from cl_plugins.core.checks import check_choice, check_int
-from cl_plugins.core.replay_loader import (augmenter_before, check_minibatch,
-                                           require_stream_batches)
+from cl_plugins.core.episodic import EpisodicMemory
+from cl_plugins.core.replay_loader import (append_rows, augmenter_before, require_stream_batches,
+                                           stream_minibatch)
+from cl_plugins.core.schedule import vandeven_weights
 from cl_plugins.core.state import check_owner, owned_by
-from cl_plugins.replay.gem import _EpisodicMemory
 
 LOSS_WEIGHTINGS = ("batch", "vandeven")
 BATCH_SAMPLINGS = ("uniform", "per_task")
+
+
+def check_memory_args(mem_size, mem_per_class, policy) -> None:
+    """The online memory needs ``mem_size``; ``mem_per_class`` needs ``mem_size=None`` and the
+    default policy (the online memory's settings)."""
+    if mem_per_class is None:
+        if mem_size is None:
+            raise ValueError("mem_size=None needs mem_per_class (the memory filled at the end "
+                             "of each experience); set mem_size >= 1 for the online memory")
+        check_int("mem_size", mem_size, 1)
+        return
+    check_int("mem_per_class", mem_per_class, 1)
+    if mem_size is not None:
+        raise ValueError(f"mem_per_class={mem_per_class} gives a memory that grows by "
+                         "mem_per_class per class seen; set mem_size=None (mem_size, "
+                         f"here {mem_size!r}, is the size of the online memory)")
+    if policy != "reservoir":
+        raise ValueError(f"policy={policy!r} applies to the online memory (mem_size); "
+                         "with mem_per_class the memory is filled at the end of each "
+                         "experience, per class: leave policy at 'reservoir'")
 
 
 class ERPlugin(SupervisedPlugin):
     METHOD_NAME = "er"
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False
-    DEFAULTS: dict = {"mem_size": 500, "replay_mb_size": None, "policy": "reservoir",
-                      "seed": None, "x_dtype": None, "mem_per_class": None,
-                      "loss_weighting": "batch", "batch_sampling": "uniform", "x_range": None}
     SWEEP: dict = {"mem_size": {"values": [200, 500, 1100, 4400]},
                    "replay_mb_size": {"values": [10, 32, 128]},
                    "policy": {"values": ["reservoir", "class_balanced"]}}
@@ -149,7 +146,6 @@ class ERPlugin(SupervisedPlugin):
     SUMMARY = ("each minibatch is concatenated with a random minibatch of a reservoir (or "
                "class-balanced) memory, updated online after every step")
     SETS_DATALOADER = False  # extends the minibatch in before_forward instead
-    supports_distributed = False
 
     def __init__(self, mem_size: Optional[int] = 500, replay_mb_size: Optional[int] = None,
                  policy: str = "reservoir", seed: Optional[int] = None,
@@ -164,45 +160,21 @@ class ERPlugin(SupervisedPlugin):
             check_int("seed", seed, 0)
         check_choice("loss_weighting", loss_weighting, LOSS_WEIGHTINGS)
         check_choice("batch_sampling", batch_sampling, BATCH_SAMPLINGS)
-        if mem_per_class is None:
-            if mem_size is None:
-                raise ValueError("mem_size=None needs mem_per_class (the memory filled at the end "
-                                 "of each experience); set mem_size >= 1 for the online memory")
-            check_int("mem_size", mem_size, 1)
-        else:
-            check_int("mem_per_class", mem_per_class, 1)
-            if mem_size is not None:
-                raise ValueError(f"mem_per_class={mem_per_class} gives a memory that grows by "
-                                 "mem_per_class per class seen; set mem_size=None (mem_size, "
-                                 f"here {mem_size!r}, is the size of the online memory)")
-            if policy != "reservoir":
-                raise ValueError(f"policy={policy!r} applies to the online memory (mem_size); "
-                                 "with mem_per_class the memory is filled at the end of each "
-                                 "experience, per class: leave policy at 'reservoir'")
+        check_memory_args(mem_size, mem_per_class, policy)
         self.mem_size, self.replay_mb_size, self.policy = mem_size, replay_mb_size, policy
         self.mem_per_class = mem_per_class
         self.loss_weighting, self.batch_sampling = loss_weighting, batch_sampling
-        if policy == "per_experience":
-            # Hsu et al.'s Naive_Rehearsal budget: filled at each experience's end, mem_size
-            # split equally over the experiences seen (GEM's episodic memory, shared)
-            if seed is None:
-                seed = int(torch.randint(0, 2**62, (1,)).item())
-            self.buffer = None
-            dtype = _dtype("x_dtype", x_dtype)
-            self.memory = _EpisodicMemory(None, mem_size, seed, x_dtype=dtype,
-                                          x_range=check_x_range(x_range, dtype))
+        # exactly one of: the online buffer, or the memory filled at each experience's end
+        self.buffer: Optional[ReplayBuffer] = None
+        self.memory: Optional[EpisodicMemory] = None
+        if policy == "per_experience":  # Hsu et al.'s Naive_Rehearsal budget
+            self.memory = EpisodicMemory(None, mem_size, seed, x_dtype=x_dtype, x_range=x_range)
         elif mem_per_class is None:
             self.buffer = ReplayBuffer(mem_size, policy=policy, seed=seed, x_dtype=x_dtype,
                                        x_range=x_range)
-            self.memory = None
         else:
-            if seed is None:
-                seed = int(torch.randint(0, 2**62, (1,)).item())
-            check_int("seed", seed, 0)
-            self.buffer = None
-            dtype = _dtype("x_dtype", x_dtype)
-            self.memory = _EpisodicMemory(None, None, seed, patterns_per_class=mem_per_class,
-                                          x_dtype=dtype, x_range=check_x_range(x_range, dtype))
+            self.memory = EpisodicMemory(None, None, seed, patterns_per_class=mem_per_class,
+                                         x_dtype=x_dtype, x_range=x_range)
         self.n_trained = 0  # experiences trained so far (t - 1 while training the t-th)
         self._incoming = None  # (x, y, t) of the current step, before any extension
         self._n_replayed = 0  # rows appended this step
@@ -214,20 +186,12 @@ class ERPlugin(SupervisedPlugin):
         before its first experience ends)."""
         return self.buffer if self.memory is None else self.memory.buffer
 
-    @staticmethod
-    def vandeven_weights(t: int) -> tuple:
-        """(w_current, w_replay) = (1/t, 1 - 1/t) while training the t-th experience."""
-        check_int("t", t, 1)
-        return 1.0 / t, 1.0 - 1.0 / t
-
     def before_training_exp(self, strategy, **kwargs):
         require_stream_batches(strategy, self)
         self._augment = augmenter_before(strategy, self)
 
     def before_training_iteration(self, strategy, **kwargs):
-        check_minibatch(type(self).__name__, strategy.mbatch)
-        x, y, t = strategy.mbatch
-        self._incoming = (x, y, t)
+        self._incoming = stream_minibatch(self, strategy.mbatch)
         self._n_replayed = 0
 
     def before_forward(self, strategy, **kwargs):
@@ -235,17 +199,12 @@ class ERPlugin(SupervisedPlugin):
         if store is None or store.is_empty:
             return
         m = self.replay_mb_size or strategy.train_mb_size
-        if self.batch_sampling == "per_task":
-            mem = store.sample_per_task(m, device=strategy.device)
-        else:
-            mem = store.sample(m, device=strategy.device)
+        sample = store.sample_per_task if self.batch_sampling == "per_task" else store.sample
+        mem = sample(m, device=strategy.device)
         xm = mem.x
         if self._augment is not None:
             xm = random_crop_flip(xm, self._augment.padding, self._augment.flip_p)
-        mb = strategy.mbatch
-        mb[0] = torch.cat([mb[0], xm])
-        mb[1] = torch.cat([mb[1], mem.y])
-        mb[2] = torch.cat([mb[2], mem.t])
+        append_rows(strategy.mbatch, xm, mem.y, mem.t)
         self._n_replayed = xm.shape[0]
 
     def before_backward(self, strategy, **kwargs):
@@ -254,7 +213,7 @@ class ERPlugin(SupervisedPlugin):
         n = self._incoming[0].shape[0]
         out, y = strategy.mb_output, strategy.mb_y
         crit = strategy._criterion
-        w_cur, w_rep = self.vandeven_weights(self.n_trained + 1)
+        w_cur, w_rep = vandeven_weights(self.n_trained + 1)
         # strategy.loss holds crit(out, y) (mean over all rows) plus other plugins' terms:
         # swap the criterion's share for the two weighted means.
         strategy.loss += (w_cur * crit(out[:n], y[:n]) + w_rep * crit(out[n:], y[n:])

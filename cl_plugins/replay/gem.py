@@ -61,6 +61,9 @@ Hyper-parameters (defaults = the paper's MNIST/CIFAR runs, ``run_experiments.sh`
 - ``seed`` (int >= 0 or None, default None): seed of the memory's generator (which samples are
   kept); None draws it from torch's global RNG at construction (so it follows the run seed).
 
+The memory is ``cl_plugins.core.episodic.EpisodicMemory``; the flattening of g and the g_k over
+the touched parameters and the write-back are ``cl_plugins.core.episodic``'s gradient helpers.
+
 Choices and deviations:
 
 - Memory selection: a uniform random subset drawn at the end of the experience instead of a
@@ -73,243 +76,24 @@ Choices and deviations:
 - Constraints are per *experience* (Avalanche's unit), also in domain-/class-IL where every
   experience has task label 0.
 - Cost: K extra forward/backward passes over |M_k| samples each per step (the method's own cost;
-  loops over past experiences only), plus a K x K QP on the CPU when a constraint is violated.
-  Measured (1 CPU thread, step time vs naive in the same process, training the 5th experience):
-  S1 (MLP 1024-400-400, batch 128, 4 x 275 memories) 40.8 ms vs 5.6 ms = 7.3x (Avalanche's
-  GEMPlugin 7.7x); the 1,100 memory samples' forward/backward alone take ~30 ms, the float64
-  Gram matrix, QP and write-back ~3-6 ms. B1 (batch 10, 4 x 1000 memories): ~75x, inherent to
-  running 4,000 memory samples per 10-sample step.
+  loops over past experiences only), plus a K x K QP on the CPU when a constraint is violated
+  (about 7x naive's step time on S1, as Avalanche's GEMPlugin; measurements in
+  ``docs/methods/gem.md``).
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
-from avalanche.core import SupervisedPlugin
-from avalanche.models import avalanche_forward
-from torch.utils.data import DataLoader, Subset
 
-from cl_plugins.core.buffer import ReplayBuffer, check_x_range
-from cl_plugins.core.checks import check_int, check_non_negative
-from cl_plugins.core.state import check_owner, owned_by
+from cl_plugins.core.checks import check_non_negative
+from cl_plugins.core.episodic import EpisodicMemory, check_memory_budget
+from cl_plugins.core.memory_projection import MemoryProjectionPlugin
 
 
-def _check_memory_args(patterns_per_experience, mem_size, patterns_per_class=None,
-                       per_class_allowed: bool = False) -> None:
-    """Exactly one budget must be set: ``patterns_per_experience``, ``mem_size`` or (where the
-    plugin offers it, ``per_class_allowed``) ``patterns_per_class``."""
-    if patterns_per_experience is not None:
-        check_int("patterns_per_experience", patterns_per_experience, 1)
-    if mem_size is not None:
-        check_int("mem_size", mem_size, 1)
-    if patterns_per_class is not None:
-        check_int("patterns_per_class", patterns_per_class, 1)
-    n_set = sum(v is not None for v in (patterns_per_experience, mem_size, patterns_per_class))
-    if n_set == 1:
-        return
-    if per_class_allowed:
-        raise ValueError("exactly one of patterns_per_experience (slots per experience), mem_size "
-                         "(total slots, split evenly over the experiences seen) and "
-                         "patterns_per_class (slots per class of each experience; the memory "
-                         "grows) must be set; got patterns_per_experience="
-                         f"{patterns_per_experience!r}, mem_size={mem_size!r}, "
-                         f"patterns_per_class={patterns_per_class!r}")
-    raise ValueError("exactly one of patterns_per_experience (slots per experience) and "
-                     "mem_size (total slots, split evenly over the experiences seen) must be "
-                     f"set; got patterns_per_experience={patterns_per_experience!r}, "
-                     f"mem_size={mem_size!r}")
-
-
-class _EpisodicMemory:
-    """Per-experience random subsets of the training data, kept in one ``ReplayBuffer`` with the
-    rows grouped by experience (``sizes[k]`` rows for experience k, in order). Shared by GEM
-    (one constraint per experience), A-GEM (samples over all of it) and ER's experience-end
-    memory.
-
-    Budgets (exactly one): ``patterns_per_experience`` (a uniform random subset of that size
-    per experience), ``mem_size`` (``mem_size // k`` per experience after k experiences, older
-    subsets truncated) or ``patterns_per_class``: ``min(patterns_per_class, n_c)`` samples drawn
-    uniformly without replacement from each class c of the experience (rows grouped by class in
-    increasing label order), never truncated, so the memory grows by ``patterns_per_class`` per
-    class (van de Ven et al.'s ``--budget`` without ``--use-full-capacity``: 100 per class on
-    Split MNIST). In domain-IL the same label in two experiences counts as two classes (as his
-    code, which keeps one memory set per class of every context)."""
-
-    def __init__(self, patterns_per_experience: Optional[int], mem_size: Optional[int],
-                 seed: int, patterns_per_class: Optional[int] = None, x_dtype=None,
-                 x_range=None):
-        self.patterns_per_experience, self.mem_size = patterns_per_experience, mem_size
-        self.patterns_per_class = patterns_per_class
-        self.x_dtype = x_dtype
-        self.x_range = check_x_range(x_range, x_dtype)  # the storage grid (ReplayBuffer)
-        self.seed = seed
-        self.generator = torch.Generator().manual_seed(seed)  # which samples are kept
-        self.buffer: Optional[ReplayBuffer] = None  # its own generator: A-GEM's batches
-        self.sizes: List[int] = []
-        self._cache = None  # (device, per-experience (x, y, t)) on the device, for the hot path
-
-    @property
-    def n_experiences(self) -> int:
-        return len(self.sizes)
-
-    def __len__(self) -> int:
-        return sum(self.sizes)
-
-    def quota(self, n_experiences: int) -> Optional[int]:
-        """Slots per experience after ``n_experiences`` (None: per-class budget, no quota)."""
-        if self.patterns_per_class is not None:
-            return None
-        if self.mem_size is None:
-            return self.patterns_per_experience
-        q = self.mem_size // n_experiences
-        if q < 1:
-            raise ValueError(f"mem_size={self.mem_size} leaves no slot per experience after "
-                             f"{n_experiences} experiences; use mem_size >= {n_experiences}")
-        return q
-
-    def offsets(self) -> List[int]:
-        return np.cumsum([0] + self.sizes).tolist()
-
-    def _select(self, dataset, q: Optional[int]) -> torch.Tensor:
-        """Rows of ``dataset`` to keep: a uniform random q-subset, or per class."""
-        if q is not None:
-            return torch.randperm(len(dataset), generator=self.generator)[:min(q, len(dataset))]
-        targets = torch.as_tensor(list(dataset.targets), dtype=torch.long)
-        parts = []
-        for c in torch.unique(targets).tolist():  # sorted
-            rows = torch.nonzero(targets == c).flatten()
-            pick = torch.randperm(rows.numel(), generator=self.generator)
-            parts.append(rows[pick[:self.patterns_per_class]])
-        return torch.cat(parts)
-
-    @torch.no_grad()
-    def add_experience(self, dataset) -> None:
-        k = self.n_experiences + 1
-        q = self.quota(k)
-        idx = self._select(dataset, q)
-        n_new = idx.numel()
-        x, y, t = _load_rows(dataset, idx)
-        parts = []
-        if self.buffer is not None and len(self.buffer):
-            old = self.buffer.get(torch.arange(len(self.buffer)), "cpu")
-            if q is not None:
-                off = self.offsets()
-                keep = torch.cat([torch.arange(off[j], off[j] + min(s, q))
-                                  for j, s in enumerate(self.sizes)])
-                old = old.x[keep], old.y[keep], old.t[keep]
-                self.sizes = [min(s, q) for s in self.sizes]
-            else:
-                old = old.x, old.y, old.t
-            parts.append(old)
-        parts.append((x, y, t))
-        xs, ys, ts = (torch.cat(f) for f in zip(*parts))
-        if self.patterns_per_class is not None:
-            capacity = xs.shape[0]
-        else:
-            capacity = self.mem_size or self.patterns_per_experience * k
-        if self.buffer is None or self.buffer.capacity < capacity:
-            grown = ReplayBuffer(capacity, seed=self.seed + 1,  # a stream apart from ours
-                                 x_dtype=self.x_dtype, x_range=self.x_range)
-            if self.buffer is not None:  # keep the sampling stream going
-                grown.generator.set_state(self.buffer.generator.get_state())
-            self.buffer = grown
-        self.buffer.set_contents(xs, ys, ts)
-        self.sizes.append(n_new)
-        self._cache = None
-
-    def experiences(self, device) -> List[Tuple[torch.Tensor, torch.Tensor, object]]:
-        """(x, y, task labels) of each experience's memory, on ``device`` (cached until the
-        memory changes); the task labels are an int when the experience has a single one."""
-        device = torch.device(device)
-        if self._cache is None or self._cache[0] != device:
-            b = self.buffer.get(torch.arange(len(self.buffer)), device)
-            off, per_exp = self.offsets(), []
-            for j in range(self.n_experiences):
-                tj = b.t[off[j]:off[j + 1]]
-                labels = tj.unique()
-                per_exp.append((b.x[off[j]:off[j + 1]], b.y[off[j]:off[j + 1]],
-                                int(labels[0]) if labels.numel() == 1 else tj))
-            self._cache = (device, per_exp)
-        return self._cache[1]
-
-    def state_dict(self) -> dict:
-        return {"patterns_per_experience": self.patterns_per_experience,
-                "mem_size": self.mem_size, "patterns_per_class": self.patterns_per_class,
-                "seed": self.seed, "sizes": list(self.sizes),
-                "generator": self.generator.get_state(),
-                "buffer": None if self.buffer is None else self.buffer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        for key in ("patterns_per_experience", "mem_size", "patterns_per_class"):
-            if state.get(key) != getattr(self, key):
-                raise ValueError(f"load_state_dict: the state has {key}={state.get(key)!r}, this "
-                                 f"plugin {getattr(self, key)!r}")
-        self.seed = state["seed"]
-        self.sizes = [int(s) for s in state["sizes"]]
-        self.generator.set_state(state["generator"].clone())
-        if state["buffer"] is None:
-            self.buffer = None
-        else:
-            self.buffer = ReplayBuffer(state["buffer"]["capacity"], seed=state["buffer"]["seed"])
-            self.buffer.load_state_dict(state["buffer"])
-        self._cache = None
-
-
-def _load_rows(dataset, idx: torch.Tensor):
-    """Rows ``idx`` of an experience dataset as (x, y, t) tensors (t = 0 when absent)."""
-    loader = DataLoader(Subset(dataset, idx.tolist()), batch_size=1024, shuffle=False)
-    xs, ys, ts = [], [], []
-    for batch in loader:
-        x, y = batch[0], batch[1]
-        t = batch[-1] if len(batch) >= 3 else torch.zeros_like(y)
-        xs.append(x)
-        ys.append(torch.as_tensor(y, dtype=torch.long))
-        ts.append(torch.as_tensor(t, dtype=torch.long))
-    return torch.cat(xs), torch.cat(ys), torch.cat(ts)
-
-
-def _trainable(model: torch.nn.Module) -> List[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def _flat(tensors: Sequence[Optional[torch.Tensor]], params: Sequence[torch.Tensor]):
-    """One vector from per-parameter tensors, zeros where a tensor is None."""
-    return torch.cat([(t if t is not None else torch.zeros_like(p)).reshape(-1)
-                      for t, p in zip(tensors, params)])
-
-
-def _write_grads(params: Sequence[torch.nn.Parameter], vec: torch.Tensor) -> None:
-    """p.grad <- the matching slice of ``vec`` (created where a parameter had no gradient)."""
-    i = 0
-    for p in params:
-        n = p.numel()
-        new = vec[i:i + n].view_as(p)
-        if p.grad is None:
-            p.grad = new.to(p.dtype).clone()
-        else:
-            p.grad.copy_(new)
-        i += n
-
-
-def _memory_gradients(strategy, params, batches) -> List[Tuple[Optional[torch.Tensor], ...]]:
-    """Gradient of the strategy's criterion on each (x, y, task labels) batch, per parameter
-    (None where a parameter takes no part, e.g. another task's head)."""
-    out = []
-    for x, y, t in batches:
-        loss = strategy._criterion(avalanche_forward(strategy.model, x, t), y)
-        out.append(torch.autograd.grad(loss, params, allow_unused=True))
-    return out
-
-
-def _touched(params, grads_lists) -> List[int]:
-    """Indices of the parameters that the current gradient or any memory gradient touches."""
-    return [i for i, p in enumerate(params)
-            if p.grad is not None or any(g[i] is not None for g in grads_lists)]
-
-
-def _solve_gem_dual(P: np.ndarray, Gg: np.ndarray, memory_strength: float) -> np.ndarray:
+def solve_gem_dual(P: np.ndarray, Gg: np.ndarray, memory_strength: float) -> np.ndarray:
     """argmin_v 1/2 v^T P v + (G g)^T v  s.t.  v >= memory_strength, by quadprog (float64)."""
     try:
         import quadprog
@@ -323,81 +107,48 @@ def _solve_gem_dual(P: np.ndarray, Gg: np.ndarray, memory_strength: float) -> np
                          "dependent: use eps > 0 (the official code's 1e-3)") from err
 
 
-class GEMPlugin(SupervisedPlugin):
+def gem_project(g: torch.Tensor, G: torch.Tensor, memory_strength: float = 0.5,
+                eps: float = 1e-3) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """GEM's step (Eqs. 10-13, see the module docstring) for gradient ``g`` [P] and memory
+    gradients ``G`` [K, P]: returns (g~, v*) with g~ = g + G^T v*, or (g, None) when no
+    <g, g_k> < 0. The dual QP (the official code's eps I and lower bound v >= gamma) is built
+    and solved in float64; g~ has g's dtype."""
+    G64, g64 = G.double(), g.double()
+    dots = G64 @ g64
+    if not bool((dots < 0).any()):
+        return g, None
+    # Eqs. 10-13: v* of the dual, then g~ = G^T v* + g
+    P = G64 @ G64.T
+    P = 0.5 * (P + P.T) + eps * torch.eye(P.shape[0], dtype=P.dtype, device=P.device)
+    v = solve_gem_dual(P.cpu().numpy(), dots.cpu().numpy(), memory_strength)
+    v = torch.from_numpy(v).to(G64.device)
+    return (g64 + v @ G64).to(g.dtype), v
+
+
+class GEMPlugin(MemoryProjectionPlugin):
     METHOD_NAME = "gem"
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False
-    DEFAULTS: dict = {"patterns_per_experience": 256, "mem_size": None, "memory_strength": 0.5,
-                      "eps": 1e-3, "seed": None}
     SWEEP: dict = {"memory_strength": {"values": [0.0, 0.1, 0.5, 1.0]},
                    "patterns_per_experience": {"values": [64, 256, 1000]}}
     PAPER = "Gradient Episodic Memory (Lopez-Paz & Ranzato, NeurIPS 2017)"
     SUMMARY = ("per-experience episodic memories; each step is projected by a QP so that no "
                "memory's loss increases (<g~, g_k> >= 0), with margin memory_strength")
     SETS_DATALOADER = False
-    supports_distributed = False
 
     def __init__(self, patterns_per_experience: Optional[int] = 256,
                  mem_size: Optional[int] = None, memory_strength: float = 0.5,
                  eps: float = 1e-3, seed: Optional[int] = None):
-        super().__init__()
-        _check_memory_args(patterns_per_experience, mem_size)
+        check_memory_budget(patterns_per_experience, mem_size)
         check_non_negative("memory_strength", memory_strength)
         check_non_negative("eps", eps)
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-        check_int("seed", seed, 0)
         self.patterns_per_experience, self.mem_size = patterns_per_experience, mem_size
         self.memory_strength, self.eps = float(memory_strength), float(eps)
-        self.memory = _EpisodicMemory(patterns_per_experience, mem_size, seed)
-        self.n_steps = 0  # steps with a non-empty memory
-        self.n_projected = 0  # of which violated a constraint (diagnostics)
+        super().__init__(EpisodicMemory(patterns_per_experience, mem_size, seed))
 
-    # ------------------------------------------------------------------------------ the math
+    def reference_batches(self, strategy):
+        return self.memory.experiences(strategy.device)  # one constraint per experience
 
-    @staticmethod
-    def project(g: torch.Tensor, G: torch.Tensor, memory_strength: float = 0.5,
-                eps: float = 1e-3) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """GEM's step for gradient ``g`` [P] and memory gradients ``G`` [K, P]: returns
-        (g~, v*) with g~ = g + G^T v*, or (g, None) when no <g, g_k> < 0 (see the module
-        docstring). Computed in float64; g~ has g's dtype."""
-        G64, g64 = G.double(), g.double()
-        dots = G64 @ g64
-        if not bool((dots < 0).any()):
-            return g, None
-        P = G64 @ G64.T
-        P = 0.5 * (P + P.T) + eps * torch.eye(P.shape[0], dtype=P.dtype, device=P.device)
-        v = _solve_gem_dual(P.cpu().numpy(), dots.cpu().numpy(), memory_strength)
-        v = torch.from_numpy(v).to(G64.device)
-        return (g64 + v @ G64).to(g.dtype), v
-
-    # ------------------------------------------------------------------------------ hooks
-
-    def before_update(self, strategy, **kwargs):
-        if self.memory.n_experiences == 0:
-            return
-        params = _trainable(strategy.model)
-        mem = _memory_gradients(strategy, params, self.memory.experiences(strategy.device))
-        idx = _touched(params, mem)
-        ps = [params[i] for i in idx]
-        g = _flat([p.grad for p in ps], ps)
-        G = torch.stack([_flat([m[i] for i in idx], ps) for m in mem])
-        new, v = self.project(g, G, self.memory_strength, self.eps)
-        self.n_steps += 1
-        if v is not None:
-            self.n_projected += 1
-            _write_grads(ps, new)
-
-    def after_training_exp(self, strategy, **kwargs):
-        self.memory.add_experience(strategy.experience.dataset)
-
-    # ------------------------------------------------------------------------------ state
-
-    def state_dict(self) -> dict:
-        return {**owned_by(self), "memory": self.memory.state_dict(), "n_steps": self.n_steps,
-                "n_projected": self.n_projected}
-
-    def load_state_dict(self, state: dict) -> None:
-        check_owner(self, state)
-        self.memory.load_state_dict(state["memory"])
-        self.n_steps, self.n_projected = int(state["n_steps"]), int(state["n_projected"])
+    def project(self, g, G):
+        new, v = gem_project(g, G, self.memory_strength, self.eps)
+        return None if v is None else new

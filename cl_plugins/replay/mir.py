@@ -51,12 +51,8 @@ classes, ``--subsample 50``, ``--buffer_batch_size 10``; with SGD lr 0.1, batch 
 - ``policy`` (default ``"reservoir"``, the paper's): memory policy, see ``cl_plugins.core.buffer``.
 - ``seed`` (int >= 0 or None, default None): the memory's generator (reservoir draws and
   candidate draws); None follows torch's global RNG at construction. Part of ``state_dict()``.
-- ``x_dtype`` (None, ``"float16"``, ..., default None = the inputs' dtype): storage dtype.
-- ``x_range`` (None, ``[lo, hi]`` or ``[[lo_c, ...], [hi_c, ...]]``, default None): with
-  ``x_dtype="uint8"``, the input values of pixel levels 0 and 255 (``[0.0, 1.0]`` without
-  normalisation, ``cl_plugins.core.buffer.grid_range(mean, std)`` with it): the inputs are stored as
-  their 1-byte pixel levels (784 bytes per 28x28 image instead of 3,136) and read back as the
-  exact float32 inputs; inputs off that grid raise a ValueError. See ``cl_plugins.core.buffer``.
+- ``x_dtype``, ``x_range`` (default None): input storage of the memory (e.g. 1-byte pixel
+  levels), see ``cl_plugins.core.buffer``.
 
 Choices and deviations:
 
@@ -77,11 +73,7 @@ Choices and deviations:
   sub-experiences) the index is the origin experience's.
 - Cost per step: one extra forward/backward of B, two forwards of the C candidates, and
   training on n + k samples; with C = 5n the scoring alone is ~4x the FLOPs of a naive step, so
-  MIR cannot meet the 1.3x step-time target. Measured (Split MNIST class-IL, experience 3, SGD,
-  1 thread, same process; median step, ratio to naive): MLP 784-100-100 batch 10, C 50, k 10:
-  1.61 ms, 4.6x (ER 1.8x, Avalanche's MIRPlugin 18.0x); MLP 784-400-400 batch 10: 7.8 ms, 11.5x
-  (ER 1.7x, Avalanche 18.7x); MLP-400 batch 128, C 256, k 128: 3.5x (ER 1.6x, Avalanche 4.1x).
-  Avalanche's version deep-copies the model at every step.
+  MIR cannot meet the 1.3x step-time target (measured step times: ``docs/methods/mir.md``).
 - Augmentation as ER: a ``BatchAugmentPlugin`` placed before MIR has already run when MIR's
   ``before_forward`` runs, so MIR augments its retrieved rows itself with the same settings;
   the virtual step uses the incoming batch as recorded (unaugmented).
@@ -98,11 +90,10 @@ from avalanche.models import MultiTaskModule
 from torch import nn
 from torch.func import functional_call
 
-from cl_plugins.core.augment import random_crop_flip
-from cl_plugins.core.buffer import POLICIES, ReplayBuffer
-from cl_plugins.core.checks import check_bool, check_choice, check_int
-from cl_plugins.core.replay_loader import (augmenter_before, check_minibatch,
-                                           require_stream_batches)
+from cl_plugins.core.buffer import ReplayBuffer
+from cl_plugins.core.checks import check_bool, check_int
+from cl_plugins.core.replay_loader import (append_rows, augmenter_before,
+                                           require_stream_batches, stream_minibatch)
 from cl_plugins.core.state import check_owner, owned_by
 
 
@@ -131,7 +122,7 @@ def interference_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, t: t
     loss = F.cross_entropy(_forward(model, buffers, x, t), y)
     grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
     virtual = {n: p.detach() - lrs[n] * g for (n, p), g in zip(params.items(), grads)
-               if g is not None}
+               if g is not None}  # theta_v (Algorithm 1)
     modes = [m.training for m in model.modules()]
     model.eval()
     try:
@@ -141,7 +132,7 @@ def interference_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, t: t
                                    reduction="none")
     finally:
         _set_modes(model, modes)
-    return post - pre
+    return post - pre  # s(c)
 
 
 def parameter_lrs(model: nn.Module, optimizer) -> Dict[str, float]:
@@ -154,9 +145,6 @@ class MIRPlugin(SupervisedPlugin):
     METHOD_NAME = "mir"
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False
-    DEFAULTS: dict = {"mem_size": 500, "subsample": 50, "mem_mb_size": 10,
-                      "exclude_current_experience": True, "policy": "reservoir", "seed": None,
-                      "x_dtype": None, "x_range": None}
     SWEEP: dict = {"mem_size": {"values": [200, 500, 1000]},
                    "subsample": {"values": [25, 50, 100, 200]},
                    "mem_mb_size": {"values": [10, 32, 128]}}
@@ -164,7 +152,6 @@ class MIRPlugin(SupervisedPlugin):
     SUMMARY = ("each minibatch is concatenated with the memory samples whose loss a virtual SGD "
                "step on it would increase most (top-k of a random subsample); reservoir memory")
     SETS_DATALOADER = False  # extends the minibatch in before_forward instead
-    supports_distributed = False
 
     def __init__(self, mem_size: int = 500, subsample: int = 50, mem_mb_size: int = 10,
                  exclude_current_experience: bool = True, policy: str = "reservoir",
@@ -175,11 +162,9 @@ class MIRPlugin(SupervisedPlugin):
         self.mem_mb_size = check_int("mem_mb_size", mem_mb_size, 1, subsample)
         self.exclude_current_experience = check_bool("exclude_current_experience",
                                                      exclude_current_experience)
-        self.policy = check_choice("policy", policy, POLICIES)
-        if seed is not None:
-            check_int("seed", seed, 0)
         self.buffer = ReplayBuffer(mem_size, policy=policy, seed=seed, x_dtype=x_dtype,
-                                   x_range=x_range)
+                                   x_range=x_range)  # checks policy, seed, x_dtype, x_range
+        self.policy = policy
         self.slot_experience = torch.full((mem_size,), -1, dtype=torch.long)  # per memory slot
         self._experience = 0
         self._incoming = None
@@ -212,7 +197,7 @@ class MIRPlugin(SupervisedPlugin):
             return cand.x, cand.y, cand.t, cand.index
         scores = interference_scores(model, x, y, t, cand.x, cand.y, cand.t,
                                      parameter_lrs(model, optimizer))
-        top = torch.topk(scores, self.mem_mb_size).indices
+        top = torch.topk(scores, self.mem_mb_size).indices  # B_M
         top_cpu = top.cpu()
         return cand.x[top], cand.y[top], cand.t[top], cand.index[top_cpu]
 
@@ -225,9 +210,7 @@ class MIRPlugin(SupervisedPlugin):
         self._experience = int(exp.current_experience)
 
     def before_training_iteration(self, strategy, **kwargs):
-        check_minibatch(type(self).__name__, strategy.mbatch)
-        x, y, t = strategy.mbatch
-        self._incoming = (x, y, t)
+        self._incoming = stream_minibatch(self, strategy.mbatch)
 
     def before_forward(self, strategy, **kwargs):
         self.last_retrieved = None
@@ -237,11 +220,8 @@ class MIRPlugin(SupervisedPlugin):
             return
         xm, ym, tm, slots = got
         if self._augment is not None:
-            xm = random_crop_flip(xm, self._augment.padding, self._augment.flip_p)
-        mb = strategy.mbatch
-        mb[0] = torch.cat([mb[0], xm])
-        mb[1] = torch.cat([mb[1], ym])
-        mb[2] = torch.cat([mb[2], tm])
+            xm = self._augment.augment(xm)
+        append_rows(strategy.mbatch, xm, ym, tm)
         self.last_retrieved = slots
 
     def after_training_iteration(self, strategy, **kwargs):
