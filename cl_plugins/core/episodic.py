@@ -232,6 +232,7 @@ def memory_gradients(strategy, params, batches) -> List[Tuple[Optional[torch.Ten
     (None where a parameter takes no part, e.g. another task's head)."""
     out = []
     for x, y, t in batches:
+        # private: Avalanche 0.6's public criterion() reads only the current minibatch
         loss = strategy._criterion(avalanche_forward(strategy.model, x, t), y)
         out.append(torch.autograd.grad(loss, params, allow_unused=True))
     return out

@@ -119,6 +119,8 @@ def backbone_features(model: nn.Module, x: torch.Tensor, device, batch_size: int
 def memory_dataset(buffer):
     """The contents of a ``ReplayBuffer`` (x as float inputs, task labels 0 if none stored) as
     an Avalanche task-aware classification dataset."""
+    # Avalanche 0.6 exports no public builder of a task-aware dataset from tensors; this
+    # private one is what its own replay storage policies use.
     from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset
 
     mem = buffer.get(torch.arange(len(buffer)), "cpu")

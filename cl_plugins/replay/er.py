@@ -212,7 +212,7 @@ class ERPlugin(SupervisedPlugin):
             return
         n = self._incoming[0].shape[0]
         out, y = strategy.mb_output, strategy.mb_y
-        crit = strategy._criterion
+        crit = strategy._criterion  # private: Avalanche 0.6 has no public handle on the loss fn
         w_cur, w_rep = vandeven_weights(self.n_trained + 1)
         # strategy.loss holds crit(out, y) (mean over all rows) plus other plugins' terms:
         # swap the criterion's share for the two weighted means.
