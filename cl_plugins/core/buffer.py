@@ -91,6 +91,8 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, 
 import torch
 
 from cl_plugins.core.checks import check_choice, check_int
+from cl_plugins.core.seeding import seeded_generator
+from cl_plugins.core.state import check_fields
 
 POLICIES = ("reservoir", "class_balanced", "greedy_class_balanced")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -326,7 +328,7 @@ class ReplayBuffer:
         self.x_range: Optional[XRange] = check_x_range(x_range, self.x_dtype)
         self._grid = None if self.x_range is None else _Grid(self.x_range)
         self.device = torch.device(device)
-        self.generator = torch.Generator().manual_seed(self.seed)
+        self.generator = seeded_generator(self.seed)
         self._reset()
 
     def _reset(self) -> None:
@@ -668,10 +670,7 @@ class ReplayBuffer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("capacity", "policy"):
-            if state[key] != getattr(self, key):
-                raise ValueError(f"ReplayBuffer.load_state_dict: the state has {key}="
-                                 f"{state[key]!r}, this buffer {getattr(self, key)!r}")
+        check_fields("ReplayBuffer", state, {"capacity": self.capacity, "policy": self.policy})
         x_dtype = None if state["x_dtype"] is None else getattr(torch, state["x_dtype"])
         x_range = check_x_range(state.get("x_range"), x_dtype)  # states before x_range: None
         self._reset()

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Subset
 from cl_plugins.core.buffer import ReplayBuffer, check_x_range, resolve_seed, storage_dtype
 from cl_plugins.core.checks import check_int
 from cl_plugins.core.seeding import seeded_generator
+from cl_plugins.core.state import check_fields
 
 MEMORY_SETTINGS = ("patterns_per_experience", "mem_size", "patterns_per_class")
 
@@ -166,10 +167,8 @@ class EpisodicMemory:
 
     def load_state_dict(self, state: dict) -> None:
         # a sub-state (no owner entry); a setting absent from the state counts as None
-        for key in MEMORY_SETTINGS:
-            if state.get(key) != getattr(self, key):
-                raise ValueError(f"load_state_dict: the state has {key}={state.get(key)!r}, this "
-                                 f"plugin {getattr(self, key)!r}")
+        check_fields("EpisodicMemory", state, {k: getattr(self, k) for k in MEMORY_SETTINGS},
+                     missing_as_none=True)
         self.seed = state["seed"]
         self.sizes = [int(s) for s in state["sizes"]]
         self.generator.set_state(state["generator"].clone())

@@ -33,6 +33,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from cl_plugins.core.checks import check_choice, check_non_negative, check_range
+from cl_plugins.core.state import check_fields
 
 Tensors = Dict[str, torch.Tensor]
 MODES = ("separate", "accumulate", "online")
@@ -141,10 +142,8 @@ class QuadraticPenalty:
                            {n: t.cpu() for n, t in anc.items()}) for imp, anc in self.terms]}
 
     def load_state_dict(self, state: Dict) -> None:
-        for key in ("coef", "mode", "gamma"):
-            if state[key] != getattr(self, key):
-                raise ValueError(f"saved penalty has {key}={state[key]!r}, this one "
-                                 f"{getattr(self, key)!r}")
+        check_fields("QuadraticPenalty", state,
+                     {"coef": self.coef, "mode": self.mode, "gamma": self.gamma})
         self.terms = [(dict(imp), dict(anc)) for imp, anc in state["terms"]]
         self._collapsed = self._last_step = None
 

@@ -42,6 +42,21 @@ def settings_of(plugin: Any, keys: Iterable[str]) -> Dict[str, Any]:
     return {**owned_by(plugin), **{k: getattr(plugin, k) for k in keys}}
 
 
+def check_fields(who: str, state: Any, current: Dict[str, Any], *,
+                 missing_as_none: bool = False, this: str = "one") -> None:
+    """Refuse a saved state whose settings differ from ``current`` (name -> this object's
+    value), naming ``who``, the setting and both values. ``missing_as_none``: a setting absent
+    from the state counts as None (sub-states written before that setting existed)."""
+    for key, value in current.items():
+        saved = state.get(key, None if missing_as_none else _MISSING)
+        if saved is _MISSING:
+            raise ValueError(f"{who}.load_state_dict: the state has no setting {key!r}; this "
+                             f"{this} has {key}={value!r}")
+        if saved != value:
+            raise ValueError(f"{who}.load_state_dict: the state was saved with {key}={saved!r}, "
+                             f"this {this} has {key}={value!r}")
+
+
 def check_settings(plugin: Any, state: Any, keys: Iterable[str]) -> None:
     """``check_owner``, then refuse a state whose saved settings differ from ``plugin``'s.
 
@@ -49,12 +64,5 @@ def check_settings(plugin: Any, state: Any, keys: Iterable[str]) -> None:
     with other hyper-parameters fails at once instead of silently mixing two configurations.
     """
     check_owner(plugin, state)
-    mine = type(plugin).__name__
-    for key in keys:
-        saved, current = state.get(key, _MISSING), getattr(plugin, key)
-        if saved is _MISSING:
-            raise ValueError(f"{mine}.load_state_dict: the state has no setting {key!r}; this "
-                             f"plugin has {key}={current!r}")
-        if saved != current:
-            raise ValueError(f"{mine}.load_state_dict: the state was saved with {key}={saved!r}, "
-                             f"this plugin has {key}={current!r}")
+    check_fields(type(plugin).__name__, state, {k: getattr(plugin, k) for k in keys},
+                 this="plugin")

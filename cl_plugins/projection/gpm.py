@@ -120,7 +120,7 @@ class GPMPlugin(StepCaptureHooks, SupervisedPlugin):
         self.generator = seeded_generator(self.seed)
 
         self.bases: Dict[str, torch.Tensor] = {}  # layer path -> M [d, k], float64, CPU
-        self.tasks_seen = 0  # memory updates done
+        self.n_experiences = 0  # experiences finished (memory updates done)
         self.history: List[Dict[str, int]] = []  # ranks after each update (inspection)
         self._projectors: Dict[str, FanInProjector] = {}
         self._layers: Dict[str, nn.Module] = {}
@@ -178,13 +178,13 @@ class GPMPlugin(StepCaptureHooks, SupervisedPlugin):
     def update_memory(self, model: nn.Module, dataset, device) -> Dict[str, int]:
         """The memory update after one task; returns the rank of each layer's basis."""
         reps = self.representation(model, dataset, device)
-        eps = self.thresholds(list(reps), self.tasks_seen)
+        eps = self.thresholds(list(reps), self.n_experiences)
         for name, rep in reps.items():
             basis = self.bases.get(name)
-            first = self.tasks_seen == 0 and (basis is None or basis.shape[1] == 0)
+            first = self.n_experiences == 0 and (basis is None or basis.shape[1] == 0)
             self.bases[name] = extend_basis(basis, rep, eps[name],  # eq. 4-9
                                             drop_one=first and self.task1_rank == "code")
-        self.tasks_seen += 1
+        self.n_experiences += 1
         ranks = {n: int(b.shape[1]) for n, b in self.bases.items()}
         self.history.append(ranks)
         return ranks
@@ -197,7 +197,7 @@ class GPMPlugin(StepCaptureHooks, SupervisedPlugin):
                             .to(strategy.device) for n, b in self.bases.items() if b.shape[1]}
         self._grad_projector.attach(layers, self._projectors, self.input_side)
         frozen: List[torch.Tensor] = []
-        if self.tasks_seen > 0:
+        if self.n_experiences > 0:
             if self.bias == "freeze":
                 frozen += [m.bias for m in layers.values()
                            if m.bias is not None and m.bias.requires_grad]
@@ -235,13 +235,13 @@ class GPMPlugin(StepCaptureHooks, SupervisedPlugin):
     def state_dict(self) -> dict:
         return {**owned_by(self), "method": self.METHOD_NAME, **settings_of(self, SETTINGS),
                 "bases": {n: b.cpu().clone() for n, b in self.bases.items()},
-                "tasks_seen": self.tasks_seen, "history": [dict(h) for h in self.history],
+                "tasks_seen": self.n_experiences, "history": [dict(h) for h in self.history],
                 "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
         check_settings(self, state, SETTINGS)
         self.bases = {n: b.to(torch.float64).cpu().clone() for n, b in state["bases"].items()}
-        self.tasks_seen = int(state["tasks_seen"])
+        self.n_experiences = int(state["tasks_seen"])
         self.history = [dict(h) for h in state["history"]]
         self.generator.set_state(state["generator"])
         self._grad_projector.detach()

@@ -119,7 +119,7 @@ class NSCLPlugin(StepCaptureHooks, SupervisedPlugin):
         self.covariances: Dict[str, torch.Tensor] = {}  # layer path -> C_l, float64 [d, d]
         self.projectors: Dict[str, FanInProjector] = {}
         self.null_dims: Dict[str, int] = {}  # k_l, for inspection
-        self.tasks_seen = 0
+        self.n_experiences = 0
         self.quadratic_penalty = QuadraticPenalty(coef=self.bn_ewc_lambda, mode="separate")
         self._norm_params: Dict[str, torch.Tensor] = {}
         self._grad_projector = InputSideGradientProjector()  # plain-SGD path
@@ -211,7 +211,7 @@ class NSCLPlugin(StepCaptureHooks, SupervisedPlugin):
                                            snapshot(params))
         finally:
             model.train(was_training)
-        self.tasks_seen += 1
+        self.n_experiences += 1
         self.build_projectors(layers)
         self._reset_steps()
 
@@ -232,7 +232,7 @@ class NSCLPlugin(StepCaptureHooks, SupervisedPlugin):
 
     def state_dict(self) -> dict:
         return {**owned_by(self), "method": self.METHOD_NAME, **settings_of(self, SETTINGS),
-                "tasks_seen": self.tasks_seen,
+                "tasks_seen": self.n_experiences,
                 "covariances": {n: c.cpu() for n, c in self.covariances.items()},
                 "projectors": {n: p.state_dict() for n, p in self.projectors.items()},
                 "null_dims": dict(self.null_dims), "generator": self.generator.get_state(),
@@ -240,7 +240,7 @@ class NSCLPlugin(StepCaptureHooks, SupervisedPlugin):
 
     def load_state_dict(self, state: dict) -> None:
         check_settings(self, state, SETTINGS)
-        self.tasks_seen = int(state["tasks_seen"])
+        self.n_experiences = int(state["tasks_seen"])
         self.covariances = {n: c.clone() for n, c in state["covariances"].items()}
         self.projectors = {n: FanInProjector.from_state_dict(s)
                            for n, s in state["projectors"].items()}

@@ -17,7 +17,6 @@ span. Algorithm 1, S = ``basis`` ([n_params, m], orthonormal; stored as ``direct
 
 Variants, f = the logits: ``"gtl"`` (default; the true-class logit f_y, one vector per sample;
 the paper's main choice as we recall), ``"ave"`` (the mean logit), ``"all"`` (every logit).
-
 Hooks: ``before_training_exp`` checks the shared parameters' layout (names, shapes, one dtype),
 moves S to them, builds the step (``core.step_operators.ComplementStep``), warns once unless the
 optimizer is plain SGD; ``before_update``: Eq. step on the shared ``.grad`` (None counts as 0);
@@ -52,6 +51,7 @@ from cl_plugins.core.checks import check_choice, check_int, check_range
 from cl_plugins.core.layer_inputs import call_model, iterate_batches
 from cl_plugins.core.params import shared_parameters
 from cl_plugins.core.per_sample import per_sample_gradients
+from cl_plugins.core.seeding import seeded_generator
 from cl_plugins.core.state import check_settings, settings_of
 from cl_plugins.core.step_operators import ComplementStep, GramSchmidt, warn_unless_plain_sgd
 
@@ -102,7 +102,7 @@ class OGDPlugin(SupervisedPlugin):
         self.drop_tol = float(check_range("drop_tol", drop_tol, 0.0, 1.0, high_inclusive=False))
         self.grad_batch_size = check_int("grad_batch_size", grad_batch_size, 1)
         self.seed = check_int("seed", seed, 0)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = seeded_generator(seed)
         self.directions: Optional[torch.Tensor] = None  # S^T, [m, n_params], orthonormal rows
         self.layout: List[Tuple[str, Tuple[int, ...]]] = []  # (name, shape) per row block of S
         self.directions_per_exp: List[int] = []

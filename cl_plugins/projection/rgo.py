@@ -57,12 +57,12 @@ from cl_plugins.core.layer_inputs import (NORM_TYPES, UnsupportedLayerError, cal
                                           iterate_batches, protected_layers)
 from cl_plugins.core.params import task_specific_prefixes
 from cl_plugins.core.per_sample import per_sample_gradients
+from cl_plugins.core.seeding import seeded_generator
 from cl_plugins.core.state import check_settings, settings_of
 from cl_plugins.core.step_operators import (FactoredStep, preconditioner_step, rls_update,
                                             warn_unless_plain_sgd)
 
-VECTOR_RULES = ("code", "paper")
-SOFTMAX_SUPPORTS = ("output", "batch")
+VECTOR_RULES, SOFTMAX_SUPPORTS = ("code", "paper"), ("output", "batch")
 NORM_MODES = ("error", "sgd")
 SETTINGS = ("alpha", "vector", "rls_batches", "rls_batch_size", "rls_softmax", "norms", "seed")
 SGD_WARNING = ("rgo: RGO's guarantee (and every RGO protocol) assumes plain SGD with a constant "
@@ -149,10 +149,10 @@ class RGOPlugin(SupervisedPlugin):
         self.rls_softmax = check_choice("rls_softmax", rls_softmax, SOFTMAX_SUPPORTS)
         self.norms = check_choice("norms", norms, NORM_MODES)
         self.seed = check_int("seed", seed, 0)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = seeded_generator(seed)
         self.P: Dict[str, Optional[torch.Tensor]] = {}  # tensor name -> d x d float64 (None = I)
         self.n_vectors: Dict[str, int] = {}  # RLS vectors absorbed per tensor
-        self.tasks_done = 0
+        self.n_experiences = 0
         self._tensors: dict = {}  # protected_tensors(model)
         self._ops: list = []  # (tensor, step operator) of each tensor with P != I
         self._model = None  # the model the step operators were built for
@@ -209,7 +209,7 @@ class RGOPlugin(SupervisedPlugin):
         self._detach()  # no input recording during the RLS pass
         task = int(strategy.experience.task_labels[0])
         self.update_matrices(strategy.model, strategy.experience.dataset, task, strategy.device)
-        self.tasks_done += 1
+        self.n_experiences += 1
         self._model = None  # step operators rebuilt from the new P at the next experience
 
     def update_matrices(self, model: nn.Module, dataset, task: int, device) -> None:
@@ -233,7 +233,7 @@ class RGOPlugin(SupervisedPlugin):
 
     def state_dict(self) -> dict:
         return {**settings_of(self, SETTINGS), "method": self.METHOD_NAME,
-                "generator": self.generator.get_state(), "tasks_done": self.tasks_done,
+                "generator": self.generator.get_state(), "tasks_done": self.n_experiences,
                 "n_vectors": dict(self.n_vectors), "P": {
                     n: None if P is None else P.detach().cpu().clone() for n, P in self.P.items()}}
 
@@ -242,7 +242,7 @@ class RGOPlugin(SupervisedPlugin):
             state = {"rls_softmax": "output", **state}
         check_settings(self, state, SETTINGS)
         self.generator.set_state(state["generator"])
-        self.tasks_done = int(state["tasks_done"])
+        self.n_experiences = int(state["tasks_done"])
         self.n_vectors = dict(state["n_vectors"])
         self.P = {n: None if P is None else P.clone().to(torch.float64)
                   for n, P in state["P"].items()}

@@ -85,6 +85,7 @@ from cl_plugins.core.params import check_same_keys, shared_parameters, snapshot
 from cl_plugins.core.per_sample import (cross_entropy_sample, dataset_mean, eval_view, forward,
                                         per_sample_gradient_sums)
 from cl_plugins.core.quadratic import QuadraticPenalty
+from cl_plugins.core.seeding import seeded_generator
 from cl_plugins.core.state import check_settings, owned_by
 
 FISHER_TYPES = ("exact", "true", "empirical", "predicted")
@@ -152,7 +153,7 @@ class EWCPlugin(SupervisedPlugin):
         self.fisher_batch_size = check_int("fisher_batch_size", fisher_batch_size, 1)
         self.seed = check_int("seed", seed, 0)
         self.mode = mode
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = seeded_generator(seed)
         # Eq. 3: (lambda / 2) * sum_k sum_i F_k,i (theta_i - theta*_k,i)^2
         self.quadratic_penalty = QuadraticPenalty(self.ewc_lambda / 2, mode, gamma)
         self._params_cache = None  # (model, its shared parameters) for the current experience

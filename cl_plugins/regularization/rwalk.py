@@ -111,7 +111,7 @@ class RWalkPlugin(PathIntegralPlugin):
         self.quadratic_penalty = QuadraticPenalty(coef=ewc_lambda, mode="online", gamma=0.0)
         self.fisher: Optional[Tensors] = None  # running EWC++ Fisher, float64
         self.scores: Optional[Tensors] = None  # averaged scores of the finished tasks, float64
-        self.tasks_done = 0
+        self.n_experiences = 0
         # Within a task: the scores so far (float64); over the current interval, the loss decrease
         # and the sum of squared gradients (parameters' dtype, at least float32: they sum at most
         # delta_t terms), the parameters at its start, and its number of steps.
@@ -165,7 +165,7 @@ class RWalkPlugin(PathIntegralPlugin):
         scores_n = normalized(self.scores, self.normalize)
         importance = {n: (fisher_n[n] + scores_n[n]).to(p.dtype) for n, p in params.items()}
         self.quadratic_penalty.add(importance, snapshot(params))
-        self.tasks_done += 1
+        self.n_experiences += 1
         self.task_scores = self.interval_loss = self.interval_sq_grad = self.checkpoint = None
         self.interval_steps = 0
         self.untrack()
@@ -189,7 +189,7 @@ class RWalkPlugin(PathIntegralPlugin):
     def state_dict(self) -> dict:
         cpu = (lambda d: None if d is None else {n: t.detach().cpu() for n, t in d.items()})
         return {**owned_by(self), "penalty": self.quadratic_penalty.state_dict(),
-                "tasks_done": self.tasks_done, "interval_steps": self.interval_steps,
+                "tasks_done": self.n_experiences, "interval_steps": self.interval_steps,
                 **{name: cpu(getattr(self, name)) for name in _ACCUMULATED}}
 
     def load_state_dict(self, state: dict) -> None:
@@ -198,6 +198,6 @@ class RWalkPlugin(PathIntegralPlugin):
         copy = (lambda d: None if d is None else {n: t.clone() for n, t in d.items()})
         for name in _ACCUMULATED:
             setattr(self, name, copy(state[name]))
-        self.tasks_done = int(state["tasks_done"])
+        self.n_experiences = int(state["tasks_done"])
         self.interval_steps = int(state["interval_steps"])
         self.untrack()

@@ -69,6 +69,7 @@ from cl_plugins.core.checks import check_choice, check_int, check_non_negative, 
 from cl_plugins.core.params import shared_parameters, snapshot
 from cl_plugins.core.per_sample import eval_view
 from cl_plugins.core.quadratic import QuadraticPenalty
+from cl_plugins.core.seeding import seeded_generator
 from cl_plugins.core.state import check_owner, check_settings, owned_by
 
 MODES = ("accumulate", "online")
@@ -113,7 +114,7 @@ class SCPPlugin(SupervisedPlugin):
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
         self.seed = check_int("seed", seed, 0)
-        self.generator = torch.Generator().manual_seed(self.seed)
+        self.generator = seeded_generator(self.seed)
         self.quadratic_penalty = QuadraticPenalty(self.scp_lambda, mode=self.mode,
                                                   gamma=self.gamma)
         self.n_experiences = 0

@@ -175,7 +175,7 @@ class ERPlugin(SupervisedPlugin):
         else:
             self.memory = EpisodicMemory(None, None, seed, patterns_per_class=mem_per_class,
                                          x_dtype=x_dtype, x_range=x_range)
-        self.n_trained = 0  # experiences trained so far (t - 1 while training the t-th)
+        self.n_experiences = 0  # experiences finished (t - 1 while training the t-th)
         self._incoming = None  # (x, y, t) of the current step, before any extension
         self._n_replayed = 0  # rows appended this step
         self._augment = None
@@ -213,7 +213,7 @@ class ERPlugin(SupervisedPlugin):
         n = self._incoming[0].shape[0]
         out, y = strategy.mb_output, strategy.mb_y
         crit = strategy._criterion  # private: Avalanche 0.6 has no public handle on the loss fn
-        w_cur, w_rep = vandeven_weights(self.n_trained + 1)
+        w_cur, w_rep = vandeven_weights(self.n_experiences + 1)
         # strategy.loss holds crit(out, y) (mean over all rows) plus other plugins' terms:
         # swap the criterion's share for the two weighted means.
         strategy.loss += (w_cur * crit(out[:n], y[:n]) + w_rep * crit(out[n:], y[n:])
@@ -228,12 +228,12 @@ class ERPlugin(SupervisedPlugin):
     def after_training_exp(self, strategy, **kwargs):
         if self.memory is not None:
             self.memory.add_experience(strategy.experience.dataset)
-        self.n_trained += 1
+        self.n_experiences += 1
 
     def state_dict(self) -> dict:
         kept = ({"buffer": self.buffer.state_dict()} if self.memory is None
                 else {"memory": self.memory.state_dict()})
-        return {**owned_by(self), **kept, "n_trained": self.n_trained}
+        return {**owned_by(self), **kept, "n_trained": self.n_experiences}
 
     def load_state_dict(self, state: dict) -> None:
         check_owner(self, state)
@@ -247,4 +247,4 @@ class ERPlugin(SupervisedPlugin):
             self.buffer.load_state_dict(state["buffer"])
         else:
             self.memory.load_state_dict(state["memory"])
-        self.n_trained = int(state.get("n_trained", 0))
+        self.n_experiences = int(state.get("n_trained", 0))

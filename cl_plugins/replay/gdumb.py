@@ -77,6 +77,7 @@ from cl_plugins.core.iterations import IterationBudgetPlugin
 from cl_plugins.core.lr_schedule import cosine_warm_restarts
 from cl_plugins.core.reinit import restore_initial_weights
 from cl_plugins.core.replay_loader import claim_dataloader, describe
+from cl_plugins.core.seeding import seeded_generator
 from cl_plugins.core.state import check_owner, owned_by
 
 _KEY = 1 << 32  # memory label = task label * _KEY + class label
@@ -126,7 +127,7 @@ class GDumbPlugin(SupervisedPlugin):
         self.seed = seed = resolve_seed(seed)
         self.buffer = ReplayBuffer(mem_size, policy="greedy_class_balanced", seed=seed,
                                    x_dtype=x_dtype, x_range=x_range)
-        self.generator = torch.Generator().manual_seed(seed + 1)  # apart from the memory's
+        self.generator = seeded_generator(seed + 1)  # apart from the memory's
         self.initial_state: Optional[Dict[str, torch.Tensor]] = None  # CPU copies
         self._epoch = 0  # passes over the memory done in this experience
         self._saved: Optional[tuple] = None  # the strategy's train_epochs and lrs
