@@ -4,14 +4,13 @@ Excluded from the default run; `pytest -m slow` selects it (about a minute on 2 
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
 from cl_plugins.experiment.config import load_config
 from cl_plugins.experiment.runner import run_experiment
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
 
 
 @pytest.mark.slow

@@ -13,7 +13,8 @@ import yaml
 
 from cl_plugins.experiment.config import known_keys, load_config
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
+
 SWEEPS = sorted(glob.glob(str(REPO / "experiments" / "sweeps" / "*.yaml")))
 
 

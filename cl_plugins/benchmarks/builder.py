@@ -203,7 +203,7 @@ def build_benchmark(
     statistics of the (padded) training images, which for padded MNIST are Hsu et al.'s
     (0.1000, 0.2752).
     """
-    spec, scenario, n_exp, train_raw, test_raw, n_classes = _open(
+    spec, scenario, n_exp, root, train_raw, test_raw, n_classes = _open(
         name, scenario, n_experiences, seed, samples_per_task, test_samples_per_task,
         angle_sampling, mean, std, data_root)
 
@@ -330,14 +330,14 @@ def _check_options(name, scenario, n_experiences, seed, samples_per_task, test_s
 def _open(name, scenario, n_experiences, seed, samples_per_task, test_samples_per_task,
           angle_sampling, mean, std, data_root):
     """The option checks that need no data, then the raw arrays: (spec, canonical scenario,
-    number of experiences, train arrays, test arrays, number of classes)."""
+    number of experiences, data root, train arrays, test arrays, number of classes)."""
     spec, scenario, n_exp = _check_options(name, scenario, n_experiences, seed,
                                            samples_per_task, test_samples_per_task,
                                            angle_sampling, mean, std)
     root = resolve_data_root(data_root)
     train_raw, test_raw = _raw(spec.source, root, "train"), _raw(spec.source, root, "test")
     n_classes = len(train_raw.classes) or int(train_raw.y.max()) + 1
-    return spec, scenario, n_exp, train_raw, test_raw, n_classes
+    return spec, scenario, n_exp, root, train_raw, test_raw, n_classes
 
 
 def _check_split(name: str, n_classes: int, n_exp: int) -> None:
@@ -360,7 +360,7 @@ def describe_benchmark(name: str = "split_digits", scenario: str = "task",
     would raise for the same arguments (the checks are the same functions); a missing or
     corrupt data file raises here. The raw arrays stay in the per-process cache, so the runs
     that follow do not read the files again."""
-    spec, scenario, n_exp, train_raw, test_raw, n_classes = _open(
+    spec, scenario, n_exp, root, train_raw, test_raw, n_classes = _open(
         name, scenario, n_experiences, seed, samples_per_task, test_samples_per_task,
         angle_sampling, mean, std, data_root)
     c, h, w = train_raw.x.shape[1:]

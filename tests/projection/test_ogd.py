@@ -23,6 +23,8 @@ from cl_plugins.core import step_operators
 from cl_plugins.projection.ogd import OGDPlugin, output_gradients
 from cl_plugins.registry import signature_defaults
 
+from helpers import naive_sgd
+
 
 def _data(n, d=5, c=3, seed=0, task=0):
     g = torch.Generator().manual_seed(seed)
@@ -275,15 +277,6 @@ def test_optimizer_warning():
         assert any("plain SGD" in str(w.message) for w in caught) == warns
 
 
-def _naive(model, plugin):
-    from avalanche.training import Naive
-    from avalanche.training.plugins import EvaluationPlugin
-
-    return Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                 criterion=nn.CrossEntropyLoss(), train_mb_size=32, train_epochs=1,
-                 device="cpu", plugins=[plugin], evaluator=EvaluationPlugin())
-
-
 def test_state_round_trip_resumes_identically():
     info = build_benchmark("split_digits", "domain")
     exps = list(info.benchmark.train_stream)
@@ -294,7 +287,7 @@ def test_state_round_trip_resumes_identically():
         return OGDPlugin(memory_per_task=30, seed=4)
 
     plugin = make()
-    strategy = _naive(model, plugin)
+    strategy = naive_sgd(model, plugin)
     for e in exps[:2]:
         strategy.train(e)
     state = plugin.state_dict()
@@ -302,7 +295,7 @@ def test_state_round_trip_resumes_identically():
     restored = make()
     restored.load_state_dict(copy.deepcopy(state))
     model2 = copy.deepcopy(model)
-    strategy2 = _naive(model2, restored)
+    strategy2 = naive_sgd(model2, restored)
     for s, e in ((strategy, exps[2]), (strategy2, exps[2])):
         torch.manual_seed(1)  # the training data loader's shuffle
         s.train(e)
@@ -318,20 +311,11 @@ def test_state_round_trip_resumes_identically():
 
 def test_less_forgetting_than_naive_on_split_digits(digits_cfg):
     from cl_plugins.experiment.runner import run_experiment
-    from cl_plugins.registry import MethodSpec, _REGISTRY, get_method
 
-    get_method("naive")  # loads the built-in methods first
-    added = OGDPlugin.METHOD_NAME not in _REGISTRY
-    if added:
-        _REGISTRY[OGDPlugin.METHOD_NAME] = MethodSpec.from_plugin(OGDPlugin)
     digits_cfg["benchmark"]["scenario"] = "domain"  # one shared head: naive forgets clearly
     digits_cfg["optimizer"].update(name="sgd", lr=0.1)  # the paper's optimizer
     digits_cfg["methods"] = ["naive", {"name": "ogd", "params": {"memory_per_task": 100}}]
-    try:
-        naive, ogd = run_experiment(digits_cfg, echo=lambda *a: None)
-    finally:
-        if added:
-            del _REGISTRY[OGDPlugin.METHOD_NAME]
+    naive, ogd = run_experiment(digits_cfg, echo=lambda *a: None)
     assert naive["status"] == ogd["status"] == "finished", ogd.get("error")
     assert naive["summary"]["bwt"] < -0.1
     assert ogd["summary"]["bwt"] > naive["summary"]["bwt"] + 0.1

@@ -16,7 +16,7 @@ from avalanche.core import SupervisedPlugin
 from avalanche.training import Naive
 
 from cl_plugins.experiment.cli import main
-from cl_plugins.registry import _REGISTRY, MethodSpec
+from cl_plugins.registry import MethodSpec
 
 FAST = ["--no-progress", "--no-plots", "--strategy.epochs=1", "--model.hidden=[16]"]
 
@@ -61,10 +61,8 @@ class _PoisonAt(SupervisedPlugin):
 
 
 @pytest.fixture
-def poison():
-    _REGISTRY["_poison"] = MethodSpec("_poison", "plugin", _PoisonAt)
-    yield
-    del _REGISTRY["_poison"]
+def poison(register_methods):
+    register_methods(MethodSpec("_poison", "plugin", _PoisonAt))
 
 
 def test_divergence_mid_stream_keeps_the_rows_before(tmp_path, capsys, poison):

@@ -2,86 +2,26 @@
 
 from __future__ import annotations
 
-import pickle
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from cl_plugins.benchmarks.cifar_files import load_cifar
 from cl_plugins.benchmarks.tinyimagenet_files import load_tinyimagenet
 from cl_plugins.core.checks import DatasetNotFoundError
 
-
-def _snapshot(root: Path):
-    """Every path under root with its size and mtime, to check that a reader wrote nothing."""
-    return sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*"))
-
-
-def _dump(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        pickle.dump(obj, f, protocol=2)
+from helpers import COLOURS, VAL, WNIDS, dump_pickle, save_jpeg, snapshot
 
 
 # ----------------------------------------------------------------------------------------- CIFAR
 
-def _rgb_pattern() -> np.ndarray:
-    """One CIFAR row: red plane all 10, green all 20, blue all 30."""
-    return np.concatenate([np.full(1024, v, dtype=np.uint8) for v in (10, 20, 30)])
-
-
-def _index_pattern() -> np.ndarray:
-    """One CIFAR row whose value at (c, h, w) is (c*1024 + h*32 + w) % 256."""
-    return (np.arange(3072) % 256).astype(np.uint8)
-
-
-@pytest.fixture
-def cifar10_root(tmp_path):
-    rng = np.random.default_rng(0)
-    base = tmp_path / "cifar-10-batches-py"
-    batches = {}
-    for i in range(1, 6):
-        data = rng.integers(0, 256, size=(4, 3072), dtype=np.uint8)
-        labels = [(4 * (i - 1) + j) % 10 for j in range(4)]  # 0..9, 0..9, ...
-        batches[f"data_batch_{i}"] = (data, labels)
-    batches["data_batch_1"][0][0] = _rgb_pattern()
-    batches["data_batch_1"][0][1] = _index_pattern()
-    batches["test_batch"] = (rng.integers(0, 256, size=(4, 3072), dtype=np.uint8), [9, 8, 7, 6])
-    for name, (data, labels) in batches.items():
-        _dump(base / name, {"batch_label": name, "data": data, "labels": labels,
-                            "filenames": [f"img_{k}.png" for k in range(len(labels))]})
-    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    _dump(base / "batches.meta", {"label_names": names, "num_cases_per_batch": 4, "num_vis": 3072})
-    return tmp_path, batches, names
-
-
-@pytest.fixture
-def cifar100_root(tmp_path):
-    rng = np.random.default_rng(1)
-    base = tmp_path / "cifar-100-python"
-    splits = {
-        "train": (rng.integers(0, 256, size=(6, 3072), dtype=np.uint8), [0, 99, 42, 7, 50, 99]),
-        "test": (rng.integers(0, 256, size=(3, 3072), dtype=np.uint8), [5, 98, 0]),
-    }
-    splits["train"][0][2] = _rgb_pattern()
-    for name, (data, fine) in splits.items():
-        _dump(base / name, {"data": data, "fine_labels": fine,
-                            "coarse_labels": [f % 20 for f in fine], "filenames": ["x.png"] * len(fine)})
-    fine_names = [f"fine_{i}" for i in range(100)]
-    _dump(base / "meta", {"fine_label_names": fine_names,
-                          "coarse_label_names": [f"coarse_{i}" for i in range(20)]})
-    return tmp_path, splits, fine_names
-
-
 def test_cifar10_train_shapes_labels_and_pixels(cifar10_root):
     root, batches, names = cifar10_root
-    before = _snapshot(root)
+    before = snapshot(root)
     arrays = load_cifar(root, "cifar10", "train")
-    assert _snapshot(root) == before  # nothing written under the data root
+    assert snapshot(root) == before  # nothing written under the data root
 
     assert arrays.x.shape == (20, 3, 32, 32) and arrays.x.dtype == torch.uint8
     assert arrays.y.shape == (20,) and arrays.y.dtype == torch.int64
@@ -126,8 +66,8 @@ def test_cifar_bytes_keys_are_accepted(tmp_path):
     # a pickle written by Python 3 with bytes keys and names (as from encoding='bytes' round trips)
     base = tmp_path / "cifar-100-python"
     data = np.zeros((2, 3072), dtype=np.uint8)
-    _dump(base / "test", {b"data": data, b"fine_labels": [3, 4]})
-    _dump(base / "meta", {b"fine_label_names": [f"c{i}".encode() for i in range(100)]})
+    dump_pickle(base / "test", {b"data": data, b"fine_labels": [3, 4]})
+    dump_pickle(base / "meta", {b"fine_label_names": [f"c{i}".encode() for i in range(100)]})
     arrays = load_cifar(tmp_path, "cifar100", "test")
     assert arrays.y.tolist() == [3, 4] and arrays.classes[3] == "c3"
 
@@ -163,20 +103,21 @@ def test_cifar_malformed_files(cifar10_root):
     with pytest.raises(ValueError, match="data_batch_2"):
         load_cifar(root, "cifar10", "train")
 
-    _dump(base / "test_batch", {"data": np.zeros((2, 100), dtype=np.uint8), "labels": [0, 1]})
+    dump_pickle(base / "test_batch", {"data": np.zeros((2, 100), dtype=np.uint8), "labels": [0, 1]})
     with pytest.raises(ValueError, match="test_batch.*3072"):
         load_cifar(root, "cifar10", "test")
 
-    _dump(base / "test_batch", {"data": np.zeros((2, 3072), dtype=np.uint8), "labels": [0, 10]})
+    dump_pickle(base / "test_batch",
+                {"data": np.zeros((2, 3072), dtype=np.uint8), "labels": [0, 10]})
     with pytest.raises(ValueError, match="test_batch.*labels"):
         load_cifar(root, "cifar10", "test")
 
-    _dump(base / "test_batch", {"data": np.zeros((2, 3072), dtype=np.uint8)})
+    dump_pickle(base / "test_batch", {"data": np.zeros((2, 3072), dtype=np.uint8)})
     with pytest.raises(ValueError, match="test_batch.*'labels'"):
         load_cifar(root, "cifar10", "test")
 
-    _dump(base / "test_batch", {"data": np.zeros((1, 3072), dtype=np.uint8), "labels": [0]})
-    _dump(base / "batches.meta", {"label_names": ["only", "three", "names"]})
+    dump_pickle(base / "test_batch", {"data": np.zeros((1, 3072), dtype=np.uint8), "labels": [0]})
+    dump_pickle(base / "batches.meta", {"label_names": ["only", "three", "names"]})
     with pytest.raises(ValueError, match="batches.meta"):
         load_cifar(root, "cifar10", "test")
 
@@ -194,46 +135,6 @@ def test_cifar_bad_arguments(tmp_path, name, split, argument):
 
 # ---------------------------------------------------------------------------------- TinyImageNet
 
-# deliberately not in alphabetical order: class id must follow wnids.txt line order
-_WNIDS = ["n03000001", "n01000002", "n02000003"]
-_COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]  # one per class
-_VAL = [("val_0.JPEG", 2), ("val_1.JPEG", 0), ("val_2.JPEG", 1)]
-
-
-def _save_jpeg(path: Path, colour, mode: str = "RGB", size=(64, 64)) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new(mode, size, colour).save(path, format="JPEG", quality=95)
-
-
-@pytest.fixture
-def tiny_root(tmp_path):
-    base = tmp_path / "tiny-imagenet-200"
-    base.mkdir()
-    (base / "wnids.txt").write_text("\n".join(_WNIDS) + "\n")
-    # words.txt covers the whole of ImageNet; here two of our wnids and an unrelated one
-    (base / "words.txt").write_text(
-        "n00000009\tentity\n"
-        f"{_WNIDS[0]}\tgoldfish, Carassius auratus\n"
-        f"{_WNIDS[1]}\tEgyptian cat\n"
-    )
-    for label, wnid in enumerate(_WNIDS):
-        class_dir = base / "train" / wnid
-        # _10 and _2: natural order puts _2 first; _2 is slightly darker to tell them apart
-        r, g, b = _COLOURS[label]
-        _save_jpeg(class_dir / "images" / f"{wnid}_2.JPEG", (r - 20, g - 20, b - 20))
-        _save_jpeg(class_dir / "images" / f"{wnid}_10.JPEG", (r, g, b))
-        (class_dir / f"{wnid}_boxes.txt").write_text(f"{wnid}_2.JPEG\t0\t0\t63\t63\n")
-    # one grayscale training image, replacing class 1's _10
-    _save_jpeg(base / "train" / _WNIDS[1] / "images" / f"{_WNIDS[1]}_10.JPEG", 128, mode="L")
-
-    lines = []
-    for filename, label in _VAL:
-        _save_jpeg(base / "val" / "images" / filename, _COLOURS[label])
-        lines.append(f"{filename}\t{_WNIDS[label]}\t0\t5\t60\t62")
-    (base / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
-    return tmp_path
-
-
 def _close(pixels: torch.Tensor, colour, tol: int = 4) -> bool:
     """Every pixel of a [3, H, W] image within tol of colour (JPEG is lossy)."""
     target = torch.tensor(colour, dtype=torch.int16).view(3, 1, 1)
@@ -241,17 +142,17 @@ def _close(pixels: torch.Tensor, colour, tol: int = 4) -> bool:
 
 
 def test_tinyimagenet_train(tiny_root):
-    before = _snapshot(tiny_root)
+    before = snapshot(tiny_root)
     arrays = load_tinyimagenet(tiny_root, "train")
-    assert _snapshot(tiny_root) == before  # nothing written under the data root
+    assert snapshot(tiny_root) == before  # nothing written under the data root
 
     assert arrays.x.shape == (6, 3, 64, 64) and arrays.x.dtype == torch.uint8
     assert arrays.y.dtype == torch.int64
     assert arrays.y.tolist() == [0, 0, 1, 1, 2, 2]  # wnids.txt order, not alphabetical
-    assert arrays.classes == ["goldfish", "Egyptian cat", _WNIDS[2]]  # wnid when words.txt lacks it
+    assert arrays.classes == ["goldfish", "Egyptian cat", WNIDS[2]]  # wnid when words.txt lacks it
 
     for label in (0, 2):
-        r, g, b = _COLOURS[label]
+        r, g, b = COLOURS[label]
         assert _close(arrays.x[2 * label], (r - 20, g - 20, b - 20))  # _2 before _10
         assert _close(arrays.x[2 * label + 1], (r, g, b))
 
@@ -263,22 +164,22 @@ def test_tinyimagenet_train(tiny_root):
 def test_tinyimagenet_test_is_official_val(tiny_root):
     arrays = load_tinyimagenet(tiny_root, "test")
     assert arrays.x.shape == (3, 3, 64, 64) and arrays.x.dtype == torch.uint8
-    assert arrays.y.tolist() == [label for _, label in _VAL]  # from val_annotations.txt
-    for i, (_, label) in enumerate(_VAL):
-        assert _close(arrays.x[i], _COLOURS[label])
+    assert arrays.y.tolist() == [label for _, label in VAL]  # from val_annotations.txt
+    for i, (_, label) in enumerate(VAL):
+        assert _close(arrays.x[i], COLOURS[label])
     assert len(arrays.classes) == 3
 
 
 def test_tinyimagenet_without_words_uses_wnids(tiny_root):
     (tiny_root / "tiny-imagenet-200" / "words.txt").unlink()
-    assert load_tinyimagenet(tiny_root, "test").classes == _WNIDS
+    assert load_tinyimagenet(tiny_root, "test").classes == WNIDS
 
 
 def test_tinyimagenet_val_order_is_natural(tiny_root):
     base = tiny_root / "tiny-imagenet-200" / "val"
-    _save_jpeg(base / "images" / "val_10.JPEG", (0, 0, 0))
+    save_jpeg(base / "images" / "val_10.JPEG", (0, 0, 0))
     with open(base / "val_annotations.txt", "a") as f:
-        f.write(f"val_10.JPEG\t{_WNIDS[0]}\t0\t0\t1\t1\n")
+        f.write(f"val_10.JPEG\t{WNIDS[0]}\t0\t0\t1\t1\n")
     arrays = load_tinyimagenet(tiny_root, "test")
     assert arrays.y.tolist() == [2, 0, 1, 0]
     assert _close(arrays.x[3], (0, 0, 0))
@@ -310,9 +211,9 @@ def test_tinyimagenet_incomplete_extraction(tiny_root):
     (base / "val" / "images" / "val_1.JPEG").unlink()
     with pytest.raises(DatasetNotFoundError, match="val_1.JPEG"):
         load_tinyimagenet(tiny_root, "test")
-    for p in (base / "train" / _WNIDS[2] / "images").iterdir():
+    for p in (base / "train" / WNIDS[2] / "images").iterdir():
         p.unlink()
-    with pytest.raises(DatasetNotFoundError, match=_WNIDS[2]):
+    with pytest.raises(DatasetNotFoundError, match=WNIDS[2]):
         load_tinyimagenet(tiny_root, "train")
 
 
@@ -323,12 +224,12 @@ def test_tinyimagenet_malformed(tiny_root):
     with pytest.raises(ValueError, match="val_annotations.txt"):
         load_tinyimagenet(tiny_root, "test")
 
-    bad = base / "train" / _WNIDS[0] / "images" / f"{_WNIDS[0]}_2.JPEG"
+    bad = base / "train" / WNIDS[0] / "images" / f"{WNIDS[0]}_2.JPEG"
     bad.write_bytes(b"not a jpeg")
-    with pytest.raises(ValueError, match=f"{_WNIDS[0]}_2.JPEG"):
+    with pytest.raises(ValueError, match=f"{WNIDS[0]}_2.JPEG"):
         load_tinyimagenet(tiny_root, "train")
 
-    _save_jpeg(bad, (0, 0, 0), size=(32, 32))
+    save_jpeg(bad, (0, 0, 0), size=(32, 32))
     with pytest.raises(ValueError, match="32x32"):
         load_tinyimagenet(tiny_root, "train")
 

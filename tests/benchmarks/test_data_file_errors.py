@@ -17,9 +17,8 @@ from cl_plugins.benchmarks.cifar_files import load_cifar
 from cl_plugins.benchmarks.mnist_files import load_idx_dataset
 from cl_plugins.benchmarks.tinyimagenet_files import load_tinyimagenet
 from cl_plugins.core.checks import DataFileError, DatasetNotFoundError
-# helpers and fixtures writing tiny files in the real CIFAR / TinyImageNet layouts
-from test_dataset_files import (_WNIDS, _snapshot, cifar10_root,  # noqa: F401
-                                cifar100_root, tiny_root)
+
+from helpers import WNIDS, snapshot
 
 _IDX = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
         "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -65,12 +64,12 @@ def test_tiny_mnist_still_loads_exactly(mnist_files):
     gz = raw / "t10k-labels-idx1-ubyte.gz"
     gz.with_suffix("").write_bytes(gzip.decompress(gz.read_bytes()))  # an extracted copy...
     gz.unlink()  # ...is read too
-    before = _snapshot(root)
+    before = snapshot(root)
     for split, (x, y) in arrays.items():
         a = load_idx_dataset(root, "MNIST", split)
         assert a.x.dtype == torch.uint8 and a.x.shape == (_N[split], 1, 28, 28)
         assert np.array_equal(a.x[:, 0].numpy(), x) and a.y.tolist() == y.tolist()
-    assert _snapshot(root) == before  # nothing written under the data root
+    assert snapshot(root) == before  # nothing written under the data root
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.995])
@@ -151,12 +150,12 @@ def test_missing_idx_lists_train_and_test_before_reading(mnist_files, name, benc
     for stem in _IDX["test"]:
         (raw / f"{stem}.gz").unlink()
     (raw / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b corrupt")  # must not be read
-    before = _snapshot(root)
+    before = snapshot(root)
     msg = _error(DatasetNotFoundError, lambda: build_benchmark(benchmark, data_root=str(root)))
     for f in _all_idx_files(raw):
         assert f"  - {f}\n" in msg
     assert "Missing from" in msg and "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz" in msg
-    assert _snapshot(root) == before
+    assert snapshot(root) == before
 
 
 def test_missing_idx_nothing_there(tmp_path):
@@ -193,7 +192,7 @@ def test_missing_cifar_lists_train_and_test_before_reading(request, fixture, ben
 def test_missing_tinyimagenet_reported_before_decoding(tiny_root, remove, expected):
     base = tiny_root / "tiny-imagenet-200"
     (base / remove).unlink()
-    (base / "train" / _WNIDS[0] / "images" / f"{_WNIDS[0]}_2.JPEG").write_bytes(b"corrupt")
+    (base / "train" / WNIDS[0] / "images" / f"{WNIDS[0]}_2.JPEG").write_bytes(b"corrupt")
     with pytest.raises(DatasetNotFoundError) as info:
         build_benchmark("split_tinyimagenet", n_experiences=3, data_root=str(tiny_root))
     assert info.value.expected == [str(base / f) for f in expected]

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 from avalanche.models import MultiHeadClassifier
 from torch import nn
 

@@ -18,6 +18,8 @@ from cl_plugins.models import build_model
 from cl_plugins.projection.gpm import GPMPlugin
 from cl_plugins.registry import signature_defaults
 
+from helpers import naive_sgd
+
 F64 = torch.float64
 
 
@@ -354,15 +356,6 @@ def test_registry_header():
 
 # ---------------------------------------------------------------- state and end to end
 
-def _naive(model, plugin):
-    from avalanche.training import Naive
-    from avalanche.training.plugins import EvaluationPlugin
-
-    return Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                 criterion=torch.nn.CrossEntropyLoss(), train_mb_size=32, train_epochs=1,
-                 device="cpu", plugins=[plugin], evaluator=EvaluationPlugin())
-
-
 def test_state_round_trip_resumes_identically():
     info = build_benchmark("split_digits", "domain")
     exps = list(info.benchmark.train_stream)
@@ -373,16 +366,16 @@ def test_state_round_trip_resumes_identically():
                          bias="append", seed=3)
 
     plugin = make()
-    strategy = _naive(model, plugin)
+    strategy = naive_sgd(model, plugin)
     for e in exps[:2]:
         strategy.train(e)
     state = plugin.state_dict()
-    assert plugin.tasks_seen == 2 and all(b.device.type == "cpu" and b.dtype == F64
+    assert plugin.n_experiences == 2 and all(b.device.type == "cpu" and b.dtype == F64
                                           for b in state["bases"].values())
     restored = make()
     restored.load_state_dict(copy.deepcopy(state))
     model2 = copy.deepcopy(model)
-    strategy2 = _naive(model2, restored)
+    strategy2 = naive_sgd(model2, restored)
     for s, e in ((strategy, exps[2]), (strategy2, exps[2])):
         torch.manual_seed(1)  # the training data loader's shuffle
         s.train(e)
@@ -399,21 +392,12 @@ def test_state_round_trip_resumes_identically():
 
 def test_less_forgetting_than_naive_on_split_digits(digits_cfg):
     from cl_plugins.experiment.runner import run_experiment
-    from cl_plugins.registry import MethodSpec, _REGISTRY, get_method
 
     digits_cfg["benchmark"]["scenario"] = "domain"  # one shared head: naive forgets clearly
     digits_cfg["optimizer"].update(name="sgd", lr=0.1)
     digits_cfg["methods"] = ["naive", {"name": "gpm", "params": {"threshold": 0.97,
                                                                  "threshold_increment": 0.0}}]
-    get_method("naive")
-    added = "gpm" not in _REGISTRY
-    if added:
-        _REGISTRY["gpm"] = MethodSpec.from_plugin(GPMPlugin)
-    try:
-        naive, gpm = run_experiment(digits_cfg, echo=lambda *a: None)
-    finally:
-        if added:
-            del _REGISTRY["gpm"]
+    naive, gpm = run_experiment(digits_cfg, echo=lambda *a: None)
     assert naive["status"] == gpm["status"] == "finished", (naive.get("error"), gpm.get("error"))
     assert naive["summary"]["bwt"] < -0.1
     assert gpm["summary"]["bwt"] > naive["summary"]["bwt"] + 0.1

@@ -18,32 +18,9 @@ from torch import nn
 from cl_plugins.benchmarks import build_benchmark
 from cl_plugins.experiment.runner import run_experiment
 from cl_plugins.models import ClassifierNet, MaskedHead, build_model
-from cl_plugins.registry import MethodSpec, _REGISTRY, get_method
 from cl_plugins.replay.er import ERPlugin
 from cl_plugins.core.exemplars import herding_order
 from cl_plugins.replay.icarl import ICaRLPlugin, icarl_bce
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
-def registered():
-    get_method("naive")
-    saved = _REGISTRY.get("icarl")
-    _REGISTRY["icarl"] = MethodSpec.from_plugin(ICaRLPlugin)
-    try:
-        yield
-    finally:
-        if saved is None:
-            _REGISTRY.pop("icarl", None)
-        else:
-            _REGISTRY["icarl"] = saved
 
 
 def _strategy(plugins, seed=0, sgd=False, metrics=()):
@@ -359,7 +336,7 @@ def test_state_round_trip_resumes_identically(kwargs):
 # ---------------------------------------------------------------------------- end to end
 
 
-def test_icarl_forgets_much_less_than_naive(digits_cfg, registered):
+def test_icarl_forgets_much_less_than_naive(digits_cfg):
     digits_cfg["benchmark"]["scenario"] = "class"
     # seeds 0-2: naive ends near 0.29 ACC / -0.6 BWT, iCaRL near 0.84 / -0.05
     digits_cfg["methods"] = [

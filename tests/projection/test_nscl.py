@@ -20,17 +20,9 @@ from cl_plugins.core.subspace import FanInProjector, LayerUpdateProjector
 from cl_plugins.models.classifier import ClassifierNet
 from cl_plugins.projection.nscl import NSCLPlugin, null_space
 
+from helpers import param_copies
+
 DT = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a loaded machine the threads'
-    synchronisation costs more than the work (x100 here); restored after this module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -72,10 +64,6 @@ def _step(model, opt, x, y, plugin=None, strategy=None):
     if plugin is not None:
         plugin.after_update(strategy)
         plugin.after_training_iteration(strategy)
-
-
-def _params(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 # ------------------------------------------------------------------ projector and bound
@@ -287,7 +275,7 @@ def test_task1_is_plain_adam_and_task2_step_is_adam_step_times_T():
         ref = copy.deepcopy(model)
         opt_ref = torch.optim.Adam(ref.parameters(), lr=1e-2, weight_decay=5e-5)
         opt_ref.load_state_dict(copy.deepcopy(opt.state_dict()))
-        before = _params(model)
+        before = param_copies(model)
         _step(model, opt, x2, y2, plugin, st2)
         _step(ref, opt_ref, x2, y2)
         layers = dict(model.named_modules())
@@ -353,7 +341,7 @@ def test_old_task_outputs_unchanged_after_many_projected_steps():
         plugin.after_training_exp(st)
         with torch.no_grad():
             out1 = net(x1, 0)
-        start = _params(net)
+        start = param_copies(net)
         st2 = _strategy(net, opt, x2, y2)
         if project:
             plugin.before_training_exp(st2)
@@ -452,7 +440,7 @@ def test_bn_penalty_with_several_terms_is_the_sum_of_its_terms():
         st = _strategy(model, None, x, torch.zeros(9, dtype=torch.long))
         plugin.before_training_exp(st)
         plugin.after_training_exp(st)
-        anchors.append(_params(model))
+        anchors.append(param_copies(model))
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=DT))
@@ -505,7 +493,7 @@ def test_state_round_trip_gives_identical_continuation():
     def continue_with(plugin, model):
         torch.manual_seed(1)
         make(model, plugin).train(exp1, reset_optimizer_state=True)
-        return _params(model)
+        return param_copies(model)
 
     model_b = copy.deepcopy(model_a)
     model_c = copy.deepcopy(model_a)
@@ -514,7 +502,7 @@ def test_state_round_trip_gives_identical_continuation():
     after_b = continue_with(plugin_b, model_b)
     torch.manual_seed(1)
     strat_a.train(exp1, reset_optimizer_state=True)
-    after_a = _params(model_a)
+    after_a = param_copies(model_a)
     for n in after_a:
         assert torch.equal(after_a[n], after_b[n]), n
     torch.testing.assert_close(plugin_b.covariances["backbone.1"],
@@ -592,12 +580,12 @@ def test_bias_freeze_keeps_biases_and_drops_the_bias_column():
     _step(model, opt, x1, y1, plugin, st)
     plugin.after_training_exp(st)
     assert plugin.covariances["backbone.0"].shape == (6, 6)  # no constant column
-    frozen = _params(model)
+    frozen = param_copies(model)
     st2 = _strategy(model, opt, x2, y2)
     plugin.before_training_exp(st2)
     for _ in range(5):
         _step(model, opt, x2, y2, plugin, st2)
-    now = _params(model)
+    now = param_copies(model)
     for name in ("backbone.0.bias", "backbone.2.bias"):
         assert torch.equal(now[name], frozen[name])
     assert not torch.equal(now["backbone.0.weight"], frozen["backbone.0.weight"])
@@ -631,7 +619,7 @@ def test_gradient_path_equals_update_path_under_plain_sgd(bias):
         for _ in range(3):
             _step(model, opt, x2, y2, plugin, st)
         assert plugin._path == path
-        results[path], used[path] = _params(model), calls
+        results[path], used[path] = param_copies(model), calls
     assert any(used["gradient"]) and not used["update"]  # the input side was taken
     for n in results["update"]:
         torch.testing.assert_close(results["gradient"][n], results["update"][n],

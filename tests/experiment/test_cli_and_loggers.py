@@ -11,7 +11,7 @@ import pytest
 from cl_plugins.experiment.cli import main
 from cl_plugins.registry import list_methods
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
 
 
 def test_list_prints_every_method_with_scenarios(capsys):
@@ -54,10 +54,27 @@ def test_cli_errors_are_clean(capsys):
 
 
 def test_every_shipped_config_loads():
+    """Each shipped config loads and validates; its name is its file's stem (two configs never
+    share an output folder); every method it runs is registered, supports its scenario, and
+    its plugins accept the config's hyper-parameters (what plan_experiment checks, minus the
+    data files the configs need)."""
+    from cl_plugins.benchmarks import resolve_scenario
     from cl_plugins.experiment.config import load_config, validate
+    from cl_plugins.experiment.plan import entry_params, expand_methods, instantiate
+    from cl_plugins.registry import get_method
 
-    for path in glob.glob(str(REPO / "experiments" / "configs" / "*.yaml")):
-        validate(load_config(path))
+    paths = sorted((REPO / "experiments" / "configs").glob("*.yaml"))
+    assert len(paths) >= 10, paths  # the folder really is the configs folder
+    for path in paths:
+        cfg = validate(load_config(path))
+        assert cfg["name"] == path.stem
+        scenario = resolve_scenario(cfg["benchmark"]["scenario"])
+        for entry in expand_methods(cfg["methods"], scenario):
+            for part in [entry] + entry["plus"]:
+                spec = get_method(part["name"])
+                spec.check_scenario(scenario)
+                if spec.kind == "plugin":
+                    instantiate(spec, entry_params(cfg, part))
 
 
 def test_wandb_offline_run_holds_the_metrics(tmp_path, monkeypatch):

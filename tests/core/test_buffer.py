@@ -11,16 +11,6 @@ import torch
 from cl_plugins.core.buffer import ReplayBuffer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and immune to a busy machine (two threads
-    spin-waiting on shared cores made these runs ~20x slower there)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _stream(n, d=1):
     """Sample i has features i (so stored samples can be identified) and label i % 5."""
     ids = torch.arange(n)

@@ -17,6 +17,8 @@ from cl_plugins.experiment import checkpoint as ckpt_io
 from cl_plugins.experiment.state_io import (UnrepresentableState, check_plain, restore_into,
                                             to_plain)
 
+from helpers import REPO
+
 
 def _reload(obj, tmp_path):
     f = tmp_path / "obj.pt"
@@ -303,7 +305,7 @@ def test_save_refuses_non_plain_data_and_keeps_the_last_good_file(tmp_path):
 def test_gitignore_covers_every_checkpoint_file():
     import fnmatch
 
-    root = Path(__file__).resolve().parents[1]
+    root = REPO
     patterns = [ln.strip() for ln in (root / ".gitignore").read_text().splitlines()
                 if ln.strip() and not ln.startswith("#")]
     for name in ("seed0.ckpt.pt", "seed0.ckpt.prev.pt", "seed0.ckpt.pt.corrupt",

@@ -28,14 +28,6 @@ MNIST = ([0.1307], [0.3081])
 CIFAR100 = ([0.5071, 0.4866, 0.4409], [0.2673, 0.2564, 0.2762])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _images(n, c, hw=28, seed=0):
     """Random uint8 images [n, c, hw, hw]; every level 0..255 occurs in every channel."""
     g = torch.Generator().manual_seed(seed)

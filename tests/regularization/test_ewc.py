@@ -1,4 +1,5 @@
-"""EWC and online EWC: closed-form Fisher, penalty gradient, bookkeeping, state, forgetting."""
+"""EWC (Kirkpatrick et al. 2017): closed-form Fisher, penalty gradient, bookkeeping (also
+against online EWC), state, forgetting (EWC and online EWC against naive), arguments."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from cl_plugins.models import build_model
 from cl_plugins.registry import signature_defaults
 from cl_plugins.regularization.ewc import FISHER_TYPES, EWCPlugin
 from cl_plugins.regularization.online_ewc import OnlineEWCPlugin
+
+from helpers import (check_ewc_penalty_value_and_gradient, check_ewc_registry_header,
+                     check_ewc_state_round_trip)
 
 
 def _linear_problem(n=37, d=4, c=3, seed=0):
@@ -157,46 +161,10 @@ def test_fisher_on_runner_models_matches_a_per_sample_loop(scenario, fisher):
         torch.testing.assert_close(got[n], want[n], rtol=1e-10, atol=1e-14)
 
 
-def _random_terms(plugin, params, k, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(k):
-        imp = {n: torch.rand(p.shape, generator=g, dtype=p.dtype) for n, p in params.items()}
-        imp["w"][0, 0] = 0.0  # an unimportant element: must not break the collapsed form
-        anc = {n: torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in params.items()}
-        plugin.quadratic_penalty.add(imp, anc)
-
-
 @pytest.mark.parametrize("make", [lambda: EWCPlugin(ewc_lambda=3.0),
-                                  lambda: EWCPlugin(ewc_lambda=3.0, mode="accumulate"),
-                                  lambda: OnlineEWCPlugin(ewc_lambda=3.0, gamma=0.7)])
+                                  lambda: EWCPlugin(ewc_lambda=3.0, mode="accumulate")])
 def test_penalty_value_and_gradient(make):
-    plugin = make()
-    g = torch.Generator().manual_seed(1)
-    params = {"w": torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True),
-              "b": torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)}
-    _random_terms(plugin, params, 3)
-    by_hand = sum(1.5 * (imp[n] * (params[n] - anc[n]) ** 2).sum()
-                  for imp, anc in plugin.quadratic_penalty.terms for n in params)
-    value = plugin.penalty(params)
-    torch.testing.assert_close(value, by_hand, rtol=1e-12, atol=0)
-    (grad_w, grad_b) = torch.autograd.grad(value, [params["w"], params["b"]])
-    analytic = plugin.quadratic_penalty.gradient(params)
-    torch.testing.assert_close(grad_w, analytic["w"], rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(grad_b, analytic["b"], rtol=1e-12, atol=1e-14)
-    # central finite differences on every coordinate
-    eps = 1e-6
-    with torch.no_grad():
-        for name, grad in (("w", grad_w), ("b", grad_b)):
-            flat = params[name].view(-1)
-            for i in range(flat.numel()):
-                old = flat[i].item()
-                flat[i] = old + eps
-                up = plugin.penalty(params).item()
-                flat[i] = old - eps
-                down = plugin.penalty(params).item()
-                flat[i] = old
-                assert (up - down) / (2 * eps) == pytest.approx(grad.view(-1)[i].item(),
-                                                                rel=1e-6, abs=1e-8)
+    check_ewc_penalty_value_and_gradient(make)
 
 
 def test_separate_and_accumulate_agree_after_one_task():
@@ -301,49 +269,9 @@ def test_shape_change_raises_at_the_next_experience():
         plugin.before_training_exp(_fake_strategy(torch.nn.Linear(4, 5).double(), ds))
 
 
-def _naive(model, plugin):
-    from avalanche.training import Naive
-    from avalanche.training.plugins import EvaluationPlugin
-
-    return Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                 criterion=torch.nn.CrossEntropyLoss(), train_mb_size=32, train_epochs=1,
-                 device="cpu", plugins=[plugin], evaluator=EvaluationPlugin())
-
-
-@pytest.mark.parametrize("make", [
-    lambda: EWCPlugin(ewc_lambda=50.0, fisher="true", fisher_samples=100, seed=5),
-    lambda: OnlineEWCPlugin(ewc_lambda=50.0, gamma=0.8, fisher="true", fisher_samples=100)])
-def test_state_round_trip_resumes_identically(make):
-    info = build_benchmark("split_digits", "domain")
-    exps = list(info.benchmark.train_stream)
-    torch.manual_seed(0)
-    model = build_model({"name": "mlp", "hidden": [16]}, info)
-    plugin = make()
-    strategy = _naive(model, plugin)
-    for e in exps[:2]:
-        strategy.train(e)
-    state = plugin.state_dict()
-    assert all(t.device.type == "cpu" for imp, anc in state["penalty"]["terms"]
-               for t in list(imp.values()) + list(anc.values()))
-    restored = make()
-    restored.load_state_dict(copy.deepcopy(state))
-    model2 = copy.deepcopy(model)
-    params, params2 = shared_parameters(model), shared_parameters(model2)
-    assert plugin.penalty(params).item() == restored.penalty(params2).item()
-    strategy2 = _naive(model2, restored)
-    for s, e in ((strategy, exps[2]), (strategy2, exps[2])):
-        torch.manual_seed(1)  # the training data loader's shuffle
-        s.train(e)
-    for (n, p), (_, q) in zip(model.named_parameters(), model2.named_parameters()):
-        assert torch.equal(p, q), n
-    a, b = plugin.state_dict(), restored.state_dict()
-    assert torch.equal(a["generator"], b["generator"])
-    for (i1, a1), (i2, a2) in zip(a["penalty"]["terms"], b["penalty"]["terms"]):
-        assert all(torch.equal(i1[n], i2[n]) and torch.equal(a1[n], a2[n]) for n in i1)
-    other = {"gamma": plugin.gamma} if isinstance(plugin, OnlineEWCPlugin) else {}
-    with pytest.raises(ValueError,
-                       match="saved with ewc_lambda=50.0, this plugin has ewc_lambda=1.0"):
-        type(plugin)(ewc_lambda=1.0, **other).load_state_dict(state)
+def test_state_round_trip_resumes_identically():
+    check_ewc_state_round_trip(
+        lambda: EWCPlugin(ewc_lambda=50.0, fisher="true", fisher_samples=100, seed=5))
 
 
 def _run_registered(cfg, methods):
@@ -372,33 +300,21 @@ def test_less_forgetting_than_naive_on_split_digits(digits_cfg):
     assert online["summary"]["bwt"] > naive["summary"]["bwt"] + 0.03
 
 
-@pytest.mark.parametrize("cls,kwargs,match", [
-    (EWCPlugin, {"ewc_lambda": -1.0}, r"ewc_lambda must be in \[0, inf\)"),
-    (EWCPlugin, {"ewc_lambda": "big"}, "ewc_lambda must be a number"),
-    (EWCPlugin, {"mode": "online"}, "mode must be one of 'separate', 'accumulate'.*OnlineEWC"),
-    (EWCPlugin, {"mode": "both"}, "mode must be one of"),
-    (EWCPlugin, {"fisher": "fim"}, "fisher must be one of 'exact', 'true', 'empirical'"),
-    (EWCPlugin, {"fisher_samples": 0}, r"fisher_samples must be in \[1, inf\)"),
-    (EWCPlugin, {"fisher_samples": 2.5}, "fisher_samples must be an integer"),
-    (EWCPlugin, {"fisher_batch_size": 0}, r"fisher_batch_size must be in \[1, inf\)"),
-    (EWCPlugin, {"seed": -1}, r"seed must be in \[0, inf\)"),
-    (OnlineEWCPlugin, {"gamma": 1.5}, r"gamma must be in \[0, 1\]"),
-    (OnlineEWCPlugin, {"gamma": -0.1}, r"gamma must be in \[0, 1\]"),
-    (OnlineEWCPlugin, {"fisher": "sample"}, "fisher must be one of"),
-    (OnlineEWCPlugin, {"ewc_lambda": -2}, "ewc_lambda"),
+@pytest.mark.parametrize("kwargs,match", [
+    ({"ewc_lambda": -1.0}, r"ewc_lambda must be in \[0, inf\)"),
+    ({"ewc_lambda": "big"}, "ewc_lambda must be a number"),
+    ({"mode": "online"}, "mode must be one of 'separate', 'accumulate'.*OnlineEWC"),
+    ({"mode": "both"}, "mode must be one of"),
+    ({"fisher": "fim"}, "fisher must be one of 'exact', 'true', 'empirical'"),
+    ({"fisher_samples": 0}, r"fisher_samples must be in \[1, inf\)"),
+    ({"fisher_samples": 2.5}, "fisher_samples must be an integer"),
+    ({"fisher_batch_size": 0}, r"fisher_batch_size must be in \[1, inf\)"),
+    ({"seed": -1}, r"seed must be in \[0, inf\)"),
 ])
-def test_bad_arguments(cls, kwargs, match):
+def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        cls(**kwargs)
+        EWCPlugin(**kwargs)
 
 
-@pytest.mark.parametrize("cls", [EWCPlugin, OnlineEWCPlugin])
-def test_registry_header(cls):
-    defaults = signature_defaults(cls)
-    assert set(cls.SWEEP) <= set(defaults)
-    protocol = {EWCPlugin: {"ewc_lambda": 1e5, "fisher": "exact"},  # S2
-                OnlineEWCPlugin: {"ewc_lambda": 800.0, "fisher": "predicted", "gamma": 1.0}}  # S1
-    assert {k: defaults[k] for k in protocol[cls]} == protocol[cls]
-    plugin = cls(**defaults)
-    assert plugin.quadratic_penalty.coef == defaults["ewc_lambda"] / 2
-    assert set(cls.SCENARIOS) == {"task", "domain", "class"} and not cls.NEEDS_TASK_LABELS
+def test_registry_header():
+    check_ewc_registry_header(EWCPlugin)

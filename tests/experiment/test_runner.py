@@ -15,7 +15,7 @@ from cl_plugins.experiment.config import (apply_override, load_config, parse_val
                                          validate)
 from cl_plugins.experiment.evaluation import summarize
 from cl_plugins.experiment.runner import build_optimizer, run_experiment
-from cl_plugins.registry import MethodSpec, _REGISTRY, get_method
+from cl_plugins.registry import MethodSpec, get_method
 
 
 def test_summarize_by_hand():
@@ -91,13 +91,10 @@ class _FailAt(SupervisedPlugin):
             raise RuntimeError("injected failure")
 
 
-def test_results_written_before_a_failure_are_kept(digits_cfg, monkeypatch):
-    _REGISTRY["_fail_at_3"] = MethodSpec("_fail_at_3", "plugin", _FailAt, defaults={"exp_id": 3})
-    try:
-        digits_cfg["methods"] = ["_fail_at_3", "naive"]
-        runs = run_experiment(digits_cfg, echo=lambda *a: None)
-    finally:
-        del _REGISTRY["_fail_at_3"]
+def test_results_written_before_a_failure_are_kept(digits_cfg, monkeypatch, register_methods):
+    register_methods(MethodSpec("_fail_at_3", "plugin", _FailAt, defaults={"exp_id": 3}))
+    digits_cfg["methods"] = ["_fail_at_3", "naive"]
+    runs = run_experiment(digits_cfg, echo=lambda *a: None)
     failed, ok = runs
     assert failed["status"] == "failed" and "injected failure" in failed["error"]
     assert ok["status"] == "finished"  # one failing method does not stop the others
@@ -277,19 +274,16 @@ class _RecordLR(SupervisedPlugin):
                          strategy.optimizer.param_groups[0]["lr"]))
 
 
-def test_multistep_scheduler_restarts_every_experience(digits_cfg):
+def test_multistep_scheduler_restarts_every_experience(digits_cfg, register_methods):
     log = []
-    _REGISTRY["_record_lr"] = MethodSpec("_record_lr", "plugin", lambda: _RecordLR(log))
-    try:
-        digits_cfg["strategy"]["epochs"] = 4
-        digits_cfg["benchmark"]["n_experiences"] = 2
-        digits_cfg["optimizer"].update(name="sgd", lr=0.1,
-                                       scheduler={"name": "multistep", "milestones": [1, 3],
-                                                  "gamma": 0.5})
-        digits_cfg["methods"] = ["_record_lr"]
-        (r,) = run_experiment(validate(digits_cfg), echo=lambda *a: None)
-    finally:
-        del _REGISTRY["_record_lr"]
+    register_methods(MethodSpec("_record_lr", "plugin", lambda: _RecordLR(log)))
+    digits_cfg["strategy"]["epochs"] = 4
+    digits_cfg["benchmark"]["n_experiences"] = 2
+    digits_cfg["optimizer"].update(name="sgd", lr=0.1,
+                                   scheduler={"name": "multistep", "milestones": [1, 3],
+                                              "gamma": 0.5})
+    digits_cfg["methods"] = ["_record_lr"]
+    (r,) = run_experiment(validate(digits_cfg), echo=lambda *a: None)
     assert r["status"] == "finished"
     lrs = [round(lr, 6) for _, lr in log]
     assert lrs == [0.1, 0.05, 0.05, 0.025] * 2  # x0.5 after epochs 1 and 3, reset per task
@@ -315,17 +309,14 @@ class _CaptureModel(SupervisedPlugin):
         self.seen.append(sum(p.numel() for p in strategy.model.parameters()))
 
 
-def test_per_method_model_override(digits_cfg):
+def test_per_method_model_override(digits_cfg, register_methods):
     seen = []
-    _REGISTRY["_capture"] = MethodSpec("_capture", "plugin", lambda: _CaptureModel(seen))
-    try:
-        digits_cfg["methods"] = [{"name": "_capture", "label": "wide", "model": {"hidden": [48]}},
-                                 "_capture"]
-        digits_cfg["benchmark"]["n_experiences"] = 2
-        digits_cfg["strategy"]["epochs"] = 1
-        wide, plain = run_experiment(validate(digits_cfg), echo=lambda *a: None)
-    finally:
-        del _REGISTRY["_capture"]
+    register_methods(MethodSpec("_capture", "plugin", lambda: _CaptureModel(seen)))
+    digits_cfg["methods"] = [{"name": "_capture", "label": "wide", "model": {"hidden": [48]}},
+                             "_capture"]
+    digits_cfg["benchmark"]["n_experiences"] = 2
+    digits_cfg["strategy"]["epochs"] = 1
+    wide, plain = run_experiment(validate(digits_cfg), echo=lambda *a: None)
     assert wide["method"] == "wide" and plain["method"] == "_capture"
     assert seen[0] > seen[-1]  # 64-48-heads vs 64-32-heads
     model_cfg = section_for(digits_cfg, digits_cfg["methods"][0], "model")
