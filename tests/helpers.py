@@ -53,6 +53,20 @@ def naive_sgd(model, plugin):
 
 # ------------------------------------------------------- tiny CIFAR / TinyImageNet files on disk
 
+def continue_both(strategy, model, plugin, restored, exp):
+    """Train ``strategy`` (with ``plugin``) and a copy of ``model`` with ``restored`` (a fresh
+    plugin loaded from ``plugin``'s state) on ``exp`` with the same shuffle; assert the two
+    models end equal, and return both plugins' states afterwards."""
+    model2 = copy.deepcopy(model)
+    strategy2 = naive_sgd(model2, restored)
+    for s in (strategy, strategy2):
+        torch.manual_seed(1)  # the training data loader's shuffle
+        s.train(exp)
+    for (n, p), (_, q) in zip(model.named_parameters(), model2.named_parameters()):
+        assert torch.equal(p, q), n
+    return plugin.state_dict(), restored.state_dict()
+
+
 def snapshot(root: Path):
     """Every path under root with its size and mtime, to check that a reader wrote nothing."""
     return sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*"))
@@ -632,16 +646,9 @@ def check_ewc_state_round_trip(make):
                for t in list(imp.values()) + list(anc.values()))
     restored = make()
     restored.load_state_dict(copy.deepcopy(state))
-    model2 = copy.deepcopy(model)
-    params, params2 = shared_parameters(model), shared_parameters(model2)
-    assert plugin.penalty(params).item() == restored.penalty(params2).item()
-    strategy2 = naive_sgd(model2, restored)
-    for s, e in ((strategy, exps[2]), (strategy2, exps[2])):
-        torch.manual_seed(1)  # the training data loader's shuffle
-        s.train(e)
-    for (n, p), (_, q) in zip(model.named_parameters(), model2.named_parameters()):
-        assert torch.equal(p, q), n
-    a, b = plugin.state_dict(), restored.state_dict()
+    params = shared_parameters(model)
+    assert plugin.penalty(params).item() == restored.penalty(params).item()
+    a, b = continue_both(strategy, model, plugin, restored, exps[2])
     assert torch.equal(a["generator"], b["generator"])
     for (i1, a1), (i2, a2) in zip(a["penalty"]["terms"], b["penalty"]["terms"]):
         assert all(torch.equal(i1[n], i2[n]) and torch.equal(a1[n], a2[n]) for n in i1)

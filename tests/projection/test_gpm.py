@@ -18,7 +18,7 @@ from cl_plugins.models import build_model
 from cl_plugins.projection.gpm import GPMPlugin
 from cl_plugins.registry import signature_defaults
 
-from helpers import naive_sgd
+from helpers import continue_both, naive_sgd
 
 F64 = torch.float64
 
@@ -374,14 +374,7 @@ def test_state_round_trip_resumes_identically():
                                           for b in state["bases"].values())
     restored = make()
     restored.load_state_dict(copy.deepcopy(state))
-    model2 = copy.deepcopy(model)
-    strategy2 = naive_sgd(model2, restored)
-    for s, e in ((strategy, exps[2]), (strategy2, exps[2])):
-        torch.manual_seed(1)  # the training data loader's shuffle
-        s.train(e)
-    for (n, p), (_, q) in zip(model.named_parameters(), model2.named_parameters()):
-        assert torch.equal(p, q), n
-    a, b = plugin.state_dict(), restored.state_dict()
+    a, b = continue_both(strategy, model, plugin, restored, exps[2])
     assert torch.equal(a["generator"], b["generator"]) and a["history"] == b["history"]
     assert all(torch.equal(a["bases"][n], b["bases"][n]) for n in a["bases"])
     assert a["tasks_seen"] == b["tasks_seen"] == 3

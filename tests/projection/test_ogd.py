@@ -23,7 +23,7 @@ from cl_plugins.core import step_operators
 from cl_plugins.projection.ogd import OGDPlugin, output_gradients
 from cl_plugins.registry import signature_defaults
 
-from helpers import naive_sgd
+from helpers import continue_both, naive_sgd
 
 
 def _data(n, d=5, c=3, seed=0, task=0):
@@ -294,14 +294,7 @@ def test_state_round_trip_resumes_identically():
     assert state["basis"].device.type == "cpu" and state["basis"].shape[1] == 60
     restored = make()
     restored.load_state_dict(copy.deepcopy(state))
-    model2 = copy.deepcopy(model)
-    strategy2 = naive_sgd(model2, restored)
-    for s, e in ((strategy, exps[2]), (strategy2, exps[2])):
-        torch.manual_seed(1)  # the training data loader's shuffle
-        s.train(e)
-    for (n, p), (_, q) in zip(model.named_parameters(), model2.named_parameters()):
-        assert torch.equal(p, q), n
-    a, b = plugin.state_dict(), restored.state_dict()
+    a, b = continue_both(strategy, model, plugin, restored, exps[2])
     assert torch.equal(a["basis"], b["basis"]) and torch.equal(a["generator"], b["generator"])
     assert a["memory_indices"] == b["memory_indices"] and a["directions_per_exp"] == [30] * 3
     with pytest.raises(ValueError, match="saved with memory_per_task=30, this plugin has "
