@@ -67,6 +67,21 @@ def continue_both(strategy, model, plugin, restored, exp):
     return plugin.state_dict(), restored.state_dict()
 
 
+def train_both_equal(st_a, st_b, exp, seen=(), model_state=None):
+    """Resume ``st_b`` as ``st_a``: adapt its model to the experiences ``seen`` (heads, masks),
+    load ``model_state``, then train both on ``exp`` with the same shuffle and assert their
+    parameters end equal."""
+    for e in seen:
+        st_b.model.adaptation(e)
+    if model_state is not None:
+        st_b.model.load_state_dict(model_state)
+    for st in (st_a, st_b):
+        torch.manual_seed(99)  # same dataloader shuffling
+        st.train(exp)
+    for pa, pb in zip(st_a.model.parameters(), st_b.model.parameters()):
+        assert torch.equal(pa, pb)
+
+
 def snapshot(root: Path):
     """Every path under root with its size and mtime, to check that a reader wrote nothing."""
     return sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*"))
@@ -365,14 +380,7 @@ def check_replay_state_round_trip(make):
     b.load_state_dict(state)
     st_b, _ = er_der_strategy([b], sgd=True, seed=7)
     # the model must have the same heads/masks before loading its weights: adapt it first
-    for e in stream[:2]:
-        st_b.model.adaptation(e)
-    st_b.model.load_state_dict(model_state)
-    for st in (st_a, st_b):
-        torch.manual_seed(99)  # same dataloader shuffling
-        st.train(stream[2])
-    for pa, pb in zip(st_a.model.parameters(), st_b.model.parameters()):
-        assert torch.equal(pa, pb)
+    train_both_equal(st_a, st_b, stream[2], stream[:2], model_state)
     sa, sb = (p.store if isinstance(p, ERPlugin) else p.buffer for p in (a, b))
     assert torch.equal(sa.x, sb.x) and sa.n_seen == sb.n_seen
     if isinstance(a, ERPlugin):
@@ -576,14 +584,7 @@ def check_episodic_state_round_trip(make):
     b.memory.generator.manual_seed(999)  # must be overwritten by the state
     b.load_state_dict(state)
     st_b, _ = gem_agem_strategy([b], scenario="class", seed=7)
-    for e in stream[:2]:
-        st_b.model.adaptation(e)
-    st_b.model.load_state_dict(model_state)
-    for st in (st_a, st_b):
-        torch.manual_seed(99)  # same dataloader shuffling
-        st.train(stream[2])
-    for pa, pb in zip(st_a.model.parameters(), st_b.model.parameters()):
-        assert torch.equal(pa, pb)
+    train_both_equal(st_a, st_b, stream[2], stream[:2], model_state)
     assert a.n_projected == b.n_projected > state["n_projected"]
     assert torch.equal(a.memory.buffer.x, b.memory.buffer.x)
     assert a.memory.sizes == b.memory.sizes

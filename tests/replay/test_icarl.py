@@ -22,6 +22,8 @@ from cl_plugins.replay.er import ERPlugin
 from cl_plugins.core.exemplars import herding_order
 from cl_plugins.replay.icarl import ICaRLPlugin, icarl_bce
 
+from helpers import train_both_equal
+
 
 def _strategy(plugins, seed=0, sgd=False, metrics=()):
     torch.manual_seed(seed)
@@ -316,12 +318,7 @@ def test_state_round_trip_resumes_identically(kwargs):
     assert torch.equal(b.class_means, a.class_means) and b.mean_classes == a.mean_classes
     assert torch.equal(b.buffer.x, a.buffer.x) and torch.equal(b.buffer.y, a.buffer.y)
     st_b, _ = _strategy([b], sgd=True, seed=7)
-    st_b.model.load_state_dict(model_state)
-    for st in (st_a, st_b):
-        torch.manual_seed(99)  # same dataloader shuffling
-        st.train(stream[2])
-    for pa, pb in zip(st_a.model.parameters(), st_b.model.parameters()):
-        assert torch.equal(pa, pb)
+    train_both_equal(st_a, st_b, stream[2], model_state=model_state)
     assert torch.equal(a.buffer.x, b.buffer.x) and torch.equal(a.class_means, b.class_means)
     for (ka, va), (kb, vb) in zip(a.old_model.state_dict().items(),
                                   b.old_model.state_dict().items()):
