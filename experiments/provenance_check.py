@@ -1,14 +1,18 @@
 """Is a stored result still what today's code and config would compute? (``reproduce.py --table``)
 
-A row depends on these files: its method's module (each method of the entry;
-``cl_plugins/baselines/avalanche_refs.py`` for Avalanche's reference methods, whose defaults
-live there), everything under
-``cl_plugins/core/`` and ``cl_plugins/benchmarks/``, the runner
-(``cl_plugins/experiment/runner.py`` and ``evaluation.py``), and the model code it ran: the
-model factory (``models/__init__.py``, ``classifier.py``, ``heads.py``), the backbone's module,
-and every ``models/`` module that these, the method modules, core/ or the runner import (found by
-reading their import lines, so a change to one backbone does not stale the rows that used
-another). A result is *stale* when one of them
+A row depends on the files its computation can execute: the import closure (static
+``from cl_plugins... import`` and relative imports, at any indentation) of its method's module
+(each method of the entry; ``cl_plugins/baselines/avalanche_refs.py`` for Avalanche's reference
+methods, whose defaults live there), the runner (``cl_plugins/experiment/runner.py``, which
+imports the build, plan, config and checkpoint steps, and ``evaluation.py``), every module of
+``cl_plugins/benchmarks/`` (builders are chosen by name at run time), the model factory
+(``models/__init__.py``, ``classifier.py``, ``heads.py``) and the backbone's module. Two imports
+are not followed: package ``__init__`` re-exports (``models/__init__.py`` lists every backbone),
+and ``cl_plugins/registry.py``, whose list names every method's module (a row's own methods are
+already counted), so adding a method or a core module that a row never imports leaves it
+current. ``core/`` is followed like the rest: a core module counts when something the row runs
+imports it, and a row-affecting change to the import structure changes an importing file.
+A result is *stale* when one of them
 differs from the version that produced it, or when a dependency was added or removed; it is
 *settings changed* when the protocol's config (with the variant's arguments) now describes other
 settings than the result's settings fingerprint.
@@ -27,20 +31,50 @@ import re
 import subprocess
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
-DEP_DIRS = ("cl_plugins/core/", "cl_plugins/benchmarks/")
+DEP_DIRS = ("cl_plugins/benchmarks/",)
 RUNNER_FILES = ("cl_plugins/experiment/runner.py", "cl_plugins/experiment/evaluation.py")
 MODEL_FACTORY = ("cl_plugins/models/__init__.py", "cl_plugins/models/classifier.py",
                  "cl_plugins/models/heads.py")
-_IMPORT = re.compile(r"^\s*from\s+(\.+\w*|cl_plugins\.models\.\w+)\s+import", re.M)
+NOT_FOLLOWED = ("cl_plugins/registry.py",)  # names every method's module; see the docstring
+_IMPORT = re.compile(r"^[ \t]*from[ \t]+(\.+[\w.]*|cl_plugins[\w.]*)[ \t]+import[ \t]+(\([^)]*\)|[^\n]*)",
+                     re.M)
 
 
-def model_files(model_name: Optional[str], methods: List[str], repo: Path) -> List[str]:
-    """The ``models/`` files a row ran: the factory, the backbone's module, and the models
-    modules imported (transitively) by those, by the method modules, and by core/, benchmarks/ and
-    the runner. Package ``__init__``
-    re-exports are not followed (they list every backbone)."""
+def _module_file(module: str, repo: Path) -> Optional[str]:
+    """``cl_plugins.a.b`` -> its file relative to ``repo`` (module or package), or None."""
+    base = module.replace(".", "/")
+    for cand in (f"{base}.py", f"{base}/__init__.py"):
+        if (repo / cand).is_file():
+            return cand
+    return None
+
+
+def _imports(path: str, repo: Path) -> List[str]:
+    """The cl_plugins files ``path`` imports (absolute and relative; ``from pkg import mod``
+    also names ``pkg/mod.py`` when that is a module)."""
+    package = path.rsplit("/", 1)[0].replace("/", ".")
+    out = []
+    for module, names in _IMPORT.findall((repo / path).read_text()):
+        if module.startswith("."):
+            dots = len(module) - len(module.lstrip("."))
+            parent = package.split(".")[:len(package.split(".")) - (dots - 1)]
+            module = ".".join(parent + ([module.lstrip(".")] if module.lstrip(".") else []))
+        found = _module_file(module, repo)
+        if found:
+            out.append(found)
+        for item in names.strip("()").split(","):
+            name = re.match(r"\s*(\w*)", item).group(1)
+            sub = _module_file(f"{module}.{name}", repo) if name else None
+            if sub:
+                out.append(sub)
+    return out
+
+
+@lru_cache(maxsize=None)
+def row_files(model_name: Optional[str], methods: Tuple[str, ...], repo: Path) -> List[str]:
+    """Every package file a row's computation can run (see the module docstring)."""
     from cl_plugins.models import BACKBONES
 
     todo = list(MODEL_FACTORY) + list(methods) + list(RUNNER_FILES)
@@ -53,19 +87,13 @@ def model_files(model_name: Optional[str], methods: List[str], repo: Path) -> Li
     seen = set()
     while todo:
         path = todo.pop()
-        if path in seen:
+        if path in seen or path in NOT_FOLLOWED:
             continue
         seen.add(path)
-        src = repo / path
-        if path.endswith("__init__.py") or not src.is_file():
+        if path.endswith("__init__.py") or not (repo / path).is_file():
             continue
-        here = path.rsplit("/", 1)[0]
-        for name in _IMPORT.findall(src.read_text()):
-            if name.startswith("cl_plugins.models."):
-                todo.append(name.replace(".", "/") + ".py")
-            elif here == "cl_plugins/models" and name.strip(".") and name.count(".") == 1:
-                todo.append(f"{here}/{name.strip('.')}.py")
-    return sorted(p for p in seen if p.startswith("cl_plugins/models/") or p.startswith("<"))
+        todo.extend(_imports(path, repo))
+    return sorted(seen)
 
 
 def method_files(entry: Dict) -> List[str]:
@@ -85,11 +113,6 @@ def method_files(entry: Dict) -> List[str]:
         if spec.reference:
             files.append("cl_plugins/baselines/avalanche_refs.py")
     return files
-
-
-def is_dependency(path: str, methods: List[str], models: List[str] = ()) -> bool:
-    return (path.startswith(DEP_DIRS) or path in RUNNER_FILES or path in methods
-            or path in models)
 
 
 def expected_settings(config_path: Path, variant_args: List[str]) -> Dict[str, str]:
@@ -177,8 +200,7 @@ class Staleness:
                 return why + ["no revision recorded"]
             then, now = self.blobs_at(commit), self.current_blobs()
         model = ((result.get("config") or {}).get("model") or {}).get("name")
-        models = model_files(model, methods, self.repo)
-        deps = {p for p in set(then) | set(now) if is_dependency(p, methods, models)}
+        deps = set(row_files(model, tuple(methods), self.repo))
         changed = sorted(p for p in deps if then.get(p) != now.get(p))
         why += [p.replace("cl_plugins/", "") + " changed" for p in changed]
         return why

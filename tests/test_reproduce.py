@@ -112,6 +112,11 @@ def test_a_row_is_stale_when_a_file_it_depends_on_changed():
                         ("cl_plugins/models/fel.py", False),  # another backbone's code
                         ("cl_plugins/models/preact_resnet.py", False),
                         ("cl_plugins/replay/er.py", False),  # another method's file
+                        ("cl_plugins/experiment/build.py", True),  # seeds, optimizer: runner
+                        ("cl_plugins/experiment/plan.py", True),  # builds the plugins: runner
+                        ("cl_plugins/core/seeding.py", True),  # imported by build.py
+                        ("cl_plugins/core/buffer.py", False),  # core, but ewc never imports it
+                        ("cl_plugins/core/distill.py", False),
                         ("cl_plugins/experiment/cli.py", False)]:  # not the computation
         then = {**now, path: "0" * 12}
         why = check.reasons(_provenanced("ewc", ewc, then), None)
@@ -128,6 +133,11 @@ def test_a_row_is_stale_when_a_file_it_depends_on_changed():
     fel_row = {**_provenanced("rgo", rgo, {**now, "cl_plugins/models/fel.py": "0" * 12}),
                "config": {"model": {"name": "fel_mlp"}}}
     assert check.reasons(fel_row, None) == ["models/fel.py changed"]  # fel_mlp imports fel
+    new_core = {**now, "cl_plugins/core/brand_new.py": "0" * 12}  # a file no row imports yet
+    assert check.reasons(_provenanced("ewc", ewc, {k: v for k, v in now.items()}), None) == []
+    assert check.reasons(_provenanced("ewc", ewc, new_core), None) == []
+    then = {**now, "cl_plugins/core/buffer.py": "0" * 12}  # er imports it: an ER row is stale
+    assert check.reasons(_provenanced("naive+er", er_plus, then), None) == ["core/buffer.py changed"]
     gone = {k: v for k, v in now.items() if k != "cl_plugins/core/checks.py"}
     assert check.reasons(_provenanced("ewc", ewc, gone), None) == ["core/checks.py changed"]
     assert check.reasons(_provenanced("ewc", ewc, now, settings="12345678"), "87654321") == [
