@@ -1,0 +1,203 @@
+"""Feature-distillation losses, as plain functions of a student's and a teacher's features.
+
+Every function takes the student's features ``s`` (with gradient) and the teacher's ``t``
+(treated as constants: detached here) for the same inputs, row i of both coming from sample i,
+and returns a scalar. Which inputs the rows are (the current minibatch, replayed samples, or
+both) is the caller's choice (``cl_plugins.core.feature_distill``). The logit loss with a
+temperature (``kd_loss``) lives in ``cl_plugins.core.distill``.
+
+- ``hint_loss``: FitNets' hint, 1/2 ||s - t||^2 per sample (Romero et al., ICLR 2015, Eq. 3);
+- ``attention_map`` / ``attention_loss``: Zagoruyko & Komodakis (ICLR 2017), the spatial map
+  sum_c |A_c|^p, l2-normalised per sample, and the distance between two such maps;
+- ``neuron_vectors`` / ``mmd2``: neuron selectivity transfer (Huang & Wang, 2017), the squared
+  MMD between the sets of a sample's l2-normalised channel activations under a linear,
+  polynomial or Gaussian kernel;
+- ``rkd_distance`` / ``rkd_angle``: relational KD (Park et al., CVPR 2019), the Huber distance
+  between the normalised pairwise distances, and between the cosines of all triplet angles;
+- ``triplet_cosines``: the cosine of the angle at j of triplets (i, j, k), for chosen triplets;
+- ``subspace_distance``: subspace distillation (Roy et al., Neural Networks 2023), per class
+  2m - 2 ||P_s^T P_t||_F^2 between the m-dimensional leading left-singular subspaces.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from cl_plugins.core.checks import check_choice
+
+KERNELS = ("linear", "poly", "gaussian")
+HINT_REDUCTIONS = ("half_sum", "mse")
+AT_DISTANCES = ("mean_sq", "norm")
+
+
+def _same_rows(name: str, s: torch.Tensor, t: torch.Tensor) -> None:
+    if s.shape[0] != t.shape[0]:
+        raise ValueError(f"{name}: the student's and the teacher's features must have one row per "
+                         f"sample each; got {s.shape[0]} and {t.shape[0]} rows")
+
+
+def hint_loss(s: torch.Tensor, t: torch.Tensor, reduction: str = "half_sum") -> torch.Tensor:
+    """``"half_sum"``: mean over samples of 1/2 ||s_i - t_i||^2 (FitNets' L_HT, Eq. 3);
+    ``"mse"``: the mean over every element (``F.mse_loss``). Shapes must agree."""
+    check_choice("reduction", reduction, HINT_REDUCTIONS)
+    if s.shape != t.shape:
+        raise ValueError(f"hint_loss: the student's features {tuple(s.shape)} and the teacher's "
+                         f"{tuple(t.shape)} differ in shape; map them with a regressor first")
+    diff = s - t.detach()
+    if reduction == "mse":
+        return diff.pow(2).mean()
+    return 0.5 * diff.pow(2).flatten(1).sum(1).mean()
+
+
+def _spatial(name: str, f: torch.Tensor) -> torch.Tensor:
+    if f.dim() < 3:
+        raise ValueError(f"{name} needs spatial feature maps [N, C, H, W] (or [N, C, L]); got a "
+                         f"tensor of shape {tuple(f.shape)}")
+    return f.flatten(2)  # [N, C, HW]
+
+
+def attention_map(f: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """Q = sum over channels of |f_c|^p, flattened over space and l2-normalised per sample:
+    ``[N, H*W]`` (the mean over channels gives the same map after normalising)."""
+    q = _spatial("attention_map", f).abs().pow(p).sum(1)
+    return F.normalize(q, p=2, dim=1)
+
+
+def attention_loss(s: torch.Tensor, t: torch.Tensor, p: float = 2.0,
+                   distance: str = "mean_sq") -> torch.Tensor:
+    """Distance between the attention maps of ``s`` and ``t`` (same spatial size, any number of
+    channels). ``"mean_sq"``: mean over samples and positions of the squared difference;
+    ``"norm"``: mean over samples of ||Q_s - Q_t||_2 (the paper's Eq. 2 without beta / 2)."""
+    check_choice("distance", distance, AT_DISTANCES)
+    _same_rows("attention_loss", s, t)
+    qs, qt = attention_map(s, p), attention_map(t.detach(), p)
+    if qs.shape != qt.shape:
+        raise ValueError(f"attention_loss: the attention maps differ in size: {tuple(s.shape)} "
+                         f"vs {tuple(t.shape)} (the spatial sizes must agree)")
+    diff = qs - qt
+    return diff.pow(2).mean() if distance == "mean_sq" else diff.norm(dim=1).mean()
+
+
+def neuron_vectors(f: torch.Tensor) -> torch.Tensor:
+    """Each channel's activations over space, l2-normalised: ``[N, C, H*W]``."""
+    return F.normalize(_spatial("neuron_vectors", f), p=2, dim=2)
+
+
+def _kernel(a: torch.Tensor, b: torch.Tensor, kernel: str, degree: int, c: float,
+            sigma: float) -> torch.Tensor:
+    """Batched Gram matrices k(a_i, b_j): a [N, P, D], b [N, Q, D] -> [N, P, Q]."""
+    if kernel == "gaussian":
+        d2 = (a.pow(2).sum(-1, keepdim=True) + b.pow(2).sum(-1).unsqueeze(1)
+              - 2 * a @ b.transpose(1, 2)).clamp_min(0)
+        return torch.exp(-d2 / (2 * sigma * sigma))
+    dot = a @ b.transpose(1, 2)
+    return dot if kernel == "linear" else (dot + c).pow(degree)
+
+
+def mmd2(s: torch.Tensor, t: torch.Tensor, kernel: str = "poly", degree: int = 2, c: float = 0.0,
+         sigma: float = 1.0) -> torch.Tensor:
+    """Mean over samples of the (biased) squared MMD between the student's and the teacher's
+    sets of neuron vectors (``neuron_vectors``; the channel counts may differ, the spatial sizes
+    must agree):
+
+        MMD^2 = mean_{i,i'} k(s_i, s_i') + mean_{j,j'} k(t_j, t_j') - 2 mean_{i,j} k(s_i, t_j)
+
+    ``"linear"``: k = x.y; ``"poly"``: k = (x.y + c)^degree (the paper: degree 2, c 0);
+    ``"gaussian"``: k = exp(-||x - y||^2 / (2 sigma^2))."""
+    check_choice("kernel", kernel, KERNELS)
+    _same_rows("mmd2", s, t)
+    a, b = neuron_vectors(s), neuron_vectors(t.detach())
+    if a.shape[2] != b.shape[2]:
+        raise ValueError(f"mmd2: the spatial sizes differ: {tuple(s.shape)} vs {tuple(t.shape)}")
+    k = lambda u, v: _kernel(u, v, kernel, degree, c, sigma).mean((1, 2))  # noqa: E731
+    return (k(a, a) + k(b, b) - 2 * k(a, b)).mean()
+
+
+def _pairwise_distances(f: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances between the rows of ``f`` [N, D], 0 on the diagonal, safe to
+    differentiate where two rows coincide."""
+    sq = f.pow(2).sum(1)
+    d2 = (sq.unsqueeze(0) + sq.unsqueeze(1) - 2 * f @ f.t()).clamp_min(1e-12)
+    d = d2.sqrt()
+    return d * (1 - torch.eye(f.shape[0], device=f.device, dtype=f.dtype))
+
+
+def rkd_distance(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Huber (smooth-l1, delta 1) loss between psi_D(s) and psi_D(t) over all pairs, where
+    psi_D(f)_ij = ||f_i - f_j|| / mu and mu is the mean distance over pairs i != j. Features are
+    flattened per sample; 0 for fewer than 2 samples."""
+    _same_rows("rkd_distance", s, t)
+    if s.shape[0] < 2:
+        return s.sum() * 0
+    ds, dt = _pairwise_distances(s.flatten(1)), _pairwise_distances(t.detach().flatten(1))
+    n_pairs = s.shape[0] * (s.shape[0] - 1)
+    ds = ds / (ds.sum() / n_pairs).clamp_min(1e-12)
+    dt = dt / (dt.sum() / n_pairs).clamp_min(1e-12)
+    return F.smooth_l1_loss(ds, dt)
+
+
+def _all_angles(f: torch.Tensor) -> torch.Tensor:
+    """cos of the angle at j between (f_i - f_j) and (f_k - f_j), for every (j, i, k):
+    ``[N, N, N]`` (rows with i = j or k = j are 0)."""
+    e = F.normalize(f.unsqueeze(0) - f.unsqueeze(1), p=2, dim=2)  # e[j, i] = unit(f_i - f_j)
+    return e @ e.transpose(1, 2)
+
+
+def rkd_angle(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Huber loss between the cosines of every triplet angle of the student's and the teacher's
+    features (``_all_angles``, N^3 entries); 0 for fewer than 3 samples."""
+    _same_rows("rkd_angle", s, t)
+    if s.shape[0] < 3:
+        return s.sum() * 0
+    return F.smooth_l1_loss(_all_angles(s.flatten(1)), _all_angles(t.detach().flatten(1)))
+
+
+def triplet_cosines(f: torch.Tensor, triplets: torch.Tensor) -> torch.Tensor:
+    """cos of the angle at f_j between (f_i - f_j) and (f_k - f_j) for each row (i, j, k) of
+    ``triplets`` [M, 3] (long): ``[M]``."""
+    f = f.flatten(1)
+    i, j, k = triplets.unbind(1)
+    a = F.normalize(f[i] - f[j], p=2, dim=1)
+    b = F.normalize(f[k] - f[j], p=2, dim=1)
+    return (a * b).sum(1)
+
+
+def _leading_subspace(f: torch.Tensor, m: int) -> torch.Tensor:
+    """Orthonormal basis [D, r] of the span of the leading r = min(m, n, D) left-singular vectors
+    of f^T (f: [n, D], one sample per row)."""
+    u, _, _ = torch.linalg.svd(f.t(), full_matrices=False)
+    return u[:, :m]
+
+
+def subspace_distance(s: torch.Tensor, t: torch.Tensor, dim: int = 10,
+                      labels: Optional[torch.Tensor] = None, noise_std: float = 0.0,
+                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Mean over the classes k in ``labels`` (one class over every row when None) of
+
+        d_k = 2 r - 2 ||P_s,k^T P_t,k||_F^2,
+
+    P_.,k the leading ``dim``-dimensional left-singular subspace of the class's features
+    (``[n_k, D]``, flattened per sample) and r = min(dim, n_k, D) its actual dimension, so that
+    d_k = 0 for equal subspaces and 2r for orthogonal ones (the chordal distance). Before the
+    SVD, N(0, noise_std^2) noise drawn from ``generator`` is added to both (the official code
+    adds 0.01: it splits repeated singular values, whose subspaces have unstable gradients).
+    """
+    _same_rows("subspace_distance", s, t)
+    s, t = s.flatten(1), t.detach().flatten(1)
+    if noise_std > 0:
+        noise = torch.randn((2,) + tuple(s.shape), generator=generator, dtype=s.dtype,
+                            device="cpu" if generator is None else generator.device)
+        noise = noise.to(s.device) * noise_std
+        s, t = s + noise[0], t + noise[1]
+    if labels is None:
+        groups = [torch.arange(s.shape[0], device=s.device)]
+    else:
+        groups = [(labels == c).nonzero().squeeze(1) for c in torch.unique(labels)]
+    dists = []
+    for idx in groups:  # one SVD pair per class of the batch (a handful), not per sample
+        ps, pt = _leading_subspace(s[idx], dim), _leading_subspace(t[idx], dim)
+        dists.append(2 * ps.shape[1] - 2 * (ps.t() @ pt).pow(2).sum())
+    return torch.stack(dists).mean()
