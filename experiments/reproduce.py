@@ -372,6 +372,7 @@ def collect():
             "acc": f"{acc[0]:.2f} ± {acc[1]:.2f}",
             "bwt": "{:.2f} ± {:.2f}".format(*_mean_std(bwts)) if bwts else "–",
             "seeds": ",".join(str(r["seed"]) for r in runs), "n": len(runs),
+            "stale_seeds": ",".join(str(r["seed"]) for r in runs if r["_stale"]),
             "published": pub_s, "ok": ok, "date": max(r["started"][:10] for r in runs),
             "revision": ", ".join(sorted({check.revision(r) for r in runs})),
             "stale": ("**stale**: " + "; ".join(stale[:3]) +

@@ -8,7 +8,8 @@
 
 A row is stale when a file it depends on changed since its results were computed, or its
 config now asks for other settings (``provenance_check.py``). Each (protocol, variant, method
-label, seed) of a stale row becomes one cl-run process (as ``parallel.py`` runs them); rows are
+label, seed) of a stale row whose own result is stale becomes one cl-run process (a seed already
+rerun with today's code is not run again) (as ``parallel.py`` runs them); rows are
 taken in the protocols' table order, cheapest protocol first unless ``--protocols`` orders them.
 The rerun results land beside the old ones, in their settings folder; ``reproduce.py --table``
 then shows the current ones. Running the command again after a stop resumes each interrupted
@@ -63,13 +64,13 @@ def main(argv=None) -> int:
                       split(args.skip))
     if args.list:
         for r in rows:
-            print(f"{r['protocol']}\t{r['variant']}\t{r['method']}\tseeds {r['seeds']}\t"
-                  f"{r['stale']}")
+            print(f"{r['protocol']}\t{r['variant']}\t{r['method']}\tseeds {r['stale_seeds']}"
+                  f" of {r['seeds']}\t{r['stale']}")
         print(f"{len(rows)} stale rows")
         return 0
     jobs = [(f"{r['protocol']}/{r['variant']}/{r['method']}/seed{s}",
              job_command(r["protocol"], r["variant"], r["method"], s, args.data_root, extra))
-            for r in rows for s in r["seeds"].split(",")]
+            for r in rows for s in r["stale_seeds"].split(",")]  # a current seed is not rerun
     print(f"{len(jobs)} runs from {len(rows)} stale rows", flush=True)
     return run_jobs(jobs, args.jobs, RESULTS_DIR / "logs", args.timeout)
 

@@ -158,3 +158,24 @@ def test_expected_settings_follow_the_config_and_the_variant():
     assert domain["ewc"] != task["ewc"] and len(domain["ewc"]) == 8
     again = expected_settings(REPO / rp.config_for(proto, "domain"), proto["variants"]["domain"])
     assert again == domain
+
+
+def test_only_the_stale_seeds_of_a_stale_row_are_rerun(tmp_path, monkeypatch):
+    """A row with one seed rerun under today's code and one not: the row is stale, and
+    rerun_stale's jobs hold only the stale seed (a current seed is not run again)."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "experiments"))
+    from provenance_check import Staleness
+
+    rp = _load()
+    monkeypatch.setattr(rp, "RESULTS_DIR", tmp_path)
+    now = dict(Staleness(REPO).current_files())
+    entry = {"name": "naive", "params": {}, "plus": []}
+    for seed, files in [(0, now), (1, {**now, "cl_plugins/experiment/runner.py": "0" * 12})]:
+        path = tmp_path / "S1" / "task" / "hsu2018_split_mnist" / "naive-sgd" / f"seed{seed}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**_provenanced("naive-sgd", entry, files), "seed": seed}))
+    (row,) = rp.collect()
+    assert row["stale"].startswith("**stale**") and row["seeds"] == "0,1"
+    assert row["stale_seeds"] == "1"
