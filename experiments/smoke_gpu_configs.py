@@ -38,7 +38,8 @@ GPU_CONFIGS = ["wang2021_nscl_cifar100_10split", "wang2021_nscl_cifar100_20split
                "wang2021_nscl_tinyimagenet_25split", "liu2022_rgo_cifar100_20split",
                "saha2021_gpm_cifar100_10split"]
 SMOKE_WIDTH = 8
-WIDTH_KEYS = {"preact_resnet18": "model.width", "resnet18_nobn": "model.nf"}  # AlexNet: as is
+WIDTH_KEYS = {"preact_resnet18": "model.width", "resnet18_nobn": "model.nf",
+              "resnet32": "model.nf"}  # AlexNet: as is
 
 
 def write_tiny_cifar100(root: Path, per_class: int = 2, seed: int = 0) -> Path:

@@ -195,13 +195,16 @@ def build_benchmark(
     angle_range: Sequence[float] = (0.0, 180.0),
     angle_sampling: str = "uniform",
     data_root: Optional[str] = None,
+    first_exp_classes: Optional[int] = None,
 ) -> BenchmarkInfo:
     """Build benchmark ``name`` in ``scenario``; see the module docstring and README for options.
 
     ``seed`` drives everything random about the benchmark (seeded class order, permutations,
     angles, sample caps). ``normalize`` uses ``mean``/``std`` when given, else the per-channel
     statistics of the (padded) training images, which for padded MNIST are Hsu et al.'s
-    (0.1000, 0.2752).
+    (0.1000, 0.2752). ``first_exp_classes`` (split benchmarks): the first experience holds that
+    many classes and the others share the rest evenly (PODNet's 50 CIFAR-100 classes, then
+    steps of 5); None: every experience the same number.
     """
     spec, scenario, n_exp, root, train_raw, test_raw, n_classes = _open(
         name, scenario, n_experiences, seed, samples_per_task, test_samples_per_task,
@@ -242,18 +245,22 @@ def build_benchmark(
         return TensorDataset(x.contiguous(), y[idx])
 
     if spec.kind == "split":
-        _check_split(name, n_classes, n_exp)
+        sizes = _check_split(name, n_classes, n_exp, first_exp_classes)
         order = _class_order(n_classes, class_order, seed)
-        k = n_classes // n_exp
         options["class_order"] = order
+        if first_exp_classes is not None:
+            options["first_exp_classes"] = first_exp_classes
         for t in range(n_exp):
-            cls = sorted(order[t * k:(t + 1) * k])
+            cls = sorted(order[sum(sizes[:t]):sum(sizes[:t + 1])])
             orig_classes.append(cls)
             sel = torch.tensor(cls)
             mtr, mte = torch.isin(train_raw.y, sel), torch.isin(test_raw.y, sel)
             train_sets.append(finish(x_train[mtr], train_raw.y[mtr], samples_per_task))
             test_sets.append(finish(x_test[mte], test_raw.y[mte], test_samples_per_task,
                                    "test_samples_per_task"))
+    elif first_exp_classes is not None:
+        raise ValueError(f"benchmark.first_exp_classes splits the classes of a split benchmark; "
+                         f"{name} is {spec.kind} (every experience holds every class)")
     elif spec.kind == "permuted":
         # One normalised source shared by every experience (pixel-wise normalisation commutes
         # with a pixel permutation); each experience keeps only its permutation and indices.
@@ -340,11 +347,24 @@ def _open(name, scenario, n_experiences, seed, samples_per_task, test_samples_pe
     return spec, scenario, n_exp, root, train_raw, test_raw, n_classes
 
 
-def _check_split(name: str, n_classes: int, n_exp: int) -> None:
-    if n_exp > n_classes or n_classes % n_exp:
-        valid = [d for d in range(1, n_classes + 1) if n_classes % d == 0]
-        raise ValueError(f"benchmark.n_experiences must divide the {n_classes} classes of "
-                         f"{name}; valid values: {valid}; got {n_exp}")
+def _check_split(name: str, n_classes: int, n_exp: int,
+                 first: Optional[int] = None) -> List[int]:
+    """The number of classes of each experience: ``n_classes / n_exp`` each, or ``first`` in
+    the first experience and the rest evenly over the others."""
+    if first is None:
+        if n_exp > n_classes or n_classes % n_exp:
+            valid = [d for d in range(1, n_classes + 1) if n_classes % d == 0]
+            raise ValueError(f"benchmark.n_experiences must divide the {n_classes} classes of "
+                             f"{name}; valid values: {valid}; got {n_exp}")
+        return [n_classes // n_exp] * n_exp
+    check_int("benchmark.first_exp_classes", first, 1, n_classes)
+    rest = n_classes - first
+    if (n_exp == 1 and rest) or (n_exp > 1 and (rest < n_exp - 1 or rest % (n_exp - 1))):
+        valid = [1 + d for d in range(1, rest + 1) if rest % d == 0] if rest else [1]
+        raise ValueError(f"benchmark.first_exp_classes={first} leaves {rest} of the {n_classes} "
+                         f"classes of {name} for the other experiences, which n_experiences - 1 "
+                         f"must divide; valid n_experiences: {valid}; got {n_exp}")
+    return [first] + ([rest // (n_exp - 1)] * (n_exp - 1) if n_exp > 1 else [])
 
 
 def describe_benchmark(name: str = "split_digits", scenario: str = "task",
@@ -353,7 +373,8 @@ def describe_benchmark(name: str = "split_digits", scenario: str = "task",
                        mean=None, std=None, samples_per_task=None, test_samples_per_task=None,
                        first_task_identity: bool = True, angles=None,
                        angle_range=(0.0, 180.0), angle_sampling: str = "uniform",
-                       data_root: Optional[str] = None) -> Dict:
+                       data_root: Optional[str] = None,
+                       first_exp_classes: Optional[int] = None) -> Dict:
     """Check every option of :func:`build_benchmark` and read the raw files, without building
     the benchmark: the runner's up-front check of a config. Returns what a model needs to
     know (``n_experiences``, ``input_shape``, ``n_outputs``). Raises what ``build_benchmark``
@@ -372,10 +393,14 @@ def describe_benchmark(name: str = "split_digits", scenario: str = "task",
     if normalize and std is not None and any(s <= 0 for s in std):
         raise ValueError(f"benchmark.std must be positive; got {list(std)}")
     if spec.kind == "split":
-        _check_split(name, n_classes, n_exp)
+        sizes = _check_split(name, n_classes, n_exp, first_exp_classes)
         _class_order(n_classes, class_order, seed)
-        per_exp = n_classes // n_exp
+        per_exp = max(sizes)
     else:
+        if first_exp_classes is not None:
+            raise ValueError(f"benchmark.first_exp_classes splits the classes of a split "
+                             f"benchmark; {name} is {spec.kind} (every experience holds every "
+                             "class)")
         per_exp = n_classes
         if spec.kind == "rotated":
             _angles(n_exp, angles, angle_range, angle_sampling, seed)
@@ -385,4 +410,6 @@ def describe_benchmark(name: str = "split_digits", scenario: str = "task",
             raise ValueError(f"benchmark.{what}={cap} is smaller than the {per_exp} classes of "
                              "an experience; every class needs at least one sample")
     n_outputs = per_exp * n_exp if scenario == "class" else per_exp
+    if spec.kind == "split" and scenario == "class":
+        n_outputs = n_classes
     return {"n_experiences": n_exp, "input_shape": shape, "n_outputs": n_outputs}

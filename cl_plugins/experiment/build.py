@@ -68,10 +68,15 @@ def build_optimizer(opt_cfg: Dict[str, Any], model: torch.nn.Module) -> torch.op
 def build_scheduler(sched_cfg: Dict[str, Any], optimizer) -> SupervisedPlugin:
     """Per-experience learning-rate schedule, stepped once per epoch. Each experience starts
     again from the optimizer's base learning rates and epoch 0 (Avalanche's LRSchedulerPlugin
-    with reset_lr and reset_scheduler): e.g. Adam-NSCL's x0.5 at epochs 30 and 60 of every task."""
+    with reset_lr and reset_scheduler): e.g. Adam-NSCL's x0.5 at epochs 30 and 60 of every task;
+    ``cosine``: torch's CosineAnnealingLR over ``t_max`` epochs (PODNet's, restarted per task)."""
     from avalanche.training.plugins import LRSchedulerPlugin
 
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(
-        optimizer, milestones=list(sched_cfg["milestones"]), gamma=sched_cfg.get("gamma", 0.1))
+    if sched_cfg["name"] == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=sched_cfg["t_max"], eta_min=sched_cfg.get("eta_min", 0.0))
+    else:
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, milestones=list(sched_cfg["milestones"]), gamma=sched_cfg.get("gamma", 0.1))
     return LRSchedulerPlugin(scheduler, reset_scheduler=True, reset_lr=True,
                              step_granularity="epoch")

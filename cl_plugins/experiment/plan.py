@@ -34,6 +34,9 @@ from typing import Any, Callable, Dict, List, Optional
 SECTIONS = ("benchmark", "model", "optimizer", "strategy", "loggers", "method_params")
 # Config keys that do not change what a run computes.
 _NOT_SETTINGS = {"output_dir", "loggers", "seeds", "methods", "method_params"}
+# Options added after the first results, left out of the fingerprint at their default value, so
+# the runs they do not change keep their folders: (section, key) -> default.
+_LATER_OPTIONS = {("benchmark", "first_exp_classes"): None}
 
 
 class ConfigError(ValueError):
@@ -120,6 +123,9 @@ def _digest(obj: Any, n: int) -> str:
 def settings_fingerprint(cfg: Dict[str, Any], entry: Dict[str, Any]) -> str:
     kept = {k: v for k, v in cfg.items() if k not in _NOT_SETTINGS}
     kept["benchmark"] = {k: v for k, v in cfg["benchmark"].items() if k != "data_root"}
+    for (section, key), default in _LATER_OPTIONS.items():
+        if key in kept.get(section, {}) and kept[section][key] == default:
+            kept[section] = {k: v for k, v in kept[section].items() if k != key}
     effective = {**entry, "params": entry_params(cfg, entry),
                  "plus": [{**p, "params": entry_params(cfg, p)} for p in entry["plus"]]}
     return _digest({"cfg": kept, "entry": effective}, 8)

@@ -15,15 +15,17 @@ from .fel import FeatureEncodingLayer
 from .fel_mlp import FELMLP
 from .heads import MaskedHead
 from .lenet import LeNet
+from .lsc_head import LSCHead
 from .mlp import MLP
 from .preact_resnet import PreActResNet18
 from .reduced_resnet import ReducedResNet18
 from .resnet18_nobn import ResNet18NoBN
+from .resnet32 import ResNet32
 
 BACKBONES = {"mlp": MLP, "preact_resnet18": PreActResNet18, "reduced_resnet18": ReducedResNet18,
              "alexnet5": AlexNet5, "lenet": LeNet, "fel_mlp": FELMLP,
-             "resnet18_nobn": ResNet18NoBN}
-HEADS = ("auto", "multihead", "linear", "masked")
+             "resnet18_nobn": ResNet18NoBN, "resnet32": ResNet32}
+HEADS = ("auto", "multihead", "linear", "masked", "lsc")
 
 
 def build_backbone(name: str, input_shape, **kwargs) -> nn.Module:
@@ -45,12 +47,16 @@ def build_model(model_cfg: Dict[str, Any], info) -> ClassifierNet:
     ``head``: ``auto`` picks ``multihead`` for task-IL, ``linear`` for domain-IL and ``masked``
     (unseen classes masked) for class-IL. ``mask`` sets MaskedHead's mask (default ``seen``;
     ``task`` gives task-IL through one shared head). ``head_bias`` sets the head's bias.
+    ``lsc``: PODNet's multi-proxy cosine head (``LSCHead``, ``proxies`` per class, default 10).
     """
     cfg = dict(model_cfg)
     name = cfg.pop("name", "mlp")
     head = check_choice("model.head", cfg.pop("head", "auto"), HEADS)
     mask = cfg.pop("mask", "seen")
     head_bias = cfg.pop("head_bias", True)
+    proxies = cfg.pop("proxies", None)
+    if proxies is not None and head != "lsc":
+        raise ValueError(f"model.proxies is an option of head 'lsc'; got head {head!r}")
     backbone = build_backbone(name, info.input_shape, **cfg)
     if head == "auto":
         head = {"task": "multihead", "domain": "linear", "class": "masked"}[info.scenario]
@@ -65,6 +71,9 @@ def build_model(model_cfg: Dict[str, Any], info) -> ClassifierNet:
             raise ValueError("model.head_bias=False is not supported with the multihead head")
     elif head == "linear":
         out = nn.Linear(backbone.out_features, info.n_outputs, bias=head_bias)
+    elif head == "lsc":
+        out = LSCHead(backbone.out_features, info.n_outputs, proxies=10 if proxies is None
+                      else proxies)
     else:
         out = MaskedHead(backbone.out_features, info.n_outputs, mask=mask, bias=head_bias)
     net = ClassifierNet(backbone, out)
@@ -79,6 +88,6 @@ def build_model(model_cfg: Dict[str, Any], info) -> ClassifierNet:
     return net
 
 
-__all__ = ["AlexNet5", "BACKBONES", "ClassifierNet", "FELMLP", "FeatureEncodingLayer", "LeNet",
-           "MLP", "MaskedHead", "PreActResNet18", "ReducedResNet18", "ResNet18NoBN",
-           "build_backbone", "build_model"]
+__all__ = ["AlexNet5", "BACKBONES", "ClassifierNet", "FELMLP", "FeatureEncodingLayer", "LSCHead",
+           "LeNet", "MLP", "MaskedHead", "PreActResNet18", "ReducedResNet18", "ResNet18NoBN",
+           "ResNet32", "build_backbone", "build_model"]

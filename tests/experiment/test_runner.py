@@ -289,8 +289,24 @@ def test_multistep_scheduler_restarts_every_experience(digits_cfg, register_meth
     assert lrs == [0.1, 0.05, 0.05, 0.025] * 2  # x0.5 after epochs 1 and 3, reset per task
 
 
+def test_cosine_scheduler_restarts_every_experience(digits_cfg, register_methods):
+    log = []
+    register_methods(MethodSpec("_record_lr", "plugin", lambda: _RecordLR(log)))
+    digits_cfg["strategy"]["epochs"] = 4
+    digits_cfg["benchmark"]["n_experiences"] = 2
+    digits_cfg["optimizer"].update(name="sgd", lr=0.1, scheduler={"name": "cosine", "t_max": 4})
+    digits_cfg["methods"] = ["_record_lr"]
+    (r,) = run_experiment(validate(digits_cfg), echo=lambda *a: None)
+    assert r["status"] == "finished"
+    # 0.1 (1 + cos(pi e / 4)) / 2 at the start of epoch e = 0..3, reset per task
+    want = [0.1, 0.1 * (1 + 2 ** -0.5) / 2, 0.05, 0.1 * (1 - 2 ** -0.5) / 2] * 2
+    assert [round(lr, 9) for _, lr in log] == [round(w, 9) for w in want]
+
+
 @pytest.mark.parametrize("bad, match", [
-    ({"name": "cosine"}, "scheduler.name"),
+    ({"name": "step"}, "scheduler.name"),
+    ({"name": "cosine"}, "t_max"),
+    ({"name": "cosine", "t_max": 5, "milestones": [2]}, "milestones"),
     ({"name": "multistep", "milestones": [3, 1]}, "milestones"),
     ({"name": "multistep", "milestones": [2], "step": 1}, "step"),
 ])
