@@ -91,6 +91,13 @@ PLUGIN_CLASSES = [
     "cl_plugins.replay.icarl:ICaRLPlugin",
     "cl_plugins.replay.gem:GEMPlugin",
     "cl_plugins.replay.agem:AGEMPlugin",
+    "cl_plugins.distillation.podnet:PODNetPlugin",
+    "cl_plugins.distillation.hints:HintsPlugin",
+    "cl_plugins.distillation.attention_kd:AttentionKDPlugin",
+    "cl_plugins.distillation.subspace_kd:SubspaceKDPlugin",
+    "cl_plugins.distillation.erg_kd:ERGKDPlugin",
+    "cl_plugins.distillation.nst:NSTPlugin",
+    "cl_plugins.distillation.relational_kd:RelationalKDPlugin",
 ]
 
 

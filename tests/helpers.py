@@ -39,6 +39,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 # ------------------------------------------------------------------------------ models, strategies
 
+def use_conv_model_if_needed(cfg, plugin_cls):
+    """A plugin class with ``NEEDS_SPATIAL = True`` (distillation on spatial feature maps: NST,
+    attention) gets a LeNet on split_digits padded to 32x32 in ``cfg`` instead of the MLP the
+    generic tests build; the others keep ``cfg`` as it is. A class with ``NEEDS_HEAD`` (PODNet:
+    "lsc") also gets that ``model.head``. Returns ``cfg``."""
+    if getattr(plugin_cls, "NEEDS_SPATIAL", False):
+        cfg["model"] = {"name": "lenet"}
+        cfg["benchmark"]["pad_to_32"] = True
+    if getattr(plugin_cls, "NEEDS_HEAD", None):
+        cfg["model"]["head"] = plugin_cls.NEEDS_HEAD
+    return cfg
+
+
 def param_copies(model):
     """{name: detached copy} of every parameter."""
     return {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -668,3 +681,22 @@ def check_ewc_registry_header(cls):
     plugin = cls(**defaults)
     assert plugin.quadratic_penalty.coef == defaults["ewc_lambda"] / 2
     assert set(cls.SCENARIOS) == {"task", "domain", "class"} and not cls.NEEDS_TASK_LABELS
+
+
+# ------------------------------------------------- subspace_kd, erg_kd: accuracy per experience
+
+def stream_accuracies(model, stream):
+    """Accuracy of ``model`` (put in eval mode) on each experience of ``stream``, as floats."""
+    from avalanche.models.utils import avalanche_forward
+
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for exp in stream:
+            loader = torch.utils.data.DataLoader(exp.dataset.eval(), batch_size=512)
+            right = total = 0
+            for x, y, t in ((b[0], b[1], b[2]) for b in loader):
+                right += int((avalanche_forward(model, x, t).argmax(1) == y).sum())
+                total += int(y.shape[0])
+            out.append(right / total)
+    return out

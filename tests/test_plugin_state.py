@@ -13,6 +13,7 @@ from avalanche.training import Naive
 
 from cl_plugins.core.state import OWNER_KEY, check_owner, owned_by
 from cl_plugins.registry import PLUGIN_CLASSES
+from helpers import use_conv_model_if_needed
 
 CLASSES = [p.split(":")[1] for p in PLUGIN_CLASSES]
 
@@ -51,6 +52,7 @@ def trained(tmp_path_factory):
         cfg = copy.deepcopy(DEFAULT_CONFIG)
         cfg.update(name="state", output_dir=str(tmp_path_factory.mktemp("runs")))
         cfg["model"] = {"name": "mlp", "hidden": [32]}
+        use_conv_model_if_needed(cfg, spec.factory)
         cfg["strategy"].update(epochs=1, train_mb_size=64, eval_mb_size=512, device="cpu")
         cfg["loggers"].update(progress=False, plots=False, json=False, checkpoint=False)
         cfg["benchmark"]["scenario"] = next(s for s in ("domain", "task", "class")

@@ -16,7 +16,9 @@ temperature (``kd_loss``) lives in ``cl_plugins.core.distill``.
   between the normalised pairwise distances, and between the cosines of all triplet angles;
 - ``triplet_cosines``: the cosine of the angle at j of triplets (i, j, k), for chosen triplets;
 - ``subspace_distance``: subspace distillation (Roy et al., Neural Networks 2023), per class
-  2m - 2 ||P_s^T P_t||_F^2 between the m-dimensional leading left-singular subspaces.
+  2m - 2 ||P_s^T P_t||_F^2 between the m-dimensional leading left-singular subspaces;
+- ``erg_triplet_mask`` / ``erg_angle_loss``: the exemplar relation loss of ERDIL (Dong et al.,
+  AAAI 2021): the Huber distance between the angle cosines of the triplets of a set of nodes.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from cl_plugins.core.checks import check_choice
+from cl_plugins.core.checks import check_choice, check_int, check_non_negative
 
 KERNELS = ("linear", "poly", "gaussian")
 HINT_REDUCTIONS = ("half_sum", "mse")
@@ -62,7 +64,8 @@ def _spatial(name: str, f: torch.Tensor) -> torch.Tensor:
 def attention_map(f: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     """Q = sum over channels of |f_c|^p, flattened over space and l2-normalised per sample:
     ``[N, H*W]`` (the mean over channels gives the same map after normalising)."""
-    q = _spatial("attention_map", f).abs().pow(p).sum(1)
+    f = _spatial("attention_map", f)
+    q = (f.pow(2) if p == 2 else f.abs().pow(p)).sum(1)  # p = 2: the same, without abs (speed)
     return F.normalize(q, p=2, dim=1)
 
 
@@ -81,9 +84,12 @@ def attention_loss(s: torch.Tensor, t: torch.Tensor, p: float = 2.0,
     return diff.pow(2).mean() if distance == "mean_sq" else diff.norm(dim=1).mean()
 
 
-def neuron_vectors(f: torch.Tensor) -> torch.Tensor:
-    """Each channel's activations over space, l2-normalised: ``[N, C, H*W]``."""
-    return F.normalize(_spatial("neuron_vectors", f), p=2, dim=2)
+def neuron_vectors(f: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """Each channel's activations over space, l2-normalised: ``[N, C, H*W]``, f / sqrt(||f||^2 +
+    eps), as the official NST code (MXNet ``L2Normalization(mode="spatial", eps=1e-10)``): an
+    all-zero channel stays 0 and a nearly-zero one gets a bounded gradient."""
+    v = _spatial("neuron_vectors", f)
+    return v / (v.pow(2).sum(2, keepdim=True) + eps).sqrt()
 
 
 def _kernel(a: torch.Tensor, b: torch.Tensor, kernel: str, degree: int, c: float,
@@ -106,7 +112,8 @@ def mmd2(s: torch.Tensor, t: torch.Tensor, kernel: str = "poly", degree: int = 2
         MMD^2 = mean_{i,i'} k(s_i, s_i') + mean_{j,j'} k(t_j, t_j') - 2 mean_{i,j} k(s_i, t_j)
 
     ``"linear"``: k = x.y; ``"poly"``: k = (x.y + c)^degree (the paper: degree 2, c 0);
-    ``"gaussian"``: k = exp(-||x - y||^2 / (2 sigma^2))."""
+    ``"gaussian"``: k = exp(-||x - y||^2 / (2 sigma^2)). The official code (TuSimple, poly
+    kernel only) drops the teacher-only term, a constant: same gradient, value shifted."""
     check_choice("kernel", kernel, KERNELS)
     _same_rows("mmd2", s, t)
     a, b = neuron_vectors(s), neuron_vectors(t.detach())
@@ -126,7 +133,8 @@ def _pairwise_distances(f: torch.Tensor) -> torch.Tensor:
 
 
 def rkd_distance(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Huber (smooth-l1, delta 1) loss between psi_D(s) and psi_D(t) over all pairs, where
+    """Huber (smooth-l1, delta 1) loss between psi_D(s) and psi_D(t), averaged over all N x N
+    entries (the diagonal, 0 in both, included, as lenscloth/RKD's ``RkdDistance``), where
     psi_D(f)_ij = ||f_i - f_j|| / mu and mu is the mean distance over pairs i != j. Features are
     flattened per sample; 0 for fewer than 2 samples."""
     _same_rows("rkd_distance", s, t)
@@ -141,14 +149,29 @@ def rkd_distance(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 def _all_angles(f: torch.Tensor) -> torch.Tensor:
     """cos of the angle at j between (f_i - f_j) and (f_k - f_j), for every (j, i, k):
-    ``[N, N, N]`` (rows with i = j or k = j are 0)."""
-    e = F.normalize(f.unsqueeze(0) - f.unsqueeze(1), p=2, dim=2)  # e[j, i] = unit(f_i - f_j)
-    return e @ e.transpose(1, 2)
+    ``[N, N, N]``, 0 where i = j or k = j and where f_i coincides with f_j (as lenscloth/RKD's
+    normalised zero differences). Computed from the Gram matrix G = f f^T in float64,
+
+        <f_i - f_j, f_k - f_j> = G_ik - G_ij - G_jk + G_jj,  ||f_i - f_j||^2 = G_ii + G_jj - 2 G_ij,
+
+    so it holds O(N^3 + N^2) values whatever the width D (the N^2 unit differences of the
+    official code take N^2 D); rows closer than 1e-6 of their norms count as coinciding."""
+    f64 = f.to(torch.float64)
+    g = f64 @ f64.t()
+    sq = g.diagonal()
+    d2 = sq.unsqueeze(0) + sq.unsqueeze(1) - 2 * g
+    apart = d2 > 1e-12 * (sq.unsqueeze(0) + sq.unsqueeze(1))  # never on the diagonal
+    inv = torch.where(apart, torch.where(apart, d2, torch.ones_like(d2)).rsqrt(),
+                      torch.zeros_like(d2))  # 1 / ||f_i - f_j||, 0 for coinciding rows
+    num = g.unsqueeze(0) - g.unsqueeze(2) - g.unsqueeze(1) + sq.view(-1, 1, 1)  # [j, i, k]
+    return (num * inv.unsqueeze(2) * inv.unsqueeze(1)).to(f.dtype)
 
 
 def rkd_angle(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Huber loss between the cosines of every triplet angle of the student's and the teacher's
-    features (``_all_angles``, N^3 entries); 0 for fewer than 3 samples."""
+    features (``_all_angles``), averaged over all N^3 entries (those with i = j or k = j, 0 in
+    both, included, as lenscloth/RKD's ``RKdAngle``); 0 for fewer than 3 samples. Memory:
+    O(N^3) for the cosines (N = 256: 16.8M values per table, float64 inside ``_all_angles``)."""
     _same_rows("rkd_angle", s, t)
     if s.shape[0] < 3:
         return s.sum() * 0
@@ -165,11 +188,11 @@ def triplet_cosines(f: torch.Tensor, triplets: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(1)
 
 
-def _leading_subspace(f: torch.Tensor, m: int) -> torch.Tensor:
-    """Orthonormal basis [D, r] of the span of the leading r = min(m, n, D) left-singular vectors
-    of f^T (f: [n, D], one sample per row)."""
-    u, _, _ = torch.linalg.svd(f.t(), full_matrices=False)
-    return u[:, :m]
+def _leading_subspaces(f: torch.Tensor, m: int) -> torch.Tensor:
+    """Orthonormal bases [B, D, r] of the leading r = min(m, n, D) left-singular vectors of
+    f_b^T for a batch f [B, n, D] (one sample per row): one batched SVD."""
+    u, _, _ = torch.linalg.svd(f.transpose(1, 2), full_matrices=False)
+    return u[..., :m]
 
 
 def subspace_distance(s: torch.Tensor, t: torch.Tensor, dim: int = 10,
@@ -186,6 +209,8 @@ def subspace_distance(s: torch.Tensor, t: torch.Tensor, dim: int = 10,
     adds 0.01: it splits repeated singular values, whose subspaces have unstable gradients).
     """
     _same_rows("subspace_distance", s, t)
+    check_int("dim", dim, 1)
+    check_non_negative("noise_std", noise_std)
     s, t = s.flatten(1), t.detach().flatten(1)
     if noise_std > 0:
         noise = torch.randn((2,) + tuple(s.shape), generator=generator, dtype=s.dtype,
@@ -195,9 +220,49 @@ def subspace_distance(s: torch.Tensor, t: torch.Tensor, dim: int = 10,
     if labels is None:
         groups = [torch.arange(s.shape[0], device=s.device)]
     else:
-        groups = [(labels == c).nonzero().squeeze(1) for c in torch.unique(labels)]
+        labels = labels.reshape(-1).to(s.device)
+        order = torch.argsort(labels, stable=True)
+        counts = torch.unique_consecutive(labels[order], return_counts=True)[1]
+        groups = list(torch.split(order, counts.tolist()))
+    by_size = {}
+    for idx in groups:
+        by_size.setdefault(idx.shape[0], []).append(idx)
     dists = []
-    for idx in groups:  # one SVD pair per class of the batch (a handful), not per sample
-        ps, pt = _leading_subspace(s[idx], dim), _leading_subspace(t[idx], dim)
-        dists.append(2 * ps.shape[1] - 2 * (ps.t() @ pt).pow(2).sum())
-    return torch.stack(dists).mean()
+    for idx in by_size.values():  # one batched SVD per class size: students and teachers
+        idx = torch.stack(idx)  # [G, n_k]
+        u = _leading_subspaces(torch.cat([s[idx], t[idx]]), dim)  # [2G, D, r]
+        us, ut = u[:idx.shape[0]], u[idx.shape[0]:]
+        dists.append(2 * u.shape[2] - 2 * (us.transpose(1, 2) @ ut).pow(2).sum((1, 2)))
+    return torch.cat(dists).mean()
+
+
+def erg_triplet_mask(labels: torch.Tensor, cross_class: bool = False) -> torch.Tensor:
+    """The triplets of an exemplar relation graph over the N nodes labelled ``labels``, as a
+    boolean ``[N, N, N]`` mask indexed (j, i, k) like ``_all_angles``: the angle at vertex j
+    between the edges to i and to k, for i, j, k distinct and i < k (the angle (k, j, i) is the
+    same one, counted once). ``cross_class``: only triplets whose three labels differ."""
+    y = labels.reshape(-1)
+    n = y.shape[0]
+    ar = torch.arange(n, device=y.device)
+    j, i, k = torch.meshgrid(ar, ar, ar, indexing="ij")
+    mask = (i < k) & (i != j) & (k != j)
+    if cross_class:
+        mask &= (y[i] != y[j]) & (y[k] != y[j]) & (y[i] != y[k])
+    return mask
+
+
+def erg_angle_loss(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the triplets (j, i, k) selected by ``mask`` (``erg_triplet_mask``) of the
+    Huber loss (smooth-l1, delta 1) between cos angle_j(s_i, s_j, s_k) and the same cosine of
+    the teacher's features ``t`` (rows: the graph's nodes, flattened per sample); 0 when the mask
+    selects no triplet. O(N^3) memory (one cosine per ordered triplet of each model)."""
+    _same_rows("erg_angle_loss", s, t)
+    n = s.shape[0]
+    if tuple(mask.shape) != (n, n, n):
+        raise ValueError(f"erg_angle_loss: the triplet mask must be [{n}, {n}, {n}] for {n} "
+                         f"nodes; got {tuple(mask.shape)}")
+    if not bool(mask.any()):
+        return s.sum() * 0
+    mask = mask.to(s.device)
+    cs, ct = _all_angles(s.flatten(1)), _all_angles(t.detach().flatten(1))
+    return F.smooth_l1_loss(cs[mask], ct[mask])

@@ -11,13 +11,16 @@ module does the rest:
   ``after_forward``), so the student's features cost nothing extra; the teacher runs once per
   step, under ``no_grad``, on the selected rows only. A name that is not a module of the model
   raises ``ValueError`` listing the names there are; a module whose output is not a tensor too.
+  ``teacher_layers`` (default: the same names) taps other modules of the teacher, pairwise
+  (FitNets' guided and hint layers); the teacher's features come keyed by those names.
 - **rows** (``inputs``): ``"current"``: the incoming minibatch (rows 0..n-1, recorded in
   ``before_training_iteration`` before any plugin extends it); ``"replay"``: the rows a replay
   plugin appended (ER: ``cl_plugins.replay.er``, which concatenates memory samples to the
   minibatch in ``before_forward``); ``"both"``: every row. ``"replay"``/``"both"`` without such
   a plugin raises at ``before_training_exp``.
 - **term**: ``strategy.loss += weight * distill_loss(...)`` in ``before_backward``, from the
-  second experience on (no teacher before); added, never replacing the loss.
+  second experience on (no teacher before); added, never replacing the loss. The student's
+  features of every step, the first experience's too, go through ``check_features`` first.
 - **state**: the settings (``SETTINGS``, checked on load), the experience count, the teacher's
   weights (rebuilt from a copy of the model at the next hook), and ``extra_state()`` of a
   subclass (regressors, RNG).
@@ -46,14 +49,19 @@ INPUTS = ("current", "replay", "both")
 ROW_APPENDERS = ("ERPlugin", "MIRPlugin")
 
 
-def check_layers(layers) -> Tuple[str, ...]:
+def check_layers(layers, name: str = "layers") -> Tuple[str, ...]:
     """``layers``: a module name or a non-empty list of them (``model.named_modules()`` names,
     e.g. ``"backbone"`` for a ClassifierNet's features); returned as a tuple."""
     names = (layers,) if isinstance(layers, str) else tuple(layers or ())
     if not names or not all(isinstance(n, str) and n for n in names):
-        raise ValueError(f"layers must be a module name or a non-empty list of module names "
+        raise ValueError(f"{name} must be a module name or a non-empty list of module names "
                          f"(as in model.named_modules(), e.g. 'backbone'); got {layers!r}")
     return names
+
+
+class TapsComplete(Exception):
+    """Raised by a ``stop_early`` tap once every tapped layer has run: the teacher's forward
+    stops there (its head is not needed, and may lack the current task's)."""
 
 
 class TapHook:
@@ -70,6 +78,8 @@ class TapHook:
                                  f"({type(module).__name__}) returns a {type(output).__name__}, "
                                  "not a tensor; tap a module that outputs features")
             self.taps.outputs[self.name] = output
+            if self.taps.stop_early and len(self.taps.outputs) == self.taps.n_names:
+                raise TapsComplete()
 
     def __reduce__(self):
         return (TapHook, (None, self.name))
@@ -92,11 +102,13 @@ def named_modules(model: nn.Module, names: Sequence[str], who: str) -> Dict[str,
 
 class LayerTaps:
     """Forward hooks on named modules of ``model``; while ``armed``, ``outputs[name]`` keeps the
-    module's last output."""
+    module's last output. ``stop_early``: end the forward pass once all of them have run."""
 
-    def __init__(self, model: nn.Module, names: Sequence[str], who: str):
+    def __init__(self, model: nn.Module, names: Sequence[str], who: str,
+                 stop_early: bool = False):
         modules = named_modules(model, names, who)
-        self.who, self.armed = who, False
+        self.who, self.armed, self.stop_early = who, False, stop_early
+        self.n_names = len(set(names))
         self.outputs: Dict[str, Tensor] = {}
         self.handles = [modules[n].register_forward_hook(TapHook(self, n)) for n in names]
 
@@ -123,10 +135,16 @@ class FeatureDistillPlugin(SupervisedPlugin):
 
     SETTINGS: Tuple[str, ...] = ("weight", "layers", "inputs")
 
-    def __init__(self, weight: float, layers, inputs: str):
+    def __init__(self, weight: float, layers, inputs: str, teacher_layers=None):
         super().__init__()
         self.weight = float(check_non_negative("weight", weight))
         self.layers = check_layers(layers)
+        self.teacher_layers = self.layers if teacher_layers is None else \
+            check_layers(teacher_layers, "teacher_layers")
+        if len(self.teacher_layers) != len(self.layers):
+            raise ValueError(f"teacher_layers must name one teacher module per student layer "
+                             f"({len(self.layers)}: {list(self.layers)}); got "
+                             f"{list(self.teacher_layers)}")
         self.inputs = check_choice("inputs", inputs, INPUTS)
         self.teacher: Optional[nn.Module] = None
         self.n_experiences = 0  # finished experiences
@@ -140,6 +158,11 @@ class FeatureDistillPlugin(SupervisedPlugin):
                      t: Tensor) -> Tensor:
         """The distillation term on the selected rows: layer name -> features, labels, tasks."""
         raise NotImplementedError
+
+    def check_features(self, student: Dict[str, Tensor]) -> None:
+        """Called on the student's tapped features at every training step, the first experience
+        included, before any update (subclasses: raise ``ValueError`` on shapes they cannot
+        use, naming the layer and the shape)."""
 
     def prepare(self, strategy) -> None:
         """Called at ``before_training_exp`` once the teacher exists (subclasses: check the
@@ -176,9 +199,16 @@ class FeatureDistillPlugin(SupervisedPlugin):
         try:
             with torch.no_grad():
                 avalanche_forward(self.teacher, x, t)
+        except TapsComplete:
+            pass
         finally:
             self._teacher_taps.armed = False
-        return self._teacher_taps.take()
+        out = self._teacher_taps.take()
+        missing = sorted(set(self.teacher_layers) - set(out))
+        if missing:
+            raise ValueError(f"{self.who}: teacher layers {missing} did not run in the teacher's "
+                             "forward pass; tap modules the model's forward calls")
+        return out
 
     def _remove_taps(self) -> None:
         for taps in (self._taps, self._teacher_taps):
@@ -194,14 +224,15 @@ class FeatureDistillPlugin(SupervisedPlugin):
                                  f"but no plugin appends them to the minibatch (one of "
                                  f"{list(ROW_APPENDERS)}); add one (plus: [er]) or use "
                                  "inputs='current'")
-        named_modules(strategy.model, self.layers, self.who)  # unknown names fail at once
+        named_modules(strategy.model, list(dict.fromkeys(self.layers + self.teacher_layers)),
+                      self.who)  # unknown names fail at once
         self._ensure_teacher(strategy.model)
         self._remove_taps()
+        self._taps = LayerTaps(strategy.model, self.layers, self.who)  # checked from the start
         if self.teacher is None:
             return
         self.teacher.to(strategy.device)
-        self._taps = LayerTaps(strategy.model, self.layers, self.who)
-        self._teacher_taps = LayerTaps(self.teacher, self.layers, self.who)
+        self._teacher_taps = LayerTaps(self.teacher, self.teacher_layers, self.who, True)
         self.prepare(strategy)
 
     def before_training_iteration(self, strategy, **kwargs):
@@ -219,13 +250,14 @@ class FeatureDistillPlugin(SupervisedPlugin):
         if self._taps is None:
             return
         student = self._taps.take()
-        rows = self.rows(strategy.mb_x.shape[0])
-        if self.weight == 0.0 or rows.stop <= rows.start:
-            return
         missing = [n for n in self.layers if n not in student]
         if missing:
             raise ValueError(f"{self.who}: layers {missing} did not run in the training forward "
                              "pass; tap modules the model's forward calls")
+        self.check_features(student)
+        rows = self.rows(strategy.mb_x.shape[0])
+        if self.teacher is None or self.weight == 0.0 or rows.stop <= rows.start:
+            return
         x, y, t = strategy.mb_x[rows], strategy.mb_y[rows], strategy.mb_task_id[rows]
         student = {k: v[rows] for k, v in student.items()}
         teacher = self.teacher_features(x, t)

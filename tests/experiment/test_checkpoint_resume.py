@@ -10,6 +10,7 @@ from avalanche.training import Naive
 from cl_plugins.experiment import checkpoint as ckpt_io
 from cl_plugins.experiment.config import validate
 from cl_plugins.experiment.runner import run_single
+from helpers import use_conv_model_if_needed
 
 
 class SimulatedPreemption(RuntimeError):
@@ -33,10 +34,15 @@ def _interrupt_at(monkeypatch, n_calls):
     return state
 
 
-def _cfg(digits_cfg, scenario, optimizer):
+def _cfg(digits_cfg, scenario, optimizer, method=None):
+    """``method``: a method name; one that needs spatial maps gets a conv model."""
+    from cl_plugins.registry import get_method
+
     cfg = copy.deepcopy(digits_cfg)
     cfg["benchmark"]["scenario"] = scenario
     cfg["optimizer"].update(optimizer)
+    if method is not None:
+        use_conv_model_if_needed(cfg, get_method(method).factory)
     return validate(cfg)
 
 
@@ -84,14 +90,14 @@ def test_interrupted_run_resumes_into_the_uninterrupted_run(digits_cfg, monkeypa
            "scheduler": {"name": "multistep", "milestones": [1], "gamma": 0.5}}
     if entry["name"] == "gdumb":  # it schedules the learning rate itself (and says so)
         opt["scheduler"] = None
-    cfg_ref = _cfg(digits_cfg, scenario, opt)
+    cfg_ref = _cfg(digits_cfg, scenario, opt, entry["name"])
     cfg_ref["output_dir"] += "_ref"
     ref = run_single(cfg_ref, entry, 0, __import__("pathlib").Path(cfg_ref["output_dir"]),
                      progress=False)
     assert ref["status"] == "finished" and ref["resumed"] == []
     assert not _paths(cfg_ref, entry)[1].exists()  # removed once the run finished
 
-    cfg = _cfg(digits_cfg, scenario, opt)
+    cfg = _cfg(digits_cfg, scenario, opt, entry["name"])
     out = __import__("pathlib").Path(cfg["output_dir"])
     json_path, ckpt_path = _paths(cfg, entry)
     calls = _interrupt_at(monkeypatch, 3)

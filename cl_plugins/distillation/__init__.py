@@ -1,0 +1,1 @@
+"""Distillation: feature, attention, relational and subspace distillation from a frozen teacher."""
