@@ -237,6 +237,40 @@ PROTOCOLS = {
                                 "avalanche_gdumb": (97.8, 0.1),
                                 "avalanche_gdumb-mlp100": (90.2, 0.4)}},
     },
+    "D1": {
+        "title": "Seq-MNIST, 5 tasks x 2 digits, one 10-way head (subspace distillation "
+                 "protocol, Roy et al. 2023; Mammoth's seq-mnist)",
+        "config": "experiments/configs/roy2023_sd_seq_mnist.yaml",
+        "benchmark": "split_mnist",
+        # One class-IL run per method and seed gives both numbers, as in Mammoth: the task-IL
+        # rows are the same runs' summary_task_view (the other tasks' logits masked at test).
+        "variants": {"class": []},
+        "task_view": {"class": "task"},
+        "variant_labels": {"class": "class-IL",
+                           "task": "task-IL (same runs, other tasks' logits masked)"},
+        "seeds": [0, 1, 2, 3, 4],
+        "source": "Roy et al. 2023 Seq-MNIST table as in ANCHORS D1 (no spread: ±1 point); "
+                  "small / medium memory = buffer 200 / 500; Avalanche rows vs the same paper row",
+        "published": {
+            view: {k: (v[i], None) for k, v in {
+                # (task-IL, class-IL)
+                "sgd": (87.15, 19.90), "joint": (99.65, 97.92), "lwf": (99.25, 20.07),
+                "online_ewc": (99.10, 20.00), "si": (99.07, 19.97),
+                "er-200": (97.86, 80.43), "er-500": (98.89, 86.57),
+                "der-200": (98.80, 84.55), "der-500": (98.84, 90.54),
+                "sd-200": (97.71, 85.28), "sd-500": (99.00, 89.00),
+                # the released code's SD (its class-wise term passes no gradient, see the config)
+                "sd-released-200": (97.71, 85.28), "sd-released-500": (99.00, 89.00),
+                "der+sd-200": (98.86, 86.54), "der+sd-500": (98.98, 91.47),
+                "icarl-200": (98.28, 70.51), "icarl-500": (98.81, 74.55),
+                "avalanche_er-200": (97.86, 80.43), "avalanche_er-500": (98.89, 86.57),
+                "avalanche_der-200": (98.80, 84.55), "avalanche_der-500": (98.84, 90.54),
+                "avalanche_lwf": (99.25, 20.07),
+                "avalanche_icarl-200": (98.28, 70.51), "avalanche_icarl-500": (98.81, 74.55),
+            }.items()}
+            for view, i in (("task", 0), ("class", 1))
+        },
+    },
     "B1-GEM": {
         "title": "Permuted MNIST, 5 experiences, GEM (continual-learning-baselines target)",
         "config": "experiments/configs/b1_permuted_mnist_gem.yaml",
@@ -343,11 +377,13 @@ def collect():
         rank = (not r["_stale"], _started(r))
         if best is None or rank > (not best["_stale"], _started(best)):
             groups[key][r["seed"]] = r
+    add_task_views(groups)
     order = {p: i for i, p in enumerate(PROTOCOLS)}
 
     def rank(key):
         protocol, variant, method = key
-        variants = list(PROTOCOLS[protocol]["variants"])
+        proto = PROTOCOLS[protocol]
+        variants = list(proto["variants"]) + list(proto.get("task_view", {}).values())
         return order[protocol], variants.index(variant) if variant in variants else 99, method
 
     rows = []
@@ -377,8 +413,24 @@ def collect():
             "revision": ", ".join(sorted({check.revision(r) for r in runs})),
             "stale": ("**stale**: " + "; ".join(stale[:3]) +
                       (f"; {len(stale) - 3} more" if len(stale) > 3 else "")) if stale else "current",
-            "command": f"`python experiments/reproduce.py {protocol} --variant {variant}`"})
+            "command": f"`python experiments/reproduce.py {protocol} --variant "
+                       f"{runs[0].get('_run_variant', variant)}`"})
     return rows
+
+
+def add_task_views(groups) -> None:
+    """A protocol's ``task_view`` ({run variant: view variant}) turns the chosen class-IL
+    runs of the run variant into rows of the view variant too, read from the same JSONs'
+    ``summary_task_view`` (the task-IL accuracy of the single head, other tasks' logits masked,
+    as Mammoth reports it). Runs without that summary are left out of the view."""
+    for (protocol, variant, method), by_seed in list(groups.items()):
+        view = PROTOCOLS[protocol].get("task_view", {}).get(variant)
+        if view is None:
+            continue
+        seen = {seed: {**r, "summary": r["summary_task_view"], "_run_variant": variant}
+                for seed, r in by_seed.items() if r.get("summary_task_view")}
+        if seen:
+            groups[(protocol, view, method)] = seen
 
 
 def build_table(rows) -> str:

@@ -179,3 +179,87 @@ def test_only_the_stale_seeds_of_a_stale_row_are_rerun(tmp_path, monkeypatch):
     (row,) = rp.collect()
     assert row["stale"].startswith("**stale**") and row["seeds"] == "0,1"
     assert row["stale_seeds"] == "1"
+
+
+# ------------------------------------------------------------------------------------------- D1
+def _d1_entries(rp):
+    from cl_plugins.experiment.config import load_config, normalize_methods
+    from cl_plugins.experiment.runner import method_label
+
+    cfg = load_config(REPO / rp.config_for(rp.PROTOCOLS["D1"], "class"))
+    return cfg, {method_label(e): e for e in normalize_methods(cfg["methods"])}
+
+
+def test_d1_config_is_mammoths_seq_mnist_with_one_unmasked_head():
+    """Mammoth's seq-mnist: label-ordered pairs, ToTensor only, MLP 784-100-100 with ONE 10-way
+    head trained unmasked, plain SGD, batch 10, one epoch; class-IL run (its task-IL view is read
+    from the same runs)."""
+    rp = _load()
+    cfg, entries = _d1_entries(rp)
+    b = cfg["benchmark"]
+    assert (b["name"], b["scenario"], b["n_experiences"], b["class_order"]) == \
+        ("split_mnist", "class", 5, "fixed")
+    assert b["normalize"] is False and b["pad_to_32"] is False
+    assert b["samples_per_task"] is None and b["test_samples_per_task"] is None
+    assert cfg["model"] == {"name": "mlp", "hidden": [100, 100], "head": "masked", "mask": "none"}
+    assert cfg["optimizer"]["name"] == "sgd"
+    assert cfg["optimizer"]["momentum"] == 0.0 and cfg["optimizer"]["weight_decay"] == 0.0
+    assert (cfg["strategy"]["train_mb_size"], cfg["strategy"]["epochs"]) == (10, 1)
+    # only the methods whose Mammoth loss spans the seen classes get the "seen" mask
+    masked = {lb for lb, e in entries.items() if (e.get("model") or {}).get("mask")}
+    assert masked == {"lwf", "avalanche_lwf", "icarl-200", "icarl-500", "avalanche_icarl-200",
+                      "avalanche_icarl-500"}
+    assert len(cfg["seeds"]) >= 5
+    d1 = rp.PROTOCOLS["D1"]
+    assert list(d1["variants"]) == ["class"] and d1["task_view"] == {"class": "task"}
+
+
+def _memory_sizes(entry):
+    out = []
+    for part in [entry, *entry["plus"]]:
+        p = part.get("params", {})
+        out += [p[k] for k in ("mem_size", "memory_size") if k in p]
+    return out
+
+
+def test_d1_memory_sizes_and_published_rows_match_the_config():
+    """small = 200 and medium = 500 (ANCHORS D1): every '-200' / '-500' entry keeps exactly
+    that many samples, the no-memory rows keep none, and every published number (both views)
+    has an entry of the config to compare with."""
+    rp = _load()
+    _, entries = _d1_entries(rp)
+    for label, entry in entries.items():
+        suffix = label.rsplit("-", 1)[-1]
+        sizes = _memory_sizes(entry)
+        if suffix in ("200", "500"):
+            assert sizes and set(sizes) == {int(suffix)}, (label, sizes)
+        else:
+            assert not sizes, (label, sizes)
+    pub = rp.PROTOCOLS["D1"]["published"]
+    assert set(pub) == {"task", "class"} and set(pub["task"]) == set(pub["class"])
+    assert set(pub["class"]) <= set(entries)
+    # ANCHORS D1, "Task-IL / Class-IL": a swap of the two views would fail here
+    assert pub["task"]["der-200"] == (98.80, None) and pub["class"]["der-200"] == (84.55, None)
+    assert pub["class"]["der+sd-500"] == (91.47, None) and pub["task"]["sgd"] == (87.15, None)
+    assert pub["class"]["avalanche_icarl-500"] == pub["class"]["icarl-500"] == (74.55, None)
+
+
+def test_d1_task_il_rows_come_from_the_class_il_runs(tmp_path, monkeypatch):
+    rp = _load()
+    monkeypatch.setattr(rp, "RESULTS_DIR", tmp_path)
+    for seed, (cls, task) in enumerate([(0.80, 0.975), (0.82, 0.985)]):
+        path = tmp_path / "D1" / "class" / "roy2023_sd_seq_mnist" / "er-200" / f"seed{seed}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({
+            "status": "finished", "method": "er-200", "seed": seed,
+            "started": "2026-12-05T10:00:00", "summary": {"acc": cls, "bwt": -0.1},
+            "summary_task_view": {"acc": task, "bwt": -0.01}}))
+    rows = rp.collect()
+    assert [(r["variant"], r["method"]) for r in rows] == [("class", "er-200"), ("task", "er-200")]
+    cls_row, task_row = rows
+    assert cls_row["acc"] == "81.00 ± 1.41" and cls_row["published"] == "80.43"
+    assert cls_row["ok"] == "yes" and cls_row["scenario"] == "class-IL"
+    assert task_row["acc"] == "98.00 ± 0.71" and task_row["published"] == "97.86"
+    assert task_row["ok"] == "yes" and task_row["bwt"] == "-1.00 ± 0.00"
+    assert task_row["scenario"].startswith("task-IL (same runs")
+    assert "`python experiments/reproduce.py D1 --variant class`" == task_row["command"]
