@@ -271,6 +271,17 @@ PROTOCOLS = {
             for view, i in (("task", 0), ("class", 1))
         },
     },
+    "D2": {
+        "title": "Split FashionMNIST, class-IL, LeNet, memory 500: the distillation family on "
+                 "a conv net (our protocol, no published rows; the ordering is the result)",
+        "config": "experiments/configs/d2_split_fmnist_lenet_distill.yaml",
+        "benchmark": "split_fmnist",
+        "variants": {"class": []},
+        "variant_labels": {"class": "class-IL"},
+        "seeds": [0, 1, 2, 3, 4],
+        "source": "none (issue 17's conv-net protocol: each term on top of ER-500, vs ER and LwF)",
+        "published": {},
+    },
     "B1-GEM": {
         "title": "Permuted MNIST, 5 experiences, GEM (continual-learning-baselines target)",
         "config": "experiments/configs/b1_permuted_mnist_gem.yaml",
