@@ -7,6 +7,7 @@ naive, joint, cumulative) or a *plugin* added to the template's plugin list.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -100,6 +101,12 @@ PLUGIN_CLASSES = [
     "cl_plugins.distillation.relational_kd:RelationalKDPlugin",
 ]
 
+# Other libraries' versions kept in a file of their own (run only when named), with the same
+# class-attribute header; the rest of Avalanche's references are in baselines/avalanche_refs.py.
+REFERENCE_CLASSES = [
+    "cl_plugins.baselines.avalanche_feature_distill:AvalancheFeatureDistillation",
+]
+
 
 def register(spec: MethodSpec) -> MethodSpec:
     if spec.kind not in ("template", "plugin"):
@@ -149,6 +156,10 @@ def _load_builtin() -> None:
     for path in PLUGIN_CLASSES:
         module, cls = path.split(":")
         register(MethodSpec.from_plugin(getattr(importlib.import_module(module), cls)))
+    for path in REFERENCE_CLASSES:
+        module, cls = path.split(":")
+        spec = MethodSpec.from_plugin(getattr(importlib.import_module(module), cls))
+        register(dataclasses.replace(spec, reference=True))
     from cl_plugins.baselines.avalanche_refs import register_avalanche_references
 
     register_avalanche_references()

@@ -137,7 +137,8 @@ PROTOCOLS = {
         },
         # The distillation entries (13-15) are issue 17's task-/domain-IL rows next to LwF.
         "skip": {"domain": ["ensemble"],
-                 "class": ["ensemble", "hints", "relational_kd", "erg_kd"]},
+                 "class": ["ensemble", "hints", "relational_kd", "erg_kd",
+                           "avalanche_feature_distillation"]},
         # The paper's Table 2 averages seeds 2-21 (all_results.sh: compare.py --seed=2
         # --n-seeds=20, splitMNIST, each scenario); 10 of them by default (--seeds for all 20).
         # Domain-IL EWC at lambda 1e10 is chaotic seed to seed, so few seeds do not compare.
