@@ -99,6 +99,11 @@ PLUGIN_CLASSES = [
     "cl_plugins.distillation.erg_kd:ERGKDPlugin",
     "cl_plugins.distillation.nst:NSTPlugin",
     "cl_plugins.distillation.relational_kd:RelationalKDPlugin",
+    "cl_plugins.replay.latent_replay:LatentReplayPlugin",
+    "cl_plugins.replay.exstream:ExStreamPlugin",
+    "cl_plugins.hybrid.pnc:ProgressCompressPlugin",
+    "cl_plugins.generative.generative_replay:GenerativeReplayPlugin",
+    "cl_plugins.generative.negative_replay:NegativeReplayPlugin",
 ]
 
 # Other libraries' versions kept in a file of their own (run only when named), with the same

@@ -136,9 +136,11 @@ PROTOCOLS = {
                       "--methods.5.params.si_lambda=5000.0"],
         },
         # The distillation entries (13-15) are issue 17's task-/domain-IL rows next to LwF.
-        "skip": {"domain": ["ensemble"],
+        # DGR (entry 17): ANCHORS gives it in domain- and class-IL only.
+        "skip": {"task": ["dgr"], "domain": ["ensemble"],
                  "class": ["ensemble", "hints", "relational_kd", "erg_kd",
                            "avalanche_feature_distillation"]},
+
         # The paper's Table 2 averages seeds 2-21 (all_results.sh: compare.py --seed=2
         # --n-seeds=20, splitMNIST, each scenario); 10 of them by default (--seeds for all 20).
         # Domain-IL EWC at lambda 1e10 is chaotic seed to seed, so few seeds do not compare.
@@ -153,15 +155,34 @@ PROTOCOLS = {
                  for k, v in {"naive": n, "ewc": e, "lwf": lw, "joint": j, "avalanche_ewc": e,
                               "avalanche_lwf": lw, "agem": ag, "avalanche_agem": ag,
                               **({"er": er, "avalanche_er": er} if er else {}),
+                              **({"dgr": dgr} if dgr else {}),
                               **({"ensemble": (99.57, 0.03)} if sc == "task" else {})}.items()}
             # ER: no task-IL number and no s.e.m. in ANCHORS (mean only: +-1 point)
-            for sc, n, e, lw, j, ag, er in [
+            # DGR: ANCHORS S3's note on S2, mean only (no s.e.m.: +-1 point)
+            for sc, n, e, lw, j, ag, er, dgr in [
                 ("task", (84.32, 0.99), (99.06, 0.15), (99.60, 0.03), (99.67, 0.03),
-                 (98.54, 0.10), None),
+                 (98.54, 0.10), None, None),
                 ("domain", (60.13, 1.66), (63.03, 1.58), (71.18, 1.42), (98.59, 0.05),
-                 (87.67, 1.33), (93.75, None)),
+                 (87.67, 1.33), (93.75, None), (95.57, None)),
                 ("class", (19.89, 0.02), (20.64, 0.52), (21.89, 0.32), (98.17, 0.04),
-                 (65.10, 3.64), (88.79, None))]
+                 (65.10, 3.64), (88.79, None), (90.35, None))]
+        },
+    },
+    "S3": {
+        "title": "Split MNIST, 5 tasks (van de Ven & Tolias 2019), DGR and DGR+distill",
+        "config": "experiments/configs/vandeven2019_s3_split_mnist.yaml",
+        "benchmark": "split_mnist",
+        "variants": {sc: [f"--benchmark.scenario={sc}"] for sc in ("task", "domain", "class")},
+        # his compare_all.py starts at seed 1; the paper averages 20 seeds
+        "seeds": [1, 2, 3, 4, 5],
+        "source": "van de Ven & Tolias 2019, as in ANCHORS S3 (20 seeds, mean ± s.e.m.; the "
+                  "s.e.m. shown as a std, s.e.m. × √20, as in S2)",
+        "published": {
+            sc: {k: (v[0], round(v[1] * 20 ** 0.5, 2)) for k, v in rows.items()}
+            for sc, rows in {
+                "task": {"dgr": (99.50, 0.03), "dgr_distill": (99.61, 0.02)},
+                "domain": {"dgr": (95.72, 0.25), "dgr_distill": (96.83, 0.20)},
+                "class": {"dgr": (90.79, 0.41), "dgr_distill": (91.79, 0.32)}}.items()
         },
     },
     "P1": {

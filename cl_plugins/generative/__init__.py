@@ -1,0 +1,1 @@
+"""Methods that replay inputs drawn from a generative model: generative replay, negative replay."""

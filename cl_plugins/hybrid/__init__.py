@@ -1,0 +1,1 @@
+"""Hybrid methods: one method combining mechanisms of several families (architecture, regularisation, distillation)."""
