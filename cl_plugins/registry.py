@@ -102,6 +102,7 @@ PLUGIN_CLASSES = [
     "cl_plugins.replay.latent_replay:LatentReplayPlugin",
     "cl_plugins.replay.exstream:ExStreamPlugin",
     "cl_plugins.hybrid.pnc:ProgressCompressPlugin",
+    "cl_plugins.hybrid.ar1:AR1Plugin",
     "cl_plugins.generative.generative_replay:GenerativeReplayPlugin",
     "cl_plugins.generative.negative_replay:NegativeReplayPlugin",
 ]

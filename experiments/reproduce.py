@@ -326,6 +326,18 @@ PROTOCOLS = {
         "published": {"task": {"si": (97.0, 3.0), "avalanche_si": (97.0, 3.0),
                                "rwalk": (99.0, 1.0), "avalanche_rwalk": (99.0, 1.0)}},
     },
+    "B1-GR": {
+        "title": "Split MNIST, 5 experiences, class-IL, deep generative replay "
+                 "(continual-learning-baselines target)",
+        "config": "experiments/configs/b1_split_mnist_generative_replay.yaml",
+        "benchmark": "split_mnist",
+        "variants": {"class": []},
+        "seeds": [0, 1, 2],
+        "source": "Avalanche continual-learning-baselines target (ANCHORS B1, 0.75; its "
+                  "regression test is one-sided); ±1 point shown",
+        "published": {"class": {"avalanche_generative_replay": (75.0, None),
+                                "generative_replay": (75.0, None)}},
+    },
     "B1-AGEM": {
         "title": "Permuted MNIST, 17 experiences, A-GEM (continual-learning-baselines target)",
         "config": "experiments/configs/b1_permuted_mnist_agem.yaml",

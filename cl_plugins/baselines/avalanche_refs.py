@@ -65,6 +65,15 @@ def register_avalanche_references() -> None:
                                                                     "beta": 0.5},
                         reference=True, paper="Avalanche 0.6's DER strategy",
                         summary="reference: Avalanche's DER/DER++ template (beta 0 gives DER)"))
+    from avalanche.training import GenerativeReplay
+
+    # Avalanche's deep generative replay: its own MlpVAE for 1x28x28 inputs (MNIST-shaped data
+    # only), trained after each experience by a strategy of its own; no task labels.
+    register(MethodSpec("avalanche_generative_replay", "template", GenerativeReplay,
+                        scenarios=("domain", "class"), reference=True,
+                        defaults={"replay_size": 100, "increasing_replay_size": False},
+                        paper="Avalanche 0.6's GenerativeReplay strategy",
+                        summary="reference: Avalanche's DGR template (its MlpVAE, 1x28x28)"))
     for name, factory, defaults, *scenarios in refs:
         register(MethodSpec(name, "plugin", factory, defaults=defaults, reference=True,
                             scenarios=tuple(scenarios[0]) if scenarios else ALL_SCENARIOS,

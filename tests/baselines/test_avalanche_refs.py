@@ -81,3 +81,25 @@ def test_single_head_forward_contract():
     x = torch.randn(5, *task_info.input_shape)
     for out in (mh(x), mh(x, None)):
         assert set(out) == {0, 1} and torch.equal(out[1], mh(x, 1))
+
+
+def test_avalanche_generative_replay_is_its_template_with_the_b1_replay_size():
+    # B1's reference (continual-learning-baselines split_mnist/generative_replay.py): Avalanche's
+    # GenerativeReplay with replay_size 100 and its default MlpVAE for 1x28x28 inputs
+    from avalanche.training import GenerativeReplay
+    from avalanche.training.plugins import GenerativeReplayPlugin
+
+    from cl_plugins.registry import get_method
+
+    spec = get_method("avalanche_generative_replay")
+    assert spec.reference and spec.kind == "template" and "task" not in spec.scenarios
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    st = spec.factory(model=model, optimizer=torch.optim.Adam(model.parameters()),
+                      criterion=torch.nn.CrossEntropyLoss(), train_mb_size=16, eval_mb_size=16,
+                      **spec.defaults)
+    assert isinstance(st, GenerativeReplay)
+    replay = [p for p in st.plugins if isinstance(p, GenerativeReplayPlugin)]
+    assert len(replay) == 1 and replay[0].untrained_solver
+    vae = st.generator_strategy.model
+    with torch.no_grad():
+        assert vae.generate(3).shape == (3, 1, 28, 28)
