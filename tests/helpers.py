@@ -700,3 +700,28 @@ def stream_accuracies(model, stream):
                 total += int(y.shape[0])
             out.append(right / total)
     return out
+
+
+def digits_strategy(plugins, hidden=(32,), scenario="class", epochs=1, sgd=True, seed=0,
+                    batch_norm=False):
+    """A Naive strategy on split_digits with an MLP ClassifierNet (SGD 0.05 or Adam 1e-3,
+    batch 32): (strategy, train experiences, benchmark info)."""
+    torch.manual_seed(seed)
+    info = build_benchmark("split_digits", scenario)
+    model = build_model({"name": "mlp", "hidden": list(hidden), "batch_norm": batch_norm}, info)
+    opt = (torch.optim.SGD(model.parameters(), lr=0.05) if sgd
+           else torch.optim.Adam(model.parameters(), lr=1e-3))
+    st = Naive(model=model, optimizer=opt, train_mb_size=32, train_epochs=epochs,
+               eval_mb_size=256, device="cpu", plugins=plugins,
+               evaluator=EvaluationPlugin(loggers=[]))
+    return st, list(info.benchmark.train_stream), info
+
+
+def final_mean_accuracy(plugins, **strategy_kwargs):
+    """Train ``digits_strategy(plugins, **strategy_kwargs)`` on its whole stream; the mean test
+    accuracy over the experiences at the end."""
+    st, stream, info = digits_strategy(plugins, **strategy_kwargs)
+    for e in stream:
+        st.train(e)
+    accs = stream_accuracies(st.model, info.benchmark.test_stream)
+    return sum(accs) / len(accs)

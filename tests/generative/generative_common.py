@@ -97,3 +97,22 @@ def check_exact_resume(make, scenario="class"):
         assert torch.equal(p, q), name
     assert_same(a.state_dict(), b.state_dict())
     return a, b
+
+
+def train_and_predict_old(plugins, seed=0, n_exp=2, epochs=10):
+    """Train on the first ``n_exp`` experiences of split_digits (class-IL); return the train
+    stream and, for each earlier experience's test set, (predicted labels, true labels)."""
+    from avalanche.models.utils import avalanche_forward
+
+    st, info = digits_strategy(plugins, seed=seed, epochs=epochs)
+    exps = info.benchmark.train_stream
+    for e in list(exps)[:n_exp]:
+        st.train(e)
+    model, out = st.model.eval(), []
+    with torch.no_grad():
+        for e in list(info.benchmark.test_stream)[:n_exp - 1]:
+            ds = e.dataset
+            x = torch.stack([ds[i][0] for i in range(len(ds))])
+            y = torch.tensor([ds[i][1] for i in range(len(ds))])
+            out.append((avalanche_forward(model, x, torch.zeros_like(y)).argmax(1), y))
+    return exps, out

@@ -17,7 +17,8 @@ from torch import nn
 from cl_plugins.experiment.runner import run_experiment
 from cl_plugins.generative.generative_replay import GenerativeReplayPlugin, soft_target_ce
 from cl_plugins.registry import MethodSpec
-from generative_common import SMALL_VAE, StepRecorder, check_exact_resume, digits_strategy, reload
+from generative_common import (SMALL_VAE, StepRecorder, check_exact_resume, digits_strategy, reload,
+                               train_and_predict_old)
 from helpers import check_registry_header
 
 
@@ -164,18 +165,8 @@ E2E_VAE = dict(vae_fc_units=100, vae_z_dim=20, vae_lr=0.003)
 def _old_class_accuracy(plugins, seed=0, n_exp=2, epochs=10):
     """Accuracy on the test sets of the experiences before the last, after training on the
     first ``n_exp`` experiences of split_digits (class-IL)."""
-    st, info = digits_strategy(plugins, seed=seed, epochs=epochs)
-    for e in list(info.benchmark.train_stream)[:n_exp]:
-        st.train(e)
-    model, accs = st.model.eval(), []
-    with torch.no_grad():
-        for e in list(info.benchmark.test_stream)[:n_exp - 1]:
-            ds = e.dataset
-            x = torch.stack([ds[i][0] for i in range(len(ds))])
-            y = torch.tensor([ds[i][1] for i in range(len(ds))])
-            pred = avalanche_forward(model, x, torch.zeros_like(y)).argmax(1)
-            accs.append(float((pred == y).float().mean()))
-    return float(np.mean(accs))
+    _, preds = train_and_predict_old(plugins, seed, n_exp, epochs)
+    return float(np.mean([float((pred == y).float().mean()) for pred, y in preds]))
 
 
 def test_dgr_keeps_old_classes_that_naive_forgets():

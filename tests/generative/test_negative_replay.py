@@ -14,7 +14,8 @@ from torch import nn
 
 from cl_plugins.generative.negative_replay import NegativeReplayPlugin, negative_replay_loss
 from cl_plugins.registry import signature_defaults
-from generative_common import SMALL_VAE, StepRecorder, check_exact_resume, digits_strategy
+from generative_common import (SMALL_VAE, StepRecorder, check_exact_resume, digits_strategy,
+                               train_and_predict_old)
 
 
 def test_registry_header():
@@ -101,20 +102,10 @@ def _old_inputs_taken_for_current_classes(plugins, seed=0, n_exp=2, epochs=10):
     """Share of the earlier experiences' test inputs that the model assigns to the classes of
     experience ``n_exp`` after training on the first ``n_exp`` experiences (class-IL), and
     their accuracy."""
-    st, info = digits_strategy(plugins, seed=seed, epochs=epochs)
-    exps = info.benchmark.train_stream
-    for e in list(exps)[:n_exp]:
-        st.train(e)
+    exps, preds = train_and_predict_old(plugins, seed, n_exp, epochs)
     current = torch.tensor(exps[n_exp - 1].classes_in_this_experience)
-    model, shares, accs = st.model.eval(), [], []
-    with torch.no_grad():
-        for e in list(info.benchmark.test_stream)[:n_exp - 1]:
-            ds = e.dataset
-            x = torch.stack([ds[i][0] for i in range(len(ds))])
-            y = torch.tensor([ds[i][1] for i in range(len(ds))])
-            pred = avalanche_forward(model, x, torch.zeros_like(y)).argmax(1)
-            shares.append(float(torch.isin(pred, current).float().mean()))
-            accs.append(float((pred == y).float().mean()))
+    shares = [float(torch.isin(pred, current).float().mean()) for pred, _ in preds]
+    accs = [float((pred == y).float().mean()) for pred, y in preds]
     return float(np.mean(shares)), float(np.mean(accs))
 
 

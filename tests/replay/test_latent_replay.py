@@ -11,28 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
-from avalanche.training import Naive
-from avalanche.training.plugins import EvaluationPlugin
 
-from cl_plugins.benchmarks import build_benchmark
-from cl_plugins.models import build_model
 from cl_plugins.replay.er import ERPlugin
 from cl_plugins.replay.latent_replay import LatentReplayPlugin
 
-from helpers import param_copies, stream_accuracies, train_both_equal
+from helpers import digits_strategy, final_mean_accuracy, param_copies, train_both_equal
 
 
-def _strategy(plugins, hidden=(32,), scenario="class", epochs=1, sgd=True, seed=0,
-              batch_norm=False):
-    torch.manual_seed(seed)
-    info = build_benchmark("split_digits", scenario)
-    model = build_model({"name": "mlp", "hidden": list(hidden), "batch_norm": batch_norm}, info)
-    opt = (torch.optim.SGD(model.parameters(), lr=0.05) if sgd
-           else torch.optim.Adam(model.parameters(), lr=1e-3))
-    st = Naive(model=model, optimizer=opt, train_mb_size=32, train_epochs=epochs,
-               eval_mb_size=256, device="cpu", plugins=plugins,
-               evaluator=EvaluationPlugin(loggers=[]))
-    return st, list(info.benchmark.train_stream), info
+_strategy = digits_strategy
 
 
 class _Spy(SupervisedPlugin):
@@ -190,11 +176,7 @@ def test_beats_naive_on_split_digits_class_il():
     accs = {}
     for name, plugins in (("naive", []), ("latent", [LatentReplayPlugin(
             layer="backbone.layers.1", mem_size=300, seed=0)])):
-        st, stream, info = _strategy(plugins, hidden=(64, 64), epochs=5, sgd=False)
-        for e in stream:
-            st.train(e)
-        a = stream_accuracies(st.model, info.benchmark.test_stream)
-        accs[name] = sum(a) / len(a)
+        accs[name] = final_mean_accuracy(plugins, hidden=(64, 64), epochs=5, sgd=False)
     assert accs["latent"] > accs["naive"] + 0.3, accs
 
 
