@@ -400,6 +400,27 @@ def check_replay_state_round_trip(make):
         assert a.n_experiences == b.n_experiences == 3
 
 
+
+def check_plugins_resume_exactly(make):
+    """``make()`` -> a list of plugins (e.g. ER plus a distillation term, the last one owning a
+    ``generator``). Train two experiences, load the states into a fresh list (whose generator
+    was reseeded, so the state must restore it), and check the third experience trains
+    identically. Returns (first list, second list, the states)."""
+    a = make()
+    st_a, info = er_der_strategy(a, sgd=True)
+    stream = list(info.benchmark.train_stream)
+    for exp in stream[:2]:
+        st_a.train(exp)
+    states = [copy.deepcopy(p.state_dict()) for p in a]
+    model_state = copy.deepcopy(st_a.model.state_dict())
+    b = make()
+    b[-1].generator.manual_seed(999)  # must be overwritten by the state
+    for p, s in zip(b, states):
+        p.load_state_dict(s)
+    st_b, _ = er_der_strategy(b, sgd=True, seed=7)
+    train_both_equal(st_a, st_b, stream[2], stream[:2], model_state)
+    return a, b, states
+
 # ---------------------------------------------------- GDumb and MIR: a strategy on split_digits
 
 def gdumb_mir_strategy(plugins, scenario="class", lr=0.05, mb=16, epochs=1, seed=0,
@@ -725,3 +746,32 @@ def final_mean_accuracy(plugins, **strategy_kwargs):
         st.train(e)
     accs = stream_accuracies(st.model, info.benchmark.test_stream)
     return sum(accs) / len(accs)
+
+
+class HeadInputSpy(SupervisedPlugin):
+    """Listed after a plugin that appends rows inside the forward pass (latent replay,
+    ExStream): records, for every step, (experience, stream rows n, the backbone's own output
+    on the stream rows, the head's input, mb_y, mb_task_id, loss, mb_output) plus
+    ``extra()``, which a subclass may fill (taken before the forward)."""
+
+    def __init__(self, plugin):
+        super().__init__()
+        self.plugin, self.steps = plugin, []
+
+    def extra(self):
+        return ()
+
+    def before_forward(self, strategy, **kwargs):
+        self.before = self.extra()
+        self.n = strategy.mb_x.shape[0]
+        self.handle = strategy.model.head.register_forward_hook(
+            lambda m, i, o: setattr(self, "head_in", i[0].detach()))
+
+    def before_backward(self, strategy, **kwargs):
+        self.handle.remove()
+        with torch.no_grad():
+            own = strategy.model.backbone(strategy.mb_x)
+        self.steps.append((strategy.experience.current_experience, self.n, own, self.head_in,
+                           strategy.mb_y.clone(), strategy.mb_task_id.clone(),
+                           float(strategy.loss.detach()), strategy.mb_output.detach(),
+                           *self.before))

@@ -12,7 +12,7 @@ import torch
 from cl_plugins.core.distill_losses import erg_angle_loss, erg_triplet_mask
 from cl_plugins.distillation.erg_kd import ERGKDPlugin, degree_order
 from cl_plugins.replay.er import ERPlugin
-from helpers import er_der_strategy, stream_accuracies, train_both_equal
+from helpers import check_plugins_resume_exactly, er_der_strategy, stream_accuracies
 
 
 def test_degree_order_by_hand():
@@ -127,20 +127,7 @@ def test_state_round_trip_resumes_exactly(selection):
         return [ERPlugin(mem_size=100, seed=0),
                 ERGKDPlugin(exemplars_per_class=3, selection=selection, seed=5)]
 
-    a = make()
-    st_a, info = er_der_strategy(a, sgd=True)
-    stream = list(info.benchmark.train_stream)
-    for exp in stream[:2]:
-        st_a.train(exp)
-    states = [copy.deepcopy(p.state_dict()) for p in a]
-    model_state = copy.deepcopy(st_a.model.state_dict())
-    b = make()
-    b[1].generator.manual_seed(123)  # must be overwritten by the state
-    for p, s in zip(b, states):
-        p.load_state_dict(s)
-    assert torch.equal(b[1].nodes["x"], a[1].nodes["x"])
-    st_b, _ = er_der_strategy(b, sgd=True, seed=7)
-    train_both_equal(st_a, st_b, stream[2], stream[:2], model_state)
+    a, b, states = check_plugins_resume_exactly(make)
     assert all(torch.equal(a[1].nodes[k], b[1].nodes[k]) for k in ("x", "y", "t"))
     assert torch.equal(a[1].generator.get_state(), b[1].generator.get_state())
     with pytest.raises(ValueError, match="exemplars_per_class=3, this plugin has "

@@ -4,7 +4,6 @@ with ER (class-IL), and exact resume from the state."""
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from cl_plugins.core.distill_losses import subspace_distance
 from cl_plugins.distillation.subspace_kd import SubspaceKDPlugin
 from cl_plugins.replay.der import DERPlugin
 from cl_plugins.replay.er import ERPlugin
-from helpers import er_der_strategy, stream_accuracies, train_both_equal
+from helpers import check_plugins_resume_exactly, er_der_strategy, stream_accuracies
 
 
 def test_arguments_are_checked():
@@ -110,19 +109,7 @@ def test_state_round_trip_resumes_exactly():
     def make():
         return [ERPlugin(mem_size=100, seed=0), SubspaceKDPlugin(inputs="replay", seed=3)]
 
-    a = make()
-    st_a, info = er_der_strategy(a, sgd=True)
-    stream = list(info.benchmark.train_stream)
-    for exp in stream[:2]:
-        st_a.train(exp)
-    states = [copy.deepcopy(p.state_dict()) for p in a]
-    model_state = copy.deepcopy(st_a.model.state_dict())
-    b = make()
-    b[1].generator.manual_seed(999)  # must be overwritten by the state
-    for p, s in zip(b, states):
-        p.load_state_dict(s)
-    st_b, _ = er_der_strategy(b, sgd=True, seed=7)
-    train_both_equal(st_a, st_b, stream[2], stream[:2], model_state)
+    a, b, states = check_plugins_resume_exactly(make)
     assert torch.equal(a[1].generator.get_state(), b[1].generator.get_state())
     with pytest.raises(ValueError, match="dim=10, this plugin has dim=5"):
         SubspaceKDPlugin(inputs="replay", dim=5).load_state_dict(states[1])

@@ -10,38 +10,22 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from avalanche.core import SupervisedPlugin
 
 from cl_plugins.core.cluster_buffer import capacity_for_bytes
 from cl_plugins.replay.exstream import ExStreamPlugin
 
-from helpers import digits_strategy, final_mean_accuracy, param_copies, train_both_equal
+from helpers import (HeadInputSpy, digits_strategy, final_mean_accuracy, param_copies,
+                     train_both_equal)
 
 
 _strategy = digits_strategy
 
 
-class _Spy(SupervisedPlugin):
-    """After the plugin: the buffer before the step, the head's input, targets and loss."""
+class _Spy(HeadInputSpy):
+    """The buffer's contents before each step, after the common record."""
 
-    def __init__(self, plugin):
-        super().__init__()
-        self.plugin, self.steps = plugin, []
-
-    def before_forward(self, strategy, **kwargs):
-        self.before = [v.clone() for v in self.plugin.buffer.contents()]
-        self.n = strategy.mb_x.shape[0]
-        self.handle = strategy.model.head.register_forward_hook(
-            lambda m, i, o: setattr(self, "head_in", i[0].detach()))
-
-    def before_backward(self, strategy, **kwargs):
-        self.handle.remove()
-        with torch.no_grad():
-            own = strategy.model.backbone(strategy.mb_x)
-        self.steps.append((strategy.experience.current_experience, self.n, own, self.head_in,
-                           strategy.mb_y.clone(), strategy.mb_task_id.clone(),
-                           float(strategy.loss.detach()), strategy.mb_output.detach(),
-                           self.before))
+    def extra(self):
+        return ([v.clone() for v in self.plugin.buffer.contents()],)
 
 
 def test_every_centroid_reaches_the_head_with_its_label():

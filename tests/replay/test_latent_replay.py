@@ -15,37 +15,25 @@ from avalanche.core import SupervisedPlugin
 from cl_plugins.replay.er import ERPlugin
 from cl_plugins.replay.latent_replay import LatentReplayPlugin
 
-from helpers import digits_strategy, final_mean_accuracy, param_copies, train_both_equal
+from helpers import (HeadInputSpy, digits_strategy, final_mean_accuracy, param_copies,
+                     train_both_equal)
 
 
 _strategy = digits_strategy
 
 
-class _Spy(SupervisedPlugin):
-    """After the plugin: the head's input, the targets and the loss of every step."""
+class _Spy(HeadInputSpy):
+    """Also the memory's contents at the start of each experience."""
 
     def __init__(self, plugin):
-        super().__init__()
-        self.plugin, self.steps, self.memories = plugin, [], {}
+        super().__init__(plugin)
+        self.memories = {}
 
     def before_training_exp(self, strategy, **kwargs):
         buf = self.plugin.memory.buffer
         if buf is not None:
             self.memories[strategy.experience.current_experience] = buf.get(
                 torch.arange(len(buf)))
-
-    def before_forward(self, strategy, **kwargs):
-        self.n = strategy.mb_x.shape[0]
-        self.handle = strategy.model.head.register_forward_hook(
-            lambda m, i, o: setattr(self, "head_in", i[0].detach()))
-
-    def before_backward(self, strategy, **kwargs):
-        self.handle.remove()
-        with torch.no_grad():
-            own = strategy.model.backbone(strategy.mb_x)
-        self.steps.append((strategy.experience.current_experience, self.n, own, self.head_in,
-                           strategy.mb_y.clone(), strategy.mb_task_id.clone(),
-                           float(strategy.loss.detach()), strategy.mb_output.detach()))
 
 
 def test_replayed_activations_reach_the_head_with_their_labels():
