@@ -28,7 +28,14 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("gpu_smoke")  # the tiny datasets are written once
 
 
-@pytest.mark.parametrize("name", SMOKE.GPU_CONFIGS)
+# The TinyImageNet config's smoke run takes 134 s on an idle 2-core machine (200 classes, 25
+# experiences): it runs with -m slow; its loader's format and errors are tested in
+# tests/benchmarks/ (test_dataset_files.py, test_data_file_errors.py).
+SLOW_CONFIGS = {"wang2021_nscl_tinyimagenet_25split"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if n in SLOW_CONFIGS
+                                               else []) for n in SMOKE.GPU_CONFIGS])
 def test_gpu_config_runs_scaled_down(name, workdir):
     from cl_plugins.experiment.config import load_config
 

@@ -83,10 +83,15 @@ def _all_cases():
 # Optimizer state carried across experiences (Adam, no reset) and a per-experience LR schedule,
 # so the optimizer, the plugins' state (importances, buffers, bases, their RNGs), the global RNG
 # and the metric objects must all come back for the accuracies to match bit for bit.
-CASES = _all_cases()
+# GDumb's case retrains from scratch on its memory at every experience (65 s on an idle 2-core
+# machine, the longest of all): it runs with -m slow; tests/replay/test_gdumb.py covers its state.
+SLOW_CASES = {"gdumb"}
+CASES = [pytest.param(sc, e, id=e["name"],
+                      marks=[pytest.mark.slow] if e["name"] in SLOW_CASES else [])
+         for sc, e in _all_cases()]
 
 
-@pytest.mark.parametrize("scenario,entry", CASES, ids=[e["name"] for _, e in CASES])
+@pytest.mark.parametrize("scenario,entry", CASES)
 def test_interrupted_run_resumes_into_the_uninterrupted_run(digits_cfg, monkeypatch, scenario,
                                                             entry):
     opt = {"name": "adam", "lr": 3e-3,
