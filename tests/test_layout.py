@@ -10,7 +10,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "cl_plugins"
 METHOD_FAMILIES = ("projection", "regularization", "replay", "distillation", "generative",
-                   "hybrid", "baselines")
+                   "hybrid", "architectural", "baselines")
 METHOD_FILES = sorted(f for fam in METHOD_FAMILIES for f in (PKG / fam).glob("*.py")
                       if f.name != "__init__.py")
 
