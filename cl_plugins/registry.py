@@ -105,12 +105,21 @@ PLUGIN_CLASSES = [
     "cl_plugins.hybrid.ar1:AR1Plugin",
     "cl_plugins.generative.generative_replay:GenerativeReplayPlugin",
     "cl_plugins.generative.negative_replay:NegativeReplayPlugin",
+    "cl_plugins.architectural.multihead:MultiHeadPlugin",
+    "cl_plugins.architectural.cwr:CWRPlugin",
+    "cl_plugins.architectural.packnet:PackNetPlugin",
+    "cl_plugins.architectural.piggyback:PiggybackPlugin",
+    "cl_plugins.architectural.hat:HATPlugin",
+    "cl_plugins.architectural.supsup:SupSupPlugin",
+    "cl_plugins.architectural.pnn:PNNPlugin",
+    "cl_plugins.architectural.hypernet:HypernetPlugin",
 ]
 
 # Other libraries' versions kept in a file of their own (run only when named), with the same
 # class-attribute header; the rest of Avalanche's references are in baselines/avalanche_refs.py.
 REFERENCE_CLASSES = [
     "cl_plugins.baselines.avalanche_feature_distill:AvalancheFeatureDistillation",
+    "cl_plugins.baselines.avalanche_packnet:AvalanchePackNet",
 ]
 
 

@@ -33,6 +33,7 @@ def register_avalanche_references() -> None:
     script (``avalanche_<name>``). Arguments are Avalanche's, with Avalanche's meaning."""
     from avalanche.training import plugins as avl
 
+    from cl_plugins.baselines.avalanche_cwr_star import AvalancheCWRStarPlugin
     from cl_plugins.baselines.avalanche_si import AvalancheSIPlugin
 
     refs = [
@@ -52,6 +53,11 @@ def register_avalanche_references() -> None:
         ("avalanche_gdumb", avl.GDumbPlugin, {"mem_size": 4400}, ("class",)),
         ("avalanche_mir", avl.MIRPlugin, {"batch_size_mem": 10, "mem_size": 500,
                                           "subsample": 50}),
+        # CWR* on the model's last Linear, bound to the model at its first hook; one head over
+        # all classes: not task-IL (baselines/avalanche_cwr_star.py).
+        ("avalanche_cwr_star", AvalancheCWRStarPlugin, {"cwr_layer_name": None,
+                                                        "freeze_remaining_model": True},
+         ("domain", "class")),
     ]
     register(MethodSpec("avalanche_icarl", "template", _avalanche_icarl, scenarios=("class",),
                         defaults={"memory_size": 2000, "fixed_memory": True}, reference=True,
@@ -74,6 +80,14 @@ def register_avalanche_references() -> None:
                         defaults={"replay_size": 100, "increasing_replay_size": False},
                         paper="Avalanche 0.6's GenerativeReplay strategy",
                         summary="reference: Avalanche's DGR template (its MlpVAE, 1x28x28)"))
+    from cl_plugins.baselines.avalanche_pnn import avalanche_pnn
+
+    # Avalanche's PNN model + PNNStrategy, columns sized from the runner's mlp (equal widths);
+    # its eval-time column growth worked around (baselines/avalanche_pnn.py).
+    register(MethodSpec("avalanche_pnn", "template", avalanche_pnn, scenarios=("task",),
+                        needs_task_labels=True, defaults={"adapter": "mlp"}, reference=True,
+                        paper="Avalanche 0.6's PNNStrategy and PNN model",
+                        summary="reference: Avalanche's progressive network (MLP columns)"))
     for name, factory, defaults, *scenarios in refs:
         register(MethodSpec(name, "plugin", factory, defaults=defaults, reference=True,
                             scenarios=tuple(scenarios[0]) if scenarios else ALL_SCENARIOS,

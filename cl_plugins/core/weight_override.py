@@ -7,7 +7,8 @@ composes with other plugins and the runner's checkpoints. The mechanism, per ste
 
 1. ``before_forward`` (``before_eval_forward``): the plugin computes ``W_eff(t)`` for the
    minibatch's task ``t`` from its own parameters, with autograd when training, and copies it into
-   the layers' ``weight`` tensors (``LayerWeights.write``, under ``no_grad``).
+   the layers' ``weight`` tensors (``LayerWeights.write``, under ``no_grad``), or into any
+   parameters chosen by name, biases and a task's head included (``ParamWeights``).
 2. The strategy runs its own forward and backward. Each layer's ``weight.grad`` is then exactly
    dL/dW_eff(t): the layer computed with W_eff(t).
 3. ``after_backward``: those gradients are sent through W_eff(t)'s graph to the plugin's own
@@ -126,15 +127,69 @@ class LayerWeights:
         return grads
 
 
+class ParamWeights:
+    """Parameters of ``model`` chosen by name (any parameter: a bias, a task's head), overridden
+    in place and put back: the interface of ``LayerWeights``, keyed by parameter name.
+
+    ``names``: the parameters ``save`` copies and ``base`` returns (a masking method's W0); a
+    parameter ``write`` overrides is saved first if it is not among them (e.g. the head of the
+    minibatch's task, which may not exist when the plugin binds). ``take_grads`` covers every
+    saved parameter. Names are looked up on every call, so parameters added to the model later
+    (new heads) are found."""
+
+    def __init__(self, model: nn.Module, names: Iterable[str] = ()):
+        self.model = model
+        self.names = list(names)
+        self.saved: Optional[Dict[str, Tensor]] = None
+
+    def save(self) -> Dict[str, Tensor]:
+        if self.saved is None:
+            self.saved = {n: self.model.get_parameter(n).detach().clone() for n in self.names}
+        return self.saved
+
+    def base(self) -> Dict[str, Tensor]:
+        if self.saved is not None:
+            return self.saved
+        return {n: self.model.get_parameter(n).detach() for n in self.names}
+
+    @torch.no_grad()
+    def write(self, weights: Dict[str, Tensor]) -> None:
+        saved = self.save()
+        for n, w in weights.items():
+            p = self.model.get_parameter(n)
+            if n not in saved:
+                saved[n] = p.detach().clone()
+            p.copy_(w.detach())
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        if self.saved is not None:
+            for n, w in self.saved.items():
+                self.model.get_parameter(n).copy_(w)
+            self.saved = None
+
+    def take_grads(self) -> Dict[str, Tensor]:
+        """dL/dW_eff of every saved parameter (zeros where none reached it); the parameters'
+        ``grad`` is dropped so the strategy's optimizer does not move them."""
+        grads = {}
+        for n in (self.saved or {}):
+            p = self.model.get_parameter(n)
+            grads[n] = torch.zeros_like(p) if p.grad is None else p.grad
+            p.grad = None
+        return grads
+
+
 class WeightOverridePlugin(SupervisedPlugin):
     """Hook skeleton of the in-place mechanism above. A method implements:
 
     - ``effective_weights(task, train)``: ``{layer name: W_eff}`` for ``task``; with autograd
       through the method's parameters when ``train`` is True;
     - ``own_parameters(task)``: the parameters the plugin's optimizer trains for ``task``;
-    - ``make_optimizer(strategy, params)`` (optional): default ``optimizer_like`` the strategy's.
+    - ``make_optimizer(strategy, params)`` (optional): default ``optimizer_like`` the strategy's;
+    - ``targets(model)`` (optional): what is overridden, default the layers' ``weight``
+      (``LayerWeights``); ``ParamWeights`` overrides parameters by name (biases, heads).
 
-    ``self.layers`` (a ``LayerWeights``) is bound to the strategy's model by every hook;
+    ``self.layers`` (what ``targets`` returns) is bound to the strategy's model by every hook;
     ``self.layers.base()`` gives the layers' own weights (W0 of a fixed backbone), also while
     an override is in force. ``INCLUDE_HEAD`` says whether the head's layers get per-task
     weights too. The plugin's ``state_dict`` includes ``override_state()``.
@@ -163,10 +218,16 @@ class WeightOverridePlugin(SupervisedPlugin):
         return optimizer_like(strategy.optimizer, params)
 
     # ---------------------------------------------------------------- helpers
-    def bind(self, model: nn.Module) -> LayerWeights:
+    def targets(self, model: nn.Module):
+        """What the plugin overrides in ``model``: by default the ``weight`` of its Linear / Conv
+        layers (``LayerWeights``, keys = layer names); a method may return a ``ParamWeights``
+        instead (keys = parameter names: biases, any parameter)."""
+        return LayerWeights(weight_layers(model, self.INCLUDE_HEAD))
+
+    def bind(self, model: nn.Module):
         """Bind ``self.layers`` to ``model`` (again if the strategy's model changed)."""
         if self.layers is None or model is not self._model:
-            self.layers = LayerWeights(weight_layers(model, self.INCLUDE_HEAD))
+            self.layers = self.targets(model)
             self._model = model
         return self.layers
 
