@@ -185,6 +185,59 @@ PROTOCOLS = {
                 "class": {"dgr": (90.79, 0.41), "dgr_distill": (91.79, 0.32)}}.items()
         },
     },
+    # ---- the architectural family (issue 19): anchors and their status in results/anchors.md
+    "A1": {
+        "title": "Split MNIST, 5 tasks, task-IL (von Oswald et al. 2020), hypernetwork",
+        "config": "experiments/configs/vonoswald2020_hypernet_split_mnist.yaml",
+        "benchmark": "split_mnist",
+        "variants": {"task": []},
+        "seeds": [0, 1, 2, 3, 4],
+        "source": "von Oswald et al. 2020, Table 1 (recalled, NOT re-read: results/anchors.md; "
+                  "±1 point until checked)",
+        "published": {"task": {"hypernet": (99.79, 0.01)}},
+    },
+    "A2": {
+        "title": "Seq-MNIST, 5 tasks, task-IL (Buzzega et al. 2020), progressive networks",
+        "config": "experiments/configs/buzzega2020_pnn_seq_mnist.yaml",
+        "benchmark": "split_mnist",
+        "variants": {"task": []},
+        "seeds": [0, 1, 2, 3, 4],
+        "source": "DER paper's supplementary Seq-MNIST table (recalled, NOT re-read: "
+                  "results/anchors.md; ±1 point until checked)",
+        "published": {"task": {"pnn": (99.23, 0.20)}},
+    },
+    "A3": {
+        "title": "Permuted MNIST, 5 tasks, task given (SupSup GG, the official demo's protocol)",
+        "config": "experiments/configs/wortsman2020_supsup_permuted_mnist.yaml",
+        "benchmark": "permuted_mnist",
+        "variants": {"task": []},
+        "seeds": [0, 1, 2, 3, 4],
+        "source": "RAIVNLab/supsup demo notebook, one run (not a paper table; ±1 point)",
+        "published": {"task": {"supsup": (92.37, None)}},
+    },
+    "A4": {
+        "title": "Split MNIST, 5 tasks, task-IL: PackNet and Piggyback beside Avalanche's PackNet "
+                 "and separate networks (S2's settings)",
+        "config": "experiments/configs/mallya2018_packnet_piggyback_split_mnist.yaml",
+        "benchmark": "split_mnist",
+        "variants": {"task": []},
+        "seeds": [0, 1, 2, 3, 4],
+        "source": "no MNIST-family number in either paper: methods compared in the same runs",
+        "published": {},
+    },
+    "A5": {
+        "title": "CWR and CWR* beside Avalanche's CWRStarPlugin: Split MNIST class-IL (S2's "
+                 "settings) and Permuted MNIST domain-IL (P1's settings)",
+        "config": {"split": "experiments/configs/lomonaco2020_cwr_split_mnist.yaml",
+                   "permuted": "experiments/configs/lomonaco2020_cwr_permuted_mnist.yaml"},
+        "benchmark": "split_mnist / permuted_mnist",
+        "variants": {"split": [], "permuted": []},
+        "variant_labels": {"split": "split, class-IL", "permuted": "permuted, domain-IL"},
+        "seeds": [0, 1, 2, 3, 4],
+        "source": "CORe50 only in the papers (results/anchors.md): methods compared in the "
+                  "same runs",
+        "published": {},
+    },
     "P1": {
         "title": "Permuted MNIST, 10 tasks, shared head (GPM protocol, Saha et al. 2021)",
         "config": "experiments/configs/saha2021_gpm_permuted_mnist.yaml",

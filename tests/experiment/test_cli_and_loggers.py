@@ -26,7 +26,9 @@ def test_default_main_job_runs_every_task_il_method(tmp_path, capsys):
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        code = main([f"--out={tmp_path}", "--no-progress", "--strategy.epochs=2"])
+        # one epoch: the test checks that every method builds, trains, evaluates and reports
+        # without a warning, not what it learns (38 task-IL methods: 2 epochs took 190 s)
+        code = main([f"--out={tmp_path}", "--no-progress", "--strategy.epochs=1"])
     out = capsys.readouterr().out
     assert code == 0
     # no method warns about its optimizer or settings in the main job (GPM, OGD and RGO step
