@@ -775,3 +775,27 @@ class HeadInputSpy(SupervisedPlugin):
                            strategy.mb_y.clone(), strategy.mb_task_id.clone(),
                            float(strategy.loss.detach()), strategy.mb_output.detach(),
                            *self.before))
+
+
+# ------------------------------------------------ architectural methods: task-IL on split_digits
+
+def eval_outputs(st, exp):
+    """The model's outputs on a test experience, as the strategy's evaluation computes them."""
+    seen = []
+    handle = st.model.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    st.eval([exp])
+    handle.remove()
+    return torch.cat(seen)
+
+
+def masking_strategy(plugins, batch_norm=True, sgd=None, epochs=2, seed=0):
+    """Naive on split_digits task-IL, an MLP 16-16 (with batch norm by default), SGD with
+    momentum 0.9 and weight decay 0.05 unless ``sgd`` says otherwise: what a mask must resist."""
+    torch.manual_seed(seed)
+    info = build_benchmark("split_digits", "task")
+    model = build_model({"name": "mlp", "hidden": [16, 16], "batch_norm": batch_norm}, info)
+    sgd = dict(lr=0.1, momentum=0.9, weight_decay=0.05) if sgd is None else sgd
+    st = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), **sgd),
+               train_mb_size=32, train_epochs=epochs, eval_mb_size=512, device="cpu",
+               plugins=plugins, evaluator=EvaluationPlugin(loggers=[]))
+    return st, info

@@ -107,7 +107,6 @@ class CWRPlugin(SupervisedPlugin):
             from_cw=False, mean_shift=False, past_weight=cwr_past_weight)
         self.init: Optional[torch.Tensor] = None  # tw0 ("cwr"), on the CPU
         self.experiences = 0  # experiences trained and consolidated
-        self._tw: Optional[torch.Tensor] = None  # training rows kept during an evaluation
 
     @property
     def who(self) -> str:
@@ -134,19 +133,11 @@ class CWRPlugin(SupervisedPlugin):
         self.cwr.end(head_linear(strategy.model, self.who))  # (C) / (C*), then (I)
         self.experiences += 1
 
-    @torch.no_grad()
     def before_eval(self, strategy, **kwargs):
-        if self.cwr.cur is None or self._tw is not None:
-            return  # between experiences the head already holds cw
-        linear = head_linear(strategy.model, self.who)
-        self._tw = linear.weight.detach().clone()
-        self.cwr.write(linear, *self.cwr.provisional(self._tw))
+        self.cwr.show_provisional(head_linear(strategy.model, self.who))
 
-    @torch.no_grad()
     def after_eval(self, strategy, **kwargs):
-        if self._tw is not None:
-            head_linear(strategy.model, self.who).weight.copy_(self._tw)
-            self._tw = None
+        self.cwr.hide_provisional(head_linear(strategy.model, self.who))
 
     def cost_per_task(self) -> Dict[int, Dict[str, int]]:
         """The constant store (not per task), under task label 0; {} before any training."""
@@ -165,4 +156,3 @@ class CWRPlugin(SupervisedPlugin):
         self.cwr.load_state_dict(state["cwr"])
         self.init = None if state["init"] is None else state["init"].clone().cpu()
         self.experiences = int(state["experiences"])
-        self._tw = None

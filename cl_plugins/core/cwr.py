@@ -23,8 +23,8 @@ The head's bias is not part of CWR*: both authors' codes give the output layer n
 ``hold_bias_at_zero`` keeps a head's bias at 0 and out of training.
 
 ``ConsolidatedWeights`` holds cw, past and the current experience's counts, with ``begin`` (1),
-``end`` (3 + 4), ``provisional`` (what cw would be if the experience ended now, for an evaluation
-in the middle of training) and a state that round-trips exactly. ``StepScale`` multiplies the
+``end`` (3 + 4), ``provisional`` (what cw would be if the experience ended now), ``show_provisional``
+/ ``hide_provisional`` (an evaluation in the middle of training sees that cw) and a state that round-trips exactly. ``StepScale`` multiplies the
 optimizer's step on some parameters (a learning-rate multiplier for the head: exact for SGD with
 or without momentum and weight decay, and for Adam, whose steps are proportional to the learning
 rate given their state).
@@ -118,6 +118,7 @@ class ConsolidatedWeights:
         self.cw: Optional[Tensor] = None  # [C, D], the head's dtype, on the CPU
         self.past: Optional[Tensor] = None  # [C] int64
         self.cur: Optional[Tensor] = None  # [C] int64 while an experience is being trained
+        self._tw: Optional[Tensor] = None  # training rows kept while an evaluation shows cw
 
     def _allocate(self, linear: nn.Linear) -> None:
         if self.cw is None:
@@ -154,6 +155,23 @@ class ConsolidatedWeights:
         linear.weight[rows.to(linear.weight.device)] = cw[rows].to(linear.weight.device,
                                                                  linear.weight.dtype)
 
+    @torch.no_grad()
+    def show_provisional(self, linear: nn.Linear) -> None:
+        """An evaluation in the middle of an experience sees the cw that the experience would
+        consolidate now; the training rows are kept for ``hide_provisional``. Between
+        experiences (the head already holds cw) it does nothing."""
+        if self.cur is None or self._tw is not None:
+            return
+        self._tw = linear.weight.detach().clone()
+        self.write(linear, *self.provisional(self._tw))
+
+    @torch.no_grad()
+    def hide_provisional(self, linear: nn.Linear) -> None:
+        """Put back the training rows kept by ``show_provisional``."""
+        if self._tw is not None:
+            linear.weight.copy_(self._tw)
+            self._tw = None
+
     def state_dict(self) -> Dict:
         copy = (lambda t: None if t is None else t.clone())
         return {"cw": copy(self.cw), "past": copy(self.past), "cur": copy(self.cur)}
@@ -161,6 +179,7 @@ class ConsolidatedWeights:
     def load_state_dict(self, state: Dict) -> None:
         copy = (lambda t: None if t is None else t.clone().cpu())
         self.cw, self.past, self.cur = copy(state["cw"]), copy(state["past"]), copy(state["cur"])
+        self._tw = None
 
 
 class StepScale:

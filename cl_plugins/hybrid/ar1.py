@@ -136,7 +136,6 @@ class AR1Plugin(PathIntegralPlugin):
         self.total: Optional[Tensors] = None  # T, the unclipped running sum
         self.omega: Optional[Tensors] = None  # path integral of the current experience
         self.start: Optional[Tensors] = None  # protected parameters at its start
-        self._tw: Optional[torch.Tensor] = None  # training rows kept during an evaluation
 
     @property
     def who(self) -> str:
@@ -201,19 +200,11 @@ class AR1Plugin(PathIntegralPlugin):
         self.omega, self.start = None, None
         self.untrack()
 
-    @torch.no_grad()
     def before_eval(self, strategy, **kwargs):
-        if self.cwr.cur is None or self._tw is not None:
-            return  # between experiences the head already holds cw
-        linear = head_linear(strategy.model, self.who)
-        self._tw = linear.weight.detach().clone()
-        self.cwr.write(linear, *self.cwr.provisional(self._tw))
+        self.cwr.show_provisional(head_linear(strategy.model, self.who))
 
-    @torch.no_grad()
     def after_eval(self, strategy, **kwargs):
-        if self._tw is not None:
-            head_linear(strategy.model, self.who).weight.copy_(self._tw)
-            self._tw = None
+        self.cwr.hide_provisional(head_linear(strategy.model, self.who))
 
     def state_dict(self) -> dict:
         cpu = (lambda d: None if d is None else {n: t.detach().cpu() for n, t in d.items()})
@@ -227,5 +218,4 @@ class AR1Plugin(PathIntegralPlugin):
         self.quadratic_penalty.load_state_dict(state["penalty"])
         copy = (lambda d: None if d is None else {n: t.clone() for n, t in d.items()})
         self.total, self.omega, self.start = (copy(state[k]) for k in ("total", "omega", "start"))
-        self._tw = None
         self.untrack()

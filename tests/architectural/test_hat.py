@@ -15,6 +15,7 @@ from cl_plugins.architectural.hat import HATPlugin, annealed_s, attention_regula
     compensation, embedding_grad_scale
 from cl_plugins.benchmarks import build_benchmark
 from cl_plugins.models import build_model
+from helpers import eval_outputs
 
 
 @pytest.fixture(scope="module")
@@ -115,14 +116,6 @@ def test_eq2_zeroes_gradients_between_fully_attended_units_and_old_weights_stay(
     den = sum(float((1 - p).sum()) for p in a)
     assert after.loss - before.loss == pytest.approx(0.75 * num / den, rel=1e-4)
     assert before.s == pytest.approx(1 / 400)  # first batch of the epoch
-
-
-def eval_outputs(st, exp):
-    seen = []
-    handle = st.model.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
-    st.eval([exp])
-    handle.remove()
-    return torch.cat(seen)
 
 
 def test_a_finished_task_keeps_its_outputs_after_later_tasks(info):

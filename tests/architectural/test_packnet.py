@@ -7,36 +7,12 @@ import pytest
 import torch
 from avalanche.core import SupervisedPlugin
 from avalanche.models.dynamic_modules import avalanche_model_adaptation
-from avalanche.training import Naive
-from avalanche.training.plugins import EvaluationPlugin
 from torch.func import functional_call
 
 from cl_plugins.architectural.packnet import PackNetPlugin, prune_by_magnitude, visible
-from cl_plugins.benchmarks import build_benchmark
-from cl_plugins.models import build_model
-from helpers import train_both_equal
+from helpers import eval_outputs, masking_strategy, train_both_equal
 
 LAYERS = ("backbone.layers.0", "backbone.layers.3")  # Linear, BatchNorm1d, ReLU, Linear, ...
-
-
-def make(plugins, batch_norm=True, sgd=dict(lr=0.1, momentum=0.9, weight_decay=0.05), epochs=2,
-         seed=0):
-    torch.manual_seed(seed)
-    info = build_benchmark("split_digits", "task")
-    model = build_model({"name": "mlp", "hidden": [16, 16], "batch_norm": batch_norm}, info)
-    st = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), **sgd),
-               train_mb_size=32, train_epochs=epochs, eval_mb_size=512, device="cpu",
-               plugins=plugins, evaluator=EvaluationPlugin(loggers=[]))
-    return st, info
-
-
-def outputs(st, exp):
-    """The model's outputs on a test experience, as the strategy's evaluation computes them."""
-    seen = []
-    handle = st.model.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
-    st.eval([exp])
-    handle.remove()
-    return torch.cat(seen)
 
 
 class Watch(SupervisedPlugin):
@@ -65,7 +41,7 @@ class Watch(SupervisedPlugin):
 def test_old_task_weights_and_shared_parts_never_change_under_momentum_and_weight_decay():
     packnet = PackNetPlugin()
     watch = Watch(packnet)
-    st, info = make([packnet, watch])
+    st, info = masking_strategy([packnet, watch])
     stream = info.benchmark.train_stream
     st.train(stream[0])
     watch.ref = {k: v.clone() for k, v in st.model.state_dict().items()
@@ -107,7 +83,7 @@ def test_each_prune_frees_round_p_n_of_the_task_weights_with_the_smallest_magnit
                                for n in LAYERS})
 
     record = Record()
-    st, info = make([Dense(), packnet, record], epochs=3)
+    st, info = masking_strategy([Dense(), packnet, record], epochs=3)
     st.train(info.benchmark.train_stream[0])
     total = -(-len(info.benchmark.train_stream[0].dataset) // 32) * 3  # batches x epochs
     assert record.pruned_at == total - round(total / 3) and record.zeros_held == round(total / 3)
@@ -124,12 +100,12 @@ def test_each_prune_frees_round_p_n_of_the_task_weights_with_the_smallest_magnit
 
 def test_evaluation_uses_the_task_mask_and_old_outputs_are_reproduced_exactly():
     packnet = PackNetPlugin()
-    st, info = make([packnet])
+    st, info = masking_strategy([packnet])
     train, test = info.benchmark.train_stream, info.benchmark.test_stream
     for e in list(train)[:2]:
         st.train(e)
     x = torch.stack([test[0].dataset[i][0] for i in range(len(test[0].dataset))])
-    out0, out1 = outputs(st, test[0]), outputs(st, test[1])
+    out0, out1 = eval_outputs(st, test[0]), eval_outputs(st, test[1])
     st.model.eval()
     masked = {n + ".weight": st.model.get_submodule(n).weight * visible(packnet.owner[n], 1)
               for n in LAYERS}  # (K4) for the first task
@@ -139,7 +115,7 @@ def test_evaluation_uses_the_task_mask_and_old_outputs_are_reproduced_exactly():
     assert not torch.allclose(out0, st.model(x, torch.zeros(len(x), dtype=torch.long)))
     for e in list(train)[2:]:
         st.train(e)
-    assert torch.equal(outputs(st, test[0]), out0) and torch.equal(outputs(st, test[1]), out1)
+    assert torch.equal(eval_outputs(st, test[0]), out0) and torch.equal(eval_outputs(st, test[1]), out1)
 
 
 def test_prune_by_magnitude_counts_ties_by_position_and_only_the_task_weights():
@@ -157,11 +133,11 @@ def test_arguments_schedule_and_prune_ratio_list_are_checked():
         PackNetPlugin(prune_ratio=[0.5, -0.1])
     with pytest.raises(ValueError, match=r"retrain_fraction must be in"):
         PackNetPlugin(retrain_fraction=1.0)
-    st, info = make([PackNetPlugin()], epochs=1)
+    st, info = masking_strategy([PackNetPlugin()], epochs=1)
     st.train_mb_size = 10_000  # one step per experience: nothing left to retrain
     with pytest.raises(ValueError, match="needs 2 or more steps per experience.*has 1"):
         st.train(info.benchmark.train_stream[0])
-    st, info = make([PackNetPlugin(prune_ratio=[0.5], retrain_fraction=0.0)], epochs=1)
+    st, info = masking_strategy([PackNetPlugin(prune_ratio=[0.5], retrain_fraction=0.0)], epochs=1)
     st.train_mb_size = 10_000
     st.train(info.benchmark.train_stream[0])  # f = 0: the prune comes at the end
     with pytest.raises(ValueError, match="lists 1 values .* experience number 2"):
@@ -171,7 +147,7 @@ def test_arguments_schedule_and_prune_ratio_list_are_checked():
 def test_state_round_trip_resume_and_cost():
     sgd = dict(lr=0.1)  # no optimizer state: the strategies differ in nothing else
     a = PackNetPlugin(prune_ratio=0.5)
-    st_a, info = make([a], sgd=sgd)
+    st_a, info = masking_strategy([a], sgd=sgd)
     stream = list(info.benchmark.train_stream)
     for e in stream[:2]:
         st_a.train(e)
@@ -179,7 +155,7 @@ def test_state_round_trip_resume_and_cost():
     torch.save(a.state_dict(), path)
     b = PackNetPlugin(prune_ratio=0.5)
     b.load_state_dict(torch.load(path, weights_only=True))
-    st_b, _ = make([b], sgd=sgd, seed=5)
+    st_b, _ = masking_strategy([b], sgd=sgd, seed=5)
     for e in stream[:2]:  # the runner's resume: the fresh model grows its heads, then loads
         avalanche_model_adaptation(st_b.model, e)
     train_both_equal(st_a, st_b, stream[2], (), copy.deepcopy(st_a.model.state_dict()))

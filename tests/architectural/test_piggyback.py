@@ -8,36 +8,13 @@ import pytest
 import torch
 from avalanche.core import SupervisedPlugin
 from avalanche.models.dynamic_modules import avalanche_model_adaptation
-from avalanche.training import Naive
-from avalanche.training.plugins import EvaluationPlugin
 from torch import nn
 from torch.func import functional_call
 
 from cl_plugins.architectural.piggyback import PiggybackPlugin, binary_mask
-from cl_plugins.benchmarks import build_benchmark
-from cl_plugins.models import build_model
-from helpers import train_both_equal
+from helpers import eval_outputs, masking_strategy, train_both_equal
 
 PLAIN = ("backbone.layers.0", "backbone.layers.2")  # the Linear layers of an MLP without BN
-
-
-def make(plugins, batch_norm=True, sgd=dict(lr=0.1, momentum=0.9, weight_decay=0.05), epochs=2,
-         seed=0):
-    torch.manual_seed(seed)
-    info = build_benchmark("split_digits", "task")
-    model = build_model({"name": "mlp", "hidden": [16, 16], "batch_norm": batch_norm}, info)
-    st = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), **sgd),
-               train_mb_size=32, train_epochs=epochs, eval_mb_size=512, device="cpu",
-               plugins=plugins, evaluator=EvaluationPlugin(loggers=[]))
-    return st, info
-
-
-def outputs(st, exp):
-    seen = []
-    handle = st.model.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
-    st.eval([exp])
-    handle.remove()
-    return torch.cat(seen)
 
 
 def backbone_state(model):
@@ -59,7 +36,7 @@ class Faster(PiggybackPlugin):
 @pytest.mark.parametrize("pretrained", [False, True])
 def test_the_backbone_never_changes_once_fixed(pretrained):
     plugin = Faster(mask_lr=1e-2, pretrained=pretrained)
-    st, info = make([plugin])
+    st, info = masking_strategy([plugin])
     stream = list(info.benchmark.train_stream)
     start = backbone_state(st.model)
     st.train(stream[0])
@@ -87,7 +64,7 @@ def test_the_mask_gradient_is_the_straight_through_gradient():
                 self.grads = {n: m.grad.clone() for n, m in plugin.real[1].items()}
 
     plugin, spy = Faster(), Spy()
-    st, info = make([spy, plugin], batch_norm=False, epochs=1)
+    st, info = masking_strategy([spy, plugin], batch_norm=False, epochs=1)
     st.train(info.benchmark.train_stream[0])
     st.train_mb_size = 10_000  # one step on the whole second experience
     exp = info.benchmark.train_stream[1]
@@ -115,23 +92,23 @@ def test_binary_mask_values_and_identity_gradient():
 
 def test_each_task_output_is_reproduced_exactly_after_later_tasks():
     plugin = Faster(mask_lr=1e-2)
-    st, info = make([plugin])
+    st, info = masking_strategy([plugin])
     train, test = list(info.benchmark.train_stream), info.benchmark.test_stream
     for e in train[:3]:
         st.train(e)
-    before = [outputs(st, test[t]) for t in range(3)]
+    before = [eval_outputs(st, test[t]) for t in range(3)]
     x = torch.stack([test[1].dataset[i][0] for i in range(8)])
     st.model.eval()
     assert not torch.allclose(before[1][:8], st.model(x, 1))  # task 1's mask is in use
     for e in train[3:]:
         st.train(e)
-    assert all(torch.equal(outputs(st, test[t]), before[t]) for t in range(3))
+    assert all(torch.equal(eval_outputs(st, test[t]), before[t]) for t in range(3))
 
 
 def test_state_round_trip_resume_cost_and_checks():
     sgd = dict(lr=0.1)
     a = Faster(mask_lr=1e-2)
-    st_a, info = make([a], sgd=sgd)
+    st_a, info = masking_strategy([a], sgd=sgd)
     stream = list(info.benchmark.train_stream)
     for e in stream[:2]:
         st_a.train(e)
@@ -139,7 +116,7 @@ def test_state_round_trip_resume_cost_and_checks():
     torch.save(a.state_dict(), path)
     b = Faster(mask_lr=1e-2)
     b.load_state_dict(torch.load(path, weights_only=True))
-    st_b, _ = make([b], sgd=sgd, seed=5)
+    st_b, _ = masking_strategy([b], sgd=sgd, seed=5)
     for e in stream[:2]:
         avalanche_model_adaptation(st_b.model, e)
     train_both_equal(st_a, st_b, stream[2], (), copy.deepcopy(st_a.model.state_dict()))

@@ -16,6 +16,7 @@ from torch.func import functional_call
 from cl_plugins.architectural.supsup import SupSupPlugin, supermask
 from cl_plugins.benchmarks import build_benchmark
 from cl_plugins.models import build_model
+from helpers import eval_outputs
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +41,6 @@ def test_supermask_keeps_the_largest_scores_or_the_non_negative_ones():
                                                                      [True, False]]))
     s = torch.tensor([0.5, -0.1, 0.05, 0.8, -0.7, 0.2, 0.3, -0.01])
     assert supermask(s, 0.25).nonzero().flatten().tolist() == [3, 4]  # int(0.75 * 8) = 6 dropped
-
-
-def eval_outputs(st, exp):
-    seen = []
-    handle = st.model.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
-    st.eval([exp])
-    handle.remove()
-    return torch.cat(seen)
 
 
 def test_the_network_is_a_fixed_signed_constant_and_old_masks_give_the_same_outputs(info):

@@ -12,6 +12,7 @@ from cl_plugins.benchmarks import build_benchmark
 from cl_plugins.core.iterations import IterationBudgetPlugin
 from cl_plugins.models import build_model
 from cl_plugins.registry import get_method
+from helpers import eval_outputs
 
 
 def make(plugins, epochs=3):
@@ -24,14 +25,6 @@ def make(plugins, epochs=3):
     return st, info
 
 
-def outputs(st, exp):
-    seen = []
-    handle = st.model.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
-    st.eval([exp])
-    handle.remove()
-    return torch.cat(seen)
-
-
 def test_runs_on_our_model_and_keeps_the_first_task_outputs():
     plugin = AvalanchePackNet(post_prune_epochs=1, prune_proportion=0.5)
     st, info = make([plugin])
@@ -40,10 +33,10 @@ def test_runs_on_our_model_and_keeps_the_first_task_outputs():
     assert isinstance(st.model.backbone, PackNetModel)
     layer = st.model.backbone.wrappee.layers[0]
     assert layer.task_index.eq(0).float().mean() == 0.5  # half of it kept by task 0
-    first = outputs(st, test[0])
+    first = eval_outputs(st, test[0])
     for e in list(train)[1:3]:
         st.train(e)
-    assert torch.equal(outputs(st, test[0]), first)
+    assert torch.equal(eval_outputs(st, test[0]), first)
     assert layer.task_index.eq(1).any()  # the second task packed into the freed half
     spec = get_method("avalanche_packnet")
     assert spec.reference and spec.scenarios == ("task",) and spec.needs_task_labels
