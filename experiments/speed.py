@@ -9,7 +9,8 @@ active from the second one on) and time, on the LAST trained experience, every t
 the first plugin's ``before_training_iteration`` to the last plugin's
 ``after_training_iteration`` (forward, loss terms, backward, update: data loading excluded), and
 the end-of-experience work of the first trained experience (``after_training_exp``: importances,
-statistics, SVDs). Prints a markdown table. Each method's ratio uses a naive run measured right
+statistics, SVDs). For an architectural method, what it stores for its last trained task
+(``cost_per_task()``: masks, embeddings, columns). Prints a markdown table. Each method's ratio uses a naive run measured right
 before it (``--no-paired``: the first naive run for all), so slow drifts of the machine's load
 cancel.
 """
@@ -109,7 +110,18 @@ def measure(cfg, entry, n_exp, seed=0, guard=False):
     if guard:  # (median step with the guard, median time of the guard's own check)
         return statistics.median(steps), statistics.median(record["guard"][last][5:])
     return (statistics.median(steps), record.get("exp_end", {}).get(0, float("nan")),
-            _bytes_per_sample(plugins))
+            _bytes_per_sample(plugins), _growth(plugins))
+
+
+def _growth(plugins):
+    """(parameters, bytes) an architectural plugin stores for its last trained task (its
+    ``cost_per_task()``), or None."""
+    for p in plugins:
+        costs = p.cost_per_task() if hasattr(p, "cost_per_task") else {}
+        if costs:
+            last = costs[max(costs)]
+            return last["params"], last["bytes"]
+    return None
 
 
 def _bytes_per_sample(plugins):
@@ -173,20 +185,21 @@ def main(argv=None):
     rows = []
     naive_entry = entries[0]
     for e in entries:
-        step, end, bps = measure(cfg, e, args.experiences)
+        step, end, bps, growth = measure(cfg, e, args.experiences)
         if e is naive_entry:
             ref = step
         else:
             ref = measure(cfg, naive_entry, args.experiences)[0] if args.paired else rows[0][4]
-        rows.append((e.get("label") or e["name"], step, end, bps, ref))
+        rows.append((e.get("label") or e["name"], step, end, bps, ref, growth))
     print(f"\n{cfg['name']}: {cfg['benchmark']['name']} {cfg['benchmark']['scenario']}-IL, "
           f"batch {cfg['strategy']['train_mb_size']}, torch threads {torch.get_num_threads()}")
     print("| method | step (ms, median) | ratio to naive | end-of-experience work (s) | "
-          "buffer bytes per sample |")
-    print("|---|---|---|---|---|")
-    for name, step, end, bps, ref in rows:
+          "buffer bytes per sample | stored for the last task (parameters / bytes) |")
+    print("|---|---|---|---|---|---|")
+    for name, step, end, bps, ref, growth in rows:
         print(f"| {name} | {1000 * step:.3f} | {step / ref:.2f} | {end:.3f} | "
-              f"{'–' if bps is None else f'{bps:,.0f}'} |")
+              f"{'–' if bps is None else f'{bps:,.0f}'} | "
+              f"{'–' if growth is None else f'{growth[0]:,} / {growth[1]:,}'} |")
     return 0
 
 
