@@ -575,7 +575,13 @@ def build_table(rows) -> str:
                   "Per-step time as a ratio to naive training measured in the same process "
                   "(`experiments/speed.py`: median step of the last trained experience, data "
                   "loading excluded, one thread), end-of-experience work (importances, "
-                  "statistics, SVDs) and replay-buffer bytes per stored sample.", ""]
+                  "statistics, SVDs), replay-buffer bytes per stored sample and, for the "
+                  "architectural methods, what they store per task. Tables dated before "
+                  "2026-12-05 were measured when speed.py ignored `strategy.train_iterations` "
+                  "and `method_params`: every experience trained its configured epochs (one, "
+                  "for the commands shown). A median step does not depend on how many steps "
+                  "there are, so those ratios stand; rerunning their commands now trains the "
+                  "iteration budget instead.", ""]
         for f in speed:
             lines += [f.read_text().strip(), ""]
     return "\n".join(lines)

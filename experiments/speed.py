@@ -9,7 +9,9 @@ active from the second one on) and time, on the LAST trained experience, every t
 the first plugin's ``before_training_iteration`` to the last plugin's
 ``after_training_iteration`` (forward, loss terms, backward, update: data loading excluded), and
 the end-of-experience work of the first trained experience (``after_training_exp``: importances,
-statistics, SVDs). For an architectural method, what it stores for its last trained task
+statistics, SVDs). ``strategy.train_iterations`` and the config's ``method_params`` apply as in the
+runner (before 2026-12-05 both were ignored here: the earlier tables' commands that set
+``train_iterations`` trained whole epochs). For an architectural method, what it stores for its last trained task
 (``cost_per_task()``: masks, embeddings, columns). Prints a markdown table. Each method's ratio uses a naive run measured right
 before it (``--no-paired``: the first naive run for all), so slow drifts of the machine's load
 cancel.
@@ -71,6 +73,7 @@ def _timed_guard(record):
 
 def measure(cfg, entry, n_exp, seed=0, guard=False):
     from cl_plugins.benchmarks import build_benchmark
+    from cl_plugins.core.iterations import IterationBudgetPlugin
     from cl_plugins.experiment.config import section_for
     from cl_plugins.experiment.plan import instantiate
     from cl_plugins.experiment.runner import build_optimizer, seed_everything
@@ -89,18 +92,24 @@ def measure(cfg, entry, n_exp, seed=0, guard=False):
     st = section_for(cfg, entry, "strategy")
     spec = get_method(entry["name"])
     # a template method (Avalanche's DER, iCaRL, ...) owns its training loop: time that loop
+    # the config's method_params apply as in the runner: method_params[name], then the entry's own
+    params = {**(cfg.get("method_params") or {}).get(entry["name"], {}), **entry["params"]}
     template, template_kwargs, plugins = Naive, {}, []
     if spec.kind == "template":
-        template, template_kwargs = spec.factory, {**spec.defaults, **entry["params"]}
+        template, template_kwargs = spec.factory, {**spec.defaults, **params}
     else:
-        plugins = [instantiate(spec, entry["params"])]
+        plugins = [instantiate(spec, params)]
+    # the runner's iteration budget (strategy.train_iterations), after the method's plugins as
+    # in the runner (a plugin that reads train_epochs at the first epoch sees the budget's)
+    budget = ([IterationBudgetPlugin(st["train_iterations"])]
+              if st.get("train_iterations") is not None else [])
     record = {}
     strategy = template(model=model, optimizer=opt, criterion=torch.nn.CrossEntropyLoss(),
                         train_mb_size=st["train_mb_size"], train_epochs=st["epochs"],
                         eval_mb_size=st["eval_mb_size"],
                         device=st["device"] if st["device"] != "auto" else "cpu",
                         plugins=[_Clock("first", record), *plugins,
-                                 *([_timed_guard(record)] if guard else []),
+                                 *([_timed_guard(record)] if guard else []), *budget,
                                  _Clock("last", record)],
                         evaluator=EvaluationPlugin(loggers=[]), **template_kwargs)
     for exp in list(info.benchmark.train_stream)[:n_exp]:
