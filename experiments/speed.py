@@ -75,7 +75,7 @@ def measure(cfg, entry, n_exp, seed=0, guard=False):
     from cl_plugins.benchmarks import build_benchmark
     from cl_plugins.core.iterations import IterationBudgetPlugin
     from cl_plugins.experiment.config import section_for
-    from cl_plugins.experiment.plan import instantiate
+    from cl_plugins.experiment.plan import entry_params, instantiate
     from cl_plugins.experiment.runner import build_optimizer, seed_everything
     from cl_plugins.models import build_model
     from cl_plugins.registry import get_method
@@ -92,8 +92,7 @@ def measure(cfg, entry, n_exp, seed=0, guard=False):
     st = section_for(cfg, entry, "strategy")
     spec = get_method(entry["name"])
     # a template method (Avalanche's DER, iCaRL, ...) owns its training loop: time that loop
-    # the config's method_params apply as in the runner: method_params[name], then the entry's own
-    params = {**(cfg.get("method_params") or {}).get(entry["name"], {}), **entry["params"]}
+    params = entry_params(cfg, entry)  # method_params[name], then the entry's own, as the runner
     template, template_kwargs, plugins = Naive, {}, []
     if spec.kind == "template":
         template, template_kwargs = spec.factory, {**spec.defaults, **params}
