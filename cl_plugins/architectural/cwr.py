@@ -85,7 +85,7 @@ def cwr_past_weight(past: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
     return past.double() / cur.double()
 
 
-class CWRPlugin(SupervisedPlugin):
+class CWRPlugin(SupervisedPlugin, supports_distributed=True):
     METHOD_NAME = "cwr"
     SCENARIOS = ("domain", "class")
     NEEDS_TASK_LABELS = False

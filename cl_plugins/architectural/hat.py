@@ -96,7 +96,7 @@ def compensation(layers: Dict[str, nn.Module], cumulative: List[Tensor]) -> Dict
     return out
 
 
-class HATPlugin(SupervisedPlugin):
+class HATPlugin(SupervisedPlugin, supports_distributed=True):
     METHOD_NAME = "hat"
     SCENARIOS = ("task",)
     NEEDS_TASK_LABELS = True

@@ -83,7 +83,7 @@ def target_slots(model, task: int) -> List[tuple]:
                     for n, p in model.named_parameters() if n.startswith(own)]
 
 
-class HypernetPlugin(WeightOverridePlugin):
+class HypernetPlugin(WeightOverridePlugin, supports_distributed=True):
     METHOD_NAME = "hypernet"
     SCENARIOS = ("task",)
     NEEDS_TASK_LABELS = True

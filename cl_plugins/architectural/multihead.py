@@ -81,7 +81,7 @@ def single_linear(model: nn.Module, who: str) -> nn.Linear:
                      f"or a MaskedHead (cl_plugins' ClassifierNet); got {type(head).__name__}")
 
 
-class MultiHeadPlugin(SupervisedPlugin):
+class MultiHeadPlugin(SupervisedPlugin, supports_distributed=True):
     METHOD_NAME = "multihead"
     SCENARIOS = ("task", "class")
     NEEDS_TASK_LABELS = False

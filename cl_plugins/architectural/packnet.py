@@ -95,7 +95,7 @@ def steps_in_experience(strategy) -> int:
         p.n_iterations for p in strategy.plugins if isinstance(p, IterationBudgetPlugin)])
 
 
-class PackNetPlugin(SupervisedPlugin):
+class PackNetPlugin(SupervisedPlugin, supports_distributed=True):
     METHOD_NAME = "packnet"
     SCENARIOS = ("task",)
     NEEDS_TASK_LABELS = True

@@ -83,7 +83,7 @@ def binary_mask(real: Tensor, threshold: float) -> Tensor:
     return _Binarize.apply(real, threshold)
 
 
-class PiggybackPlugin(WeightOverridePlugin):
+class PiggybackPlugin(WeightOverridePlugin, supports_distributed=True):
     METHOD_NAME = "piggyback"
     SCENARIOS = ("task",)
     NEEDS_TASK_LABELS = True

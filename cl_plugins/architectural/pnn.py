@@ -82,7 +82,7 @@ def _own_head_only(column, task: int):
     return column
 
 
-class PNNPlugin(SupervisedPlugin):
+class PNNPlugin(SupervisedPlugin, supports_distributed=True):
     METHOD_NAME = "pnn"
     SCENARIOS = ("task",)
     NEEDS_TASK_LABELS = True

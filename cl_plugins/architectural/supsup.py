@@ -107,7 +107,7 @@ def task_layer_names(model: nn.Module, task: int) -> List[str]:
     return [n for n, m in weight_layers(model, include_head=True).items() if id(m) not in others]
 
 
-class SupSupPlugin(WeightOverridePlugin):
+class SupSupPlugin(WeightOverridePlugin, supports_distributed=True):
     METHOD_NAME = "supsup"
     SCENARIOS = ("task",)
     NEEDS_TASK_LABELS = True

@@ -29,7 +29,7 @@ from cl_plugins.core.task_labels import require_task_labels
 from cl_plugins.models.ensemble import TaskEnsemble
 
 
-class EnsemblePlugin(SupervisedPlugin):
+class EnsemblePlugin(SupervisedPlugin, supports_distributed=True):
     METHOD_NAME = "ensemble"
     SCENARIOS = ("task",)
     NEEDS_TASK_LABELS = True

@@ -46,7 +46,7 @@ def crop_on_background(x: torch.Tensor, padding: int, hflip: bool,
     return random_crop_flip(x - low, padding, 0.5 if hflip else 0.0, generator) + low
 
 
-class BatchAugmentPlugin(SupervisedPlugin):
+class BatchAugmentPlugin(SupervisedPlugin, supports_distributed=True):
     """Applies :func:`random_crop_flip` to every training mini-batch (``before_forward``)."""
 
     def __init__(self, padding: int = 4, flip_p: float = 0.5):

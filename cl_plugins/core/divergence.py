@@ -29,7 +29,7 @@ class DivergenceError(RuntimeError):
     """Training produced a non-finite loss, logits or parameter."""
 
 
-class DivergenceGuard(SupervisedPlugin):
+class DivergenceGuard(SupervisedPlugin, supports_distributed=True):
     """Raise :class:`DivergenceError` on the first non-finite loss, logits or parameter.
 
     ``label`` / ``seed`` only make the message say which run diverged; ``hint`` names the

@@ -10,7 +10,8 @@ keeps a reference to ``X`` (autograd keeps it anyway) and a tensor hook on the o
 ``D``, only while a step is being captured. Whatever else is in the gradient (another plugin's
 penalty gradient, forward passes outside the step) is ``G - D^T X``; it is projected the usual
 way unless its norm is within the rounding bound ``n eps ||D||_F ||X||_F``. Conv layers
-(n = batch x positions, usually > out) always take the whole-gradient path.
+(n = batch x positions, usually > out) always take the whole-gradient path, and so does every
+layer under torch.distributed (the averaged gradient is not this rank's D^T X).
 
 Projecting the gradient projects the step only for plain SGD (:func:`plain_sgd`). Plugins that
 use the projector inherit :class:`StepCaptureHooks`, which opens and closes the capture window
@@ -25,6 +26,7 @@ from typing import Dict, Iterable, List, Optional
 import torch
 from torch import nn
 
+from .distributed import is_distributed
 from .subspace import FanInProjector
 
 
@@ -95,7 +97,10 @@ class InputSideGradientProjector:
                 g = w.grad.reshape(w.shape[0], -1)
             new = None
             if name in self._captured:
-                new = self._from_inputs(module, proj, self._captured[name], g)
+                # under torch.distributed the gradient is the ranks' average while the captured
+                # rows are this rank's: the whole-gradient path keeps every rank's result equal
+                if not is_distributed():
+                    new = self._from_inputs(module, proj, self._captured[name], g)
                 self._captured[name].clear()
             if new is None:
                 new = proj.apply(g)

@@ -14,7 +14,7 @@ from avalanche.core import SupervisedPlugin
 from cl_plugins.core.checks import check_int
 
 
-class IterationBudgetPlugin(SupervisedPlugin):
+class IterationBudgetPlugin(SupervisedPlugin, supports_distributed=True):
     def __init__(self, n_iterations: int):
         super().__init__()
         self.n_iterations = check_int("n_iterations", n_iterations, 1)

@@ -60,6 +60,7 @@ from torch import Tensor, nn
 
 from cl_plugins.core.buffer import ReplayBuffer, resolve_seed, storage_dtype
 from cl_plugins.core.checks import check_int, check_range
+from cl_plugins.core.data_parallel import gather_stream, rank_share
 from cl_plugins.core.feature_distill import named_modules
 from cl_plugins.core.seeding import seeded_generator
 from cl_plugins.core.state import check_owner, check_settings, owned_by
@@ -412,7 +413,7 @@ class LatentReplayBase(SupervisedPlugin):
             self.lower.hold_modes()
         rows = self.replay_rows(strategy)
         if rows is not None and rows[0].shape[0] > 0:
-            z, y, t = rows
+            z, y, t = rank_share(*rows)  # torch.distributed: this rank's share of the same draw
             mb = strategy.mbatch
             mb[1] = torch.cat([mb[1], y.to(mb[1].device, mb[1].dtype)])
             mb[-1] = torch.cat([mb[-1], t.to(mb[-1].device, mb[-1].dtype)])
@@ -440,8 +441,10 @@ class LatentReplayBase(SupervisedPlugin):
     def after_training_iteration(self, strategy, **kwargs):
         if self._z is not None:
             n = self._n
-            self.observe(strategy, self._z, strategy.mbatch[1][:n].detach(),
-                         strategy.mbatch[-1][:n].detach())
+            # torch.distributed: every rank observes the whole minibatch, in order
+            self.observe(strategy, *gather_stream(strategy, self._z,
+                                                  strategy.mbatch[1][:n].detach(),
+                                                  strategy.mbatch[-1][:n].detach()))
         self._z = None
 
     def after_training_exp(self, strategy, **kwargs):

@@ -17,7 +17,9 @@ import torch
 from avalanche.models import MultiTaskModule
 from torch import nn
 from torch.func import functional_call, grad, vmap
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
+
+from cl_plugins.core.distributed import all_reduce_sum_, shard_range
 
 Tensors = Dict[str, torch.Tensor]
 SampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -132,13 +134,18 @@ def dataset_mean(model: nn.Module, params: Tensors, dataset, batch_size: int,
                  batch_sums: Callable[[tuple, int], Iterable[Tensors]]) -> Tensors:
     """Mean over the samples of ``dataset`` (not empty) of a per-sample quantity, in float64.
 
-    ``batch_sums(batch, start)`` (``start``: the number of samples in the batches before) yields
-    one or more ``{name: sum over the batch}`` dicts (e.g. from ``per_sample_gradient_sums``, one
-    per class or task); each is added to a float64 total per parameter of ``params``, which is
-    divided by the number of samples at the end. The model
+    ``batch_sums(batch, start)`` (``start``: the index in ``dataset`` of the batch's first
+    sample) yields one or more ``{name: sum over the batch}`` dicts (e.g. from
+    ``per_sample_gradient_sums``, one per class or task); each is added to a float64 total per
+    parameter of ``params``, which is divided by the number of samples at the end. The model
     runs in eval mode (per-sample gradients need running statistics, no dropout) and gets its
-    mode back afterwards; the data are read in order, ``batch_size`` samples at a time."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
+    mode back afterwards; the data are read in order, ``batch_size`` samples at a time.
+    Under torch.distributed each rank reads its contiguous block of the dataset and the totals
+    and counts are summed over the ranks before the division (core.distributed), so every rank
+    gets the one-process mean (to float64 summation order)."""
+    start, stop = shard_range(len(dataset))
+    part = dataset if (start, stop) == (0, len(dataset)) else Subset(dataset, range(start, stop))
+    loader = DataLoader(part, batch_size=batch_size, shuffle=False,
                         collate_fn=getattr(dataset, "collate_fn", None))
     device = next(iter(params.values())).device
     total = {n: torch.zeros(p.shape, dtype=torch.float64, device=device)
@@ -148,10 +155,12 @@ def dataset_mean(model: nn.Module, params: Tensors, dataset, batch_size: int,
     model.eval()
     try:
         for batch in loader:
-            for sums in batch_sums(batch, count):
+            for sums in batch_sums(batch, start + count):
                 for n, s in sums.items():
                     total[n] += s
             count += len(batch[0])
     finally:
         model.train(was_training)
-    return {n: t / count for n, t in total.items()}
+    counted = torch.tensor([float(count)], dtype=torch.float64, device=device)
+    all_reduce_sum_(list(total.values()) + [counted])
+    return {n: t / counted.item() for n, t in total.items()}

@@ -74,7 +74,7 @@ def degree_order(features: Tensor, chunk: int = 1024) -> Tensor:
     return torch.sort(-deg, stable=True).indices
 
 
-class ERGKDPlugin(FeatureDistillPlugin):
+class ERGKDPlugin(FeatureDistillPlugin, supports_distributed=True):
     METHOD_NAME = "erg_kd"
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False

@@ -61,7 +61,7 @@ from cl_plugins.core.regressors import RegressorSet, remove_params
 Layers = Union[str, Sequence[str]]
 
 
-class HintsPlugin(FeatureDistillPlugin):
+class HintsPlugin(FeatureDistillPlugin, supports_distributed=True):
     METHOD_NAME = "hints"
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False

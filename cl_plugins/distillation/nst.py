@@ -67,6 +67,9 @@ AUTO = "auto"
 
 class NSTPlugin(FeatureDistillPlugin):
     METHOD_NAME = "nst"
+    # why torch.distributed runs refuse it (docs/distributed.md)
+    distributed_note = ("a 2-process run differed from the one-process run at twice the batch "
+                        "(docs/distributed.md)")
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False
     NEEDS_SPATIAL = True  # needs a convolutional model (the generic tests build one)

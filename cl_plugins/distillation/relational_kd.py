@@ -56,6 +56,9 @@ from cl_plugins.core.feature_distill import FeatureDistillPlugin
 
 class RelationalKDPlugin(FeatureDistillPlugin):
     METHOD_NAME = "relational_kd"
+    # why torch.distributed runs refuse it (docs/distributed.md)
+    distributed_note = ("its distance and angle terms relate pairs and triplets of the whole "
+                        "minibatch, which no rank holds")
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False
     SWEEP: dict = {"weight": {"distribution": "log_uniform_values", "min": 0.01, "max": 10.0},

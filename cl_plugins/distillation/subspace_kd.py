@@ -68,6 +68,9 @@ SOURCES = ("minibatch", "der")
 
 class SubspaceKDPlugin(FeatureDistillPlugin):
     METHOD_NAME = "subspace_kd"
+    # why torch.distributed runs refuse it (docs/distributed.md)
+    distributed_note = ("its subspaces are SVDs of the whole minibatch's features, which no "
+                        "rank holds")
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False
     SWEEP: dict = {"weight": {"distribution": "log_uniform_values", "min": 0.01, "max": 10.0},

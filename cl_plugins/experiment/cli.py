@@ -10,7 +10,9 @@ as YAML: numbers, booleans, [lists]). Shortcuts: ``--data-root=PATH`` (benchmark
 ``--only=LABEL[,LABEL]`` (only the entries with these labels; a method name that is no
 entry's label selects every entry of that method),
 ``--no-checkpoint`` (no per-experience checkpoint, so no resume), ``--skip-finished`` (read back
-a run whose JSON is finished and was computed with the same settings instead of running it).
+a run whose JSON is finished and was computed with the same settings instead of running it),
+``--nproc=N`` (N processes on this machine through ``torchrun``, each with batch
+``strategy.train_mb_size``: the run equals one process at N times that batch; docs/distributed.md).
 
 A run that stops part-way (crash, pre-emption, Ctrl-C) resumes from its last finished experience
 when the same command is run again (``loggers.checkpoint``, on by default).
@@ -124,14 +126,62 @@ def prepare(argv: List[str]):
     return plan, skip_finished
 
 
+def pop_nproc(argv: List[str]):
+    """(N from ``--nproc=N`` or None, the other arguments)."""
+    nproc, rest = None, []
+    for arg in argv:
+        if arg.startswith("--nproc="):
+            value = arg.split("=", 1)[1]
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(f"--nproc must be a whole number of processes >= 1; got {value!r}")
+            nproc = int(value)
+        else:
+            rest.append(arg)
+    return nproc, rest
+
+
+def launch(nproc: int, argv: List[str]) -> int:
+    """Run this command again under ``torchrun`` with ``nproc`` processes; its exit code."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", "-m", "cl_plugins.experiment.cli", *argv]
+    return subprocess.call(cmd)
+
+
+def start_process_group(cfg) -> None:
+    """Under torchrun: the process group, through Avalanche's DistributedHelper (nccl when the
+    strategy's device is CUDA, else gloo)."""
+    import torch
+    from avalanche.distributed import DistributedHelper
+
+    from cl_plugins.core.distributed import launched_world_size
+
+    if launched_world_size() < 2 or torch.distributed.is_initialized():
+        return
+    device = str(cfg["strategy"].get("device") or "cpu")
+    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    DistributedHelper.init_distributed(random_seed=0, backend="nccl" if use_cuda else "gloo",
+                                       use_cuda=use_cuda)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
+        nproc, argv = pop_nproc(argv)
+        if nproc is not None and nproc > 1:
+            if os.environ.get("WORLD_SIZE"):
+                raise ValueError("--nproc is for a plain cl-run; this process already runs "
+                                 "under torchrun (WORLD_SIZE is set)")
+            os.environ["CL_RUN_NPROC"] = str(nproc)  # the plan checks N processes' settings
         prepared = prepare(argv)
         if prepared is None:
             return 0
+        if nproc is not None and nproc > 1:  # checked above in this process, then launched
+            return launch(nproc, argv)
         plan, skip_finished = prepared
         cfg = plan.cfg
+        start_process_group(cfg)
         from .runner import run_experiment
         from . import results as res
 
@@ -146,6 +196,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"cl-run: error: {err}", file=sys.stderr)
         return 2
     elapsed = time.perf_counter() - t0
+    from cl_plugins.core.distributed import is_main_process
+
+    if not is_main_process():  # rank 0 alone reports
+        return 1 if any(r["status"] != "finished" for r in runs) else 0
     rows = res.summary_rows(runs)
     print(f"\n{cfg['name']}: {cfg['benchmark']['name']}, {cfg['benchmark']['scenario']}-IL, "
           f"seeds {cfg['seeds']}")

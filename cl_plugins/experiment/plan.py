@@ -31,6 +31,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Dict, List, Optional
 
+from cl_plugins.core.distributed import launched_world_size
+
 SECTIONS = ("benchmark", "model", "optimizer", "strategy", "loggers", "method_params")
 # Config keys that do not change what a run computes.
 _NOT_SETTINGS = {"output_dir", "loggers", "seeds", "methods", "method_params"}
@@ -126,6 +128,8 @@ def settings_fingerprint(cfg: Dict[str, Any], entry: Dict[str, Any]) -> str:
     for (section, key), default in _LATER_OPTIONS.items():
         if key in kept.get(section, {}) and kept[section][key] == default:
             kept[section] = {k: v for k, v in kept[section].items() if k != key}
+    if launched_world_size() > 1:  # N ranks at batch B are the batch N*B of one process
+        kept["world_size"] = launched_world_size()
     effective = {**entry, "params": entry_params(cfg, entry),
                  "plus": [{**p, "params": entry_params(cfg, p)} for p in entry["plus"]]}
     return _digest({"cfg": kept, "entry": effective}, 8)
@@ -176,6 +180,24 @@ def _check_loggers(lg: Dict[str, Any]) -> None:
     for key in ("progress", "wandb", "json", "plots", "checkpoint"):
         if not isinstance(lg.get(key), bool):
             raise ValueError(f"loggers.{key} must be true or false; got {lg.get(key)!r}")
+
+
+DISTRIBUTED_TEMPLATES = ("naive", "joint", "cumulative")  # loops DataParallelPlugin covers
+
+
+def _check_distributed(spec, where: str) -> None:
+    """Under torchrun, a method runs only if it is marked distributed-safe (docs/distributed.md)."""
+    safe = (spec.name in DISTRIBUTED_TEMPLATES if spec.kind == "template" else
+            getattr(spec.factory, "supports_distributed", False) and not spec.reference)
+    if not safe:
+        note = getattr(spec.factory, "distributed_note", "") or \
+            "its behaviour over several processes has not been checked yet"
+        if spec.reference:  # Avalanche's flag follows its DistributedSampler design, not ours
+            note = ("Avalanche's own method, whose data handling cl-run's data parallelism "
+                    "(docs/distributed.md) does not cover")
+        raise ValueError(f"{where}: {spec.name} cannot run under torch.distributed "
+                         f"({launched_world_size()} processes): {note}. Run it in one process "
+                         "(no --nproc, no torchrun)")
 
 
 def plan_experiment(cfg: Dict[str, Any]) -> Plan:
@@ -260,6 +282,8 @@ def plan_experiment(cfg: Dict[str, Any]) -> Plan:
             if scenario:
                 attempt(spec.check_scenario, scenario)
             params = entry_params(cfg, part)
+            if launched_world_size() > 1:
+                attempt(_check_distributed, spec, where)
             if spec.kind == "template":
                 templates += 1
                 attempt(_check_template_kwargs, spec, {**spec.defaults, **params}, where)

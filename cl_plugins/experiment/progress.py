@@ -7,7 +7,7 @@ import sys
 from avalanche.core import SupervisedPlugin
 
 
-class ProgressBarPlugin(SupervisedPlugin):
+class ProgressBarPlugin(SupervisedPlugin, supports_distributed=True):
     def __init__(self, label: str):
         super().__init__()
         self.label = label

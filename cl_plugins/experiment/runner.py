@@ -32,7 +32,9 @@ from avalanche.core import SupervisedPlugin
 from avalanche.training.plugins import EvaluationPlugin
 
 from cl_plugins.benchmarks import build_benchmark
+from cl_plugins.core import distributed as dist
 from cl_plugins.core.augment import BatchAugmentPlugin
+from cl_plugins.core.data_parallel import DataParallelPlugin
 from cl_plugins.core.divergence import DivergenceError, DivergenceGuard
 from cl_plugins.core.iterations import IterationBudgetPlugin
 from cl_plugins.models import build_model
@@ -61,7 +63,7 @@ def _divergence_hint(opt_cfg: Dict[str, Any], parts) -> str:
     return f"optimizer.lr={opt_cfg['lr']}" + (f"; {', '.join(coefs[:6])}" if coefs else "")
 
 
-class _StepCounter(SupervisedPlugin):
+class _StepCounter(SupervisedPlugin, supports_distributed=True):
     def __init__(self):
         super().__init__()
         self.steps = 0
@@ -97,7 +99,7 @@ class Run:
     wandb_logger: Any = None
 
     def write(self) -> None:
-        if self.cfg["loggers"]["json"]:
+        if self.cfg["loggers"]["json"] and dist.is_main_process():  # rank 0 alone writes
             res.write_json_atomic(self.path, self.result)
 
 
@@ -175,6 +177,9 @@ def build(run: Run, method: Method, info, progress: bool):
     opt_cfg = section_for(cfg, entry, "optimizer")
     st_cfg = section_for(cfg, entry, "strategy")
     device = resolve_device(st_cfg["device"])
+    world = dist.world_size()
+    if world > 1 and device.type == "cuda":  # one GPU per rank (torchrun's LOCAL_RANK)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     seed_everything(seed)  # model init must not depend on how much RNG the benchmark used
     model = build_model(section_for(cfg, entry, "model"), info)
     optimizer = build_optimizer(opt_cfg, model)
@@ -185,23 +190,32 @@ def build(run: Run, method: Method, info, progress: bool):
         extra.append(IterationBudgetPlugin(st_cfg["train_iterations"]))
     if opt_cfg.get("scheduler"):
         extra.append(build_scheduler(opt_cfg["scheduler"], optimizer))
+        extra[-1].supports_distributed = True  # stepped per epoch, the same on every rank
     if st_cfg["augment"] == "crop_flip":
         extra.append(BatchAugmentPlugin())
-    if progress:
+    if progress and dist.is_main_process():
         extra.append(ProgressBarPlugin(f"{label} s{seed}"))
+    first: List[SupervisedPlugin] = []
+    if world > 1:  # docs/distributed.md: N ranks at batch B are one process at batch N*B
+        unsafe = dist.unsafe_plugins(method.plugins + extra)
+        if unsafe:
+            raise ValueError(f"{label}: not distributed-safe under {world} processes: "
+                             f"{'; '.join(unsafe)}")
+        first.append(DataParallelPlugin())
     saved = open_checkpoint(run, method)
     metrics = [accuracy_metrics(experience=True), bwt_metrics(stream=True),
                forgetting_metrics(stream=True)]
     if info.scenario == "class":
         metrics.append(TaskILAccuracy())
-    if cfg["loggers"]["wandb"]:
+    if cfg["loggers"]["wandb"] and dist.is_main_process():
         run.wandb_logger = make_wandb_logger(run, saved)
     evaluator = EvaluationPlugin(*metrics, loggers=[run.wandb_logger] if run.wandb_logger
                                  else [], strict_checks=False)
     strategy = method.template_cls(
         model=model, optimizer=optimizer, criterion=torch.nn.CrossEntropyLoss(),
-        train_mb_size=st_cfg["train_mb_size"], train_epochs=st_cfg["epochs"],
-        eval_mb_size=st_cfg["eval_mb_size"], device=device, plugins=method.plugins + extra,
+        train_mb_size=st_cfg["train_mb_size"] * world, train_epochs=st_cfg["epochs"],
+        eval_mb_size=st_cfg["eval_mb_size"], device=device,
+        plugins=first + method.plugins + extra,
         evaluator=evaluator, eval_every=-1, **method.template_kwargs)
     return strategy, model, optimizer, counter, saved
 
@@ -227,12 +241,19 @@ def start_result(run: Run, info, device, saved: Optional[Dict[str, Any]]) -> Non
             "train_time_s_per_exp": [], "steps_per_exp": [], "peak_rss_mb": [],
             "peak_cuda_mb": [], "avalanche": {}, "run_fingerprint": run.run_id,
             "checkpoint": checkpoint_note, "resumed": []}
+        if dist.world_size() > 1:
+            run.result["distributed"] = {
+                "world_size": dist.world_size(), "backend": torch.distributed.get_backend(),
+                "global_train_mb_size": section_for(run.cfg, run.entry, "strategy")[
+                    "train_mb_size"] * dist.world_size()}
     if run.wandb_logger is not None:
         run.result["wandb_run_id"] = run.wandb_logger.init_kwargs.get("id")
 
 
 def checkpoint(run: Run, strategy, model, optimizer, plugins, experiences_done: int) -> None:
     """Step 4: save what a resumed run needs; a failure turns checkpoints off, never the run."""
+    if not dist.is_main_process():
+        return  # rank 0 alone writes the checkpoint; every rank holds the same state
     t0 = time.perf_counter()
     try:
         if strategy.model is not model:
@@ -310,6 +331,8 @@ def report(run: Run, info) -> None:
     result["step_time_ms"] = 1000 * result["train_time_s"] / steps if steps else None
     result["status"] = "finished"
     run.write()
+    if not dist.is_main_process():
+        return
     if run.path != run.final_path and cfg["loggers"]["json"]:
         os.replace(run.path, run.final_path)  # the rerun finished: it takes the result's place
         run.path = run.final_path
@@ -405,6 +428,8 @@ def run_experiment(cfg: Dict[str, Any], progress: bool | None = None,
 
     plan = plan if plan is not None else plan_experiment(cfg)
     cfg = plan.cfg
+    if not dist.is_main_process():
+        echo = lambda *args, **kwargs: None  # noqa: E731  (rank 0 alone reports)
     if os.environ.get("WANDB_SWEEP_ID"):
         cfg["loggers"]["wandb"] = True
     progress = cfg["loggers"]["progress"] if progress is None else progress
@@ -412,8 +437,8 @@ def run_experiment(cfg: Dict[str, Any], progress: bool | None = None,
     runs: List[Dict[str, Any]] = []
     for planned in plan.runs:
         label, seed = planned.label, planned.seed
-        if skip_finished:
-            done = _finished_result(cfg, planned.entry, seed, out_dir)
+        if skip_finished:  # rank 0 decides, so every rank skips the same runs
+            done = dist.broadcast_object(_finished_result(cfg, planned.entry, seed, out_dir))
             if done is not None:
                 echo(f"[cl-run] {label} seed {seed}: finished with the same settings, "
                      "skipped (--skip-finished)")
@@ -432,7 +457,8 @@ def run_experiment(cfg: Dict[str, Any], progress: bool | None = None,
         if result["status"] == "diverged":
             echo(f"[cl-run] {label} seed {seed} DIVERGED: {result['error']}")
         runs.append(result)
-    write_summary(cfg, runs, out_dir)
+    if dist.is_main_process():
+        write_summary(cfg, runs, out_dir)
     return runs
 
 

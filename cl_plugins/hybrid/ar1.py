@@ -108,7 +108,7 @@ def replayed_counts(strategy, n_classes: int) -> torch.Tensor:
     return out
 
 
-class AR1Plugin(PathIntegralPlugin):
+class AR1Plugin(PathIntegralPlugin, supports_distributed=True):
     METHOD_NAME = "ar1"
     SCENARIOS = ("domain", "class")
     NEEDS_TASK_LABELS = False

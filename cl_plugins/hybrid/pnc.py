@@ -93,7 +93,7 @@ def distill_kl(kb_logits: torch.Tensor, ac_logits: torch.Tensor) -> torch.Tensor
     return kd_loss(kb_logits, ac_logits, temperature=1.0, scale_t2=False)
 
 
-class ProgressCompressPlugin(SupervisedPlugin):
+class ProgressCompressPlugin(SupervisedPlugin, supports_distributed=True):
     METHOD_NAME = "pnc"
     REPLACES_MODEL = True  # strategy.model becomes the two-column wrapper: no runner checkpoint
     SCENARIOS = ("task", "domain", "class")

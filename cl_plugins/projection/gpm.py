@@ -73,7 +73,7 @@ SETTINGS = ("threshold", "threshold_increment", "n_samples", "layer_samples", "b
             "freeze_norms_after_first", "task1_rank", "seed")
 
 
-class GPMPlugin(StepCaptureHooks, SupervisedPlugin):
+class GPMPlugin(StepCaptureHooks, SupervisedPlugin, supports_distributed=True):
     METHOD_NAME = "gpm"
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False

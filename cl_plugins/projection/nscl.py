@@ -87,7 +87,7 @@ def null_space(cov: torch.Tensor, a: float):
     return vecs[:, keep], vecs[:, ~keep]
 
 
-class NSCLPlugin(StepCaptureHooks, SupervisedPlugin):
+class NSCLPlugin(StepCaptureHooks, SupervisedPlugin, supports_distributed=True):
     METHOD_NAME = "nscl"
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False

@@ -81,7 +81,7 @@ def output_gradients(model: torch.nn.Module, params: Dict[str, torch.Tensor], x:
     return torch.stack(per_class, dim=1).reshape(len(x) * n_out, -1)
 
 
-class OGDPlugin(SupervisedPlugin):
+class OGDPlugin(SupervisedPlugin, supports_distributed=True):
     METHOD_NAME = "ogd"
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False

@@ -127,7 +127,7 @@ def curvature_vectors(model: nn.Module, tensors: dict, x: torch.Tensor, y: torch
             if params[n].dim() > 1 else g.double().reshape(len(x), -1) for n, g in grads.items()}
 
 
-class RGOPlugin(SupervisedPlugin):
+class RGOPlugin(SupervisedPlugin, supports_distributed=True):
     METHOD_NAME = "rgo"
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False

@@ -124,7 +124,7 @@ def fisher_batch_sums(model, params: Tensors, x, y, u, task: int, fisher: str) -
     yield sums(target)
 
 
-class EWCPlugin(SupervisedPlugin):
+class EWCPlugin(SupervisedPlugin, supports_distributed=True):
     METHOD_NAME = "ewc"
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False

@@ -86,7 +86,7 @@ def check_alpha(alpha) -> Union[float, List[float]]:
     return float(check_non_negative("alpha", alpha))
 
 
-class LwFPlugin(SupervisedPlugin):
+class LwFPlugin(SupervisedPlugin, supports_distributed=True):
     METHOD_NAME = "lwf"
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False

@@ -69,7 +69,7 @@ OUTPUTS = ("experience", "seen")
 REDUCTIONS = ("sum", "mean")
 
 
-class MASPlugin(SupervisedPlugin):
+class MASPlugin(SupervisedPlugin, supports_distributed=True):
     METHOD_NAME = "mas"
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False

@@ -70,7 +70,7 @@ from cl_plugins.core.state import check_settings
 from cl_plugins.regularization.ewc import EWCPlugin
 
 
-class OnlineEWCPlugin(EWCPlugin):
+class OnlineEWCPlugin(EWCPlugin, supports_distributed=True):
     METHOD_NAME = "online_ewc"
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False

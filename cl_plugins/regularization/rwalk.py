@@ -90,7 +90,7 @@ def normalized(values: Tensors, how: str) -> Tensors:
     return {n: (t - lo) / (hi - lo + 1e-32) for n, t in values.items()}
 
 
-class RWalkPlugin(PathIntegralPlugin):
+class RWalkPlugin(PathIntegralPlugin, supports_distributed=True):
     METHOD_NAME = "rwalk"
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False

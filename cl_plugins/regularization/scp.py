@@ -92,7 +92,7 @@ def task_columns(model: nn.Module, task_label) -> Optional[torch.Tensor]:
     return None
 
 
-class SCPPlugin(SupervisedPlugin):
+class SCPPlugin(SupervisedPlugin, supports_distributed=True):
     METHOD_NAME = "scp"
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False

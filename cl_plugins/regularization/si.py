@@ -73,7 +73,7 @@ from cl_plugins.core.state import check_owner, owned_by
 Tensors = Dict[str, torch.Tensor]
 
 
-class SIPlugin(PathIntegralPlugin):
+class SIPlugin(PathIntegralPlugin, supports_distributed=True):
     METHOD_NAME = "si"
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False

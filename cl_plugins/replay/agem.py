@@ -103,7 +103,7 @@ def agem_project(g: torch.Tensor, g_ref: torch.Tensor, eps: float = 0.0
     return (g.double() - coef * g_ref.double()).to(g.dtype), True
 
 
-class AGEMPlugin(MemoryProjectionPlugin):
+class AGEMPlugin(MemoryProjectionPlugin, supports_distributed=True):
     METHOD_NAME = "agem"
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False

@@ -77,8 +77,9 @@ from avalanche.core import SupervisedPlugin
 from avalanche.models.utils import avalanche_forward
 
 from cl_plugins.core.augment import BatchAugmentPlugin
-from cl_plugins.core.buffer import ReplayBuffer
+from cl_plugins.core.buffer import ReplayBatch, ReplayBuffer
 from cl_plugins.core.checks import check_int, check_non_negative
+from cl_plugins.core.data_parallel import gather_stream, rank_share, share_weight
 from cl_plugins.core.replay_loader import require_stream_batches, stream_minibatch
 from cl_plugins.core.state import check_owner, owned_by
 from cl_plugins.models.heads import MaskedHead
@@ -90,7 +91,7 @@ def unmasked_logits_layer(model) -> Optional[torch.nn.Module]:
     return head.linear if isinstance(head, MaskedHead) else None
 
 
-class DERPlugin(SupervisedPlugin):
+class DERPlugin(SupervisedPlugin, supports_distributed=True):
     METHOD_NAME = "der"
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False
@@ -157,10 +158,13 @@ class DERPlugin(SupervisedPlugin):
             return
         m = self.replay_mb_size or strategy.train_mb_size
         parts = []
+        def draw():  # the same draw on every rank; each replays its share (torch.distributed)
+            return ReplayBatch(*rank_share(*self.buffer.sample(m, device=strategy.device)))
+
         if self.alpha > 0:
-            parts.append(self.buffer.sample(m, device=strategy.device))
+            parts.append(draw())
         if self.beta > 0:
-            parts.append(self.buffer.sample(m, device=strategy.device))
+            parts.append(draw())
         x = torch.cat([p.x for p in parts])
         if self._augment is not None:
             x = self._augment.augment(x)
@@ -168,17 +172,19 @@ class DERPlugin(SupervisedPlugin):
         out = avalanche_forward(strategy.model, x, torch.cat([p.t for p in parts]))
         self._capturing = False
         sizes = [p.x.shape[0] for p in parts]
+        share = share_weight(strategy, sizes[0], m)  # 1 in one process
         if self.alpha > 0:
             z = self._logits(out).split(sizes)[0]
-            strategy.loss += self.alpha * F.mse_loss(z, parts[0].logits)  # Eq. 4
+            strategy.loss += self.alpha * share * F.mse_loss(z, parts[0].logits)  # Eq. 4
         if self.beta > 0:
-            strategy.loss += self.beta * F.cross_entropy(out.split(sizes)[-1],
-                                                         parts[-1].y)  # Eq. 6
+            strategy.loss += self.beta * share * F.cross_entropy(out.split(sizes)[-1],
+                                                                 parts[-1].y)  # Eq. 6
         self._raw = None
 
     def after_training_iteration(self, strategy, **kwargs):
         x, y, t = self._incoming
-        self.buffer.add(x, y, t, logits=self._step_logits[:x.shape[0]])
+        x, y, t, z = gather_stream(strategy, x, y, t, self._step_logits[:x.shape[0]])
+        self.buffer.add(x, y, t, logits=z)
         self._incoming, self._step_logits = None, None
 
     def state_dict(self) -> dict:

@@ -27,8 +27,7 @@ each experience and, while training the t-th experience (weights: ``cl_plugins.c
     loss = (1/t) CE(f(x, t), y) + (1 - 1/t) CE(f(x_m, t_m), y_m)
 
 Hooks (``strategy.dataloader`` is never touched): ``before_training_exp`` (refuses a plugin that
-replaces the dataloader: ER reads the incoming minibatches as the stream, see
-``cl_plugins.core.replay_loader``),
+replaces the dataloader: ER reads the incoming minibatches as the stream, ``core.replay_loader``),
 ``before_training_iteration`` (records the incoming minibatch before any plugin extends it),
 ``before_forward`` (appends the memory batch to ``strategy.mbatch``; rows 0..n-1 stay the
 stream), ``before_backward`` (``"vandeven"`` weighting only), ``after_training_iteration``
@@ -83,11 +82,11 @@ Choices and deviations:
 - Inputs are stored as float32 by default (our benchmarks hold normalised floats, not the uint8
   source); ``x_dtype="uint8"`` with ``x_range`` stores the pixel levels.
 - Cost: a step trains on n + m samples, up to ~2x naive's with m = ``train_mb_size``; the
-  memory update and the draw are small (measurements in ``docs/methods/er.md``).
+  memory update and the draw are small (``docs/methods/er.md``). torch.distributed: every rank
+  stores the whole minibatch (gathered) and replays its share of the same memory batch.
 - Several epochs offer an experience's samples to the memory again at every pass (as Mammoth's
   multi-epoch settings); the online protocols (R1) train a single epoch.
-- Task-IL: ``MultiTaskModule.forward`` (our ``ClassifierNet`` head) splits a mixed-task batch by
-  task label; the backbone runs once on the whole batch.
+- Task-IL: ``MultiTaskModule.forward`` (``ClassifierNet``) splits a mixed batch by task label.
 - van de Ven et al.'s replay draws batches epoch-wise from a shuffled ``DataLoader`` over the
   memory (``drop_last``); here each step draws afresh (same marginal, no no-repeat coupling).
   His task-IL replay loss is the mean of per-task means, equal to the plain mean here as
@@ -104,6 +103,7 @@ from avalanche.core import SupervisedPlugin
 from cl_plugins.core.augment import random_crop_flip
 from cl_plugins.core.buffer import POLICIES, ReplayBuffer
 from cl_plugins.core.checks import check_choice, check_int
+from cl_plugins.core.data_parallel import gather_stream, rank_share
 from cl_plugins.core.episodic import EpisodicMemory
 from cl_plugins.core.replay_loader import (append_rows, augmenter_before, require_stream_batches,
                                            stream_minibatch)
@@ -134,7 +134,7 @@ def check_memory_args(mem_size, mem_per_class, policy) -> None:
                          "experience, per class: leave policy at 'reservoir'")
 
 
-class ERPlugin(SupervisedPlugin):
+class ERPlugin(SupervisedPlugin, supports_distributed=True):
     METHOD_NAME = "er"
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False
@@ -200,11 +200,11 @@ class ERPlugin(SupervisedPlugin):
             return
         m = self.replay_mb_size or strategy.train_mb_size
         sample = store.sample_per_task if self.batch_sampling == "per_task" else store.sample
-        mem = sample(m, device=strategy.device)
-        xm = mem.x
+        mem = sample(m, device=strategy.device)  # the same m rows on every rank
+        xm, ym, tm = rank_share(mem.x, mem.y, mem.t)
         if self._augment is not None:
             xm = random_crop_flip(xm, self._augment.padding, self._augment.flip_p)
-        append_rows(strategy.mbatch, xm, mem.y, mem.t)
+        append_rows(strategy.mbatch, xm, ym, tm)
         self._n_replayed = xm.shape[0]
 
     def before_backward(self, strategy, **kwargs):
@@ -221,7 +221,7 @@ class ERPlugin(SupervisedPlugin):
 
     def after_training_iteration(self, strategy, **kwargs):
         if self.memory is None:
-            x, y, t = self._incoming
+            x, y, t = gather_stream(strategy, *self._incoming)  # the whole minibatch's rows
             self.buffer.add(x, y, t)
         self._incoming = None
 

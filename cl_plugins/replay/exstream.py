@@ -74,7 +74,7 @@ from cl_plugins.core.cluster_buffer import ClusterBuffer
 from cl_plugins.core.latent import LatentReplayBase
 
 
-class ExStreamPlugin(LatentReplayBase):
+class ExStreamPlugin(LatentReplayBase, supports_distributed=True):
     METHOD_NAME = "exstream"
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False

@@ -12,13 +12,12 @@ Progress in Continual Learning", ECCV 2020; code: drimpossible/GDumb (``src/``, 
    the k slots are not full, then only if m_c < k / |Y_seen| for its class c, evicting a random
    sample of the largest class. A class is a (task label, class label) pair (one integer key):
    task-IL benchmarks restart labels at 0. Each experience is offered in a random order
-   (``shuffle_stream``): in its stored, class-sorted file order only the first samples of each
-   class would be kept.
+   (``shuffle_stream``): in file order only the first samples of each class would be kept.
 2. Learner: after every experience the network is trained on the memory alone, from the
    weights it had at the first ``before_training_exp`` (the paper retrains from scratch at every
    inference request, the official code trains once; ``cl_plugins.core.reinit``: parameters and
    normalisation statistics, heads added or grown later keep their fresh initialisation).
-   Inference masks the classes seen (the runner's ``MaskedHead(mask="seen")`` in class-IL).
+   Inference masks the classes seen (``MaskedHead(mask="seen")`` in class-IL).
 
 Training recipe (the official code's, part of the method): ``epochs_on_memory`` passes over
 the memory (minibatches of ``train_mb_size``, reshuffled); the lr of pass e is 0.1 lr_max
@@ -95,6 +94,7 @@ def gdumb_lr(epoch: int, lr_max: float, lr_min: float) -> float:
 
 class GDumbPlugin(SupervisedPlugin):
     METHOD_NAME = "gdumb"
+    distributed_note = "it trains on its memory through a data loader not split over ranks"
     SCENARIOS = ("task", "class")
     NEEDS_TASK_LABELS = False
     SWEEP: dict = {"mem_size": {"values": [200, 300, 500, 1000, 4400]},

@@ -125,7 +125,7 @@ def gem_project(g: torch.Tensor, G: torch.Tensor, memory_strength: float = 0.5,
     return (g64 + v @ G64).to(g.dtype), v
 
 
-class GEMPlugin(MemoryProjectionPlugin):
+class GEMPlugin(MemoryProjectionPlugin, supports_distributed=True):
     METHOD_NAME = "gem"
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False

@@ -80,7 +80,7 @@ def icarl_bce(logits: Tensor, y: Tensor, old_logits: Optional[Tensor] = None,
     return F.binary_cross_entropy_with_logits(logits, target)
 
 
-class ICaRLPlugin(SupervisedPlugin):
+class ICaRLPlugin(SupervisedPlugin, supports_distributed=True):
     METHOD_NAME = "icarl"
     SCENARIOS = ("class",)
     NEEDS_TASK_LABELS = False

@@ -80,7 +80,7 @@ from cl_plugins.core.checks import check_int
 from cl_plugins.core.latent import LatentMemory, LatentReplayBase, ReplayOrder, replay_share
 
 
-class LatentReplayPlugin(LatentReplayBase):
+class LatentReplayPlugin(LatentReplayBase, supports_distributed=True):
     METHOD_NAME = "latent_replay"
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False

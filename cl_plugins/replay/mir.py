@@ -143,6 +143,8 @@ def parameter_lrs(model: nn.Module, optimizer) -> Dict[str, float]:
 
 class MIRPlugin(SupervisedPlugin):
     METHOD_NAME = "mir"
+    # why torch.distributed runs refuse it (docs/distributed.md)
+    distributed_note = ("its candidates are scored by a virtual step on this rank's rows only")
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False
     SWEEP: dict = {"mem_size": {"values": [200, 500, 1000]},

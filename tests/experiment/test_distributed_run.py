@@ -1,0 +1,197 @@
+"""``cl-run --nproc=2`` end to end (torchrun, two gloo processes on the CPU): the same accuracy
+matrices as one process at twice the batch, one writer, and refusals before any work."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+def safe_methods(scenario: str):
+    """Every registered method marked distributed-safe that runs on the MLP in ``scenario``
+    (the spatial distillation methods need a conv net: none of them is marked yet; Avalanche's
+    reference methods are refused whatever Avalanche's own flag says)."""
+    from cl_plugins.experiment.plan import DISTRIBUTED_TEMPLATES
+    from cl_plugins.registry import list_methods
+
+    return [s.name for s in list_methods() if scenario in s.scenarios
+            and (s.name in DISTRIBUTED_TEMPLATES if s.kind == "template"
+                 else getattr(s.factory, "supports_distributed", False) and not s.reference)
+            and not getattr(s.factory, "NEEDS_SPATIAL", False)]
+
+
+def _cl_run(*args, cwd: Path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    return subprocess.run([sys.executable, "-m", "cl_plugins.experiment.cli", *args],
+                          capture_output=True, text=True, cwd=cwd, env=env, timeout=900)
+
+
+def _common(out: Path, scenario: str):
+    return [f"--methods=[{','.join(safe_methods(scenario))}]", "--strategy.epochs=1",
+            f"--benchmark.scenario={scenario}", f"--out={out}", "--no-progress", "--no-plots",
+            "--strategy.device=cpu"]
+
+
+@pytest.fixture(scope="module", params=["task", "class", "domain"])
+def runs(request, tmp_path_factory):
+    """Every safe method of the scenario (the main job's settings, one epoch): 2 processes at
+    batch 16, and one process at batch 32."""
+    sc = request.param
+    base = tmp_path_factory.mktemp(f"ddp_{sc}")
+    two = _cl_run(*_common(base / "two", sc), "--strategy.train_mb_size=16", "--nproc=2",
+                  cwd=base)
+    one = _cl_run(*_common(base / "one", sc), "--strategy.train_mb_size=32", cwd=base)
+    return sc, base, two, one
+
+
+def _results(folder: Path):
+    out = {}
+    for path in sorted(folder.glob("default/*/*/seed*.json")):
+        r = json.loads(path.read_text())
+        out[r["method"]] = (path, r)
+    return out
+
+
+def test_two_processes_at_batch_16_give_the_one_process_batch_32_matrices(runs):
+    sc, base, two, one = runs
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert one.returncode == 0, one.stderr[-3000:]
+    got, ref = _results(base / "two"), _results(base / "one")
+    methods = safe_methods(sc)
+    assert len(methods) >= {"task": 31, "class": 27, "domain": 25}[sc]  # marked by 2026-12-06
+    assert sorted(got) == sorted(ref) == sorted(methods)
+    for m in methods:
+        r2, r1 = got[m][1], ref[m][1]
+        assert r2["status"] == r1["status"] == "finished", m
+        np.testing.assert_allclose(r2["matrix"], r1["matrix"], atol=1e-6, err_msg=m)
+        assert r2["distributed"] == {"world_size": 2, "backend": "gloo",
+                                     "global_train_mb_size": 32}
+        assert "distributed" not in r1
+        assert r2["steps_per_exp"] == r1["steps_per_exp"]
+        # another setting (the world size): another folder, never the one-process file's
+        assert got[m][0].parent.name != ref[m][0].parent.name
+
+
+def test_rank_zero_alone_writes_and_reports(runs):
+    sc, base, two, _ = runs
+    files = sorted(p.relative_to(base / "two").as_posix() for p in (base / "two").rglob("*")
+                   if p.is_file())
+    assert files == sorted(["default/summary.md"] + [
+        f"default/{m}/{_results(base / 'two')[m][0].parent.name}/seed0.json"
+        for m in safe_methods(sc)])
+    assert two.stdout.count("results: ") == 1 and two.stdout.count("method ") == 1
+
+
+def test_an_unchecked_method_is_refused_before_anything_runs(tmp_path):
+    res = _cl_run("--methods=[naive,mir]", f"--out={tmp_path / 'o'}", "--no-progress",
+                  "--nproc=2", cwd=tmp_path)
+    assert res.returncode == 2
+    assert "methods[1] (mir): mir cannot run under torch.distributed (2 processes): its candidates" in res.stderr
+    assert "nothing was run" in res.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("bad", ["0", "two", "-1"])
+def test_bad_nproc_is_an_error_line(tmp_path, bad):
+    res = _cl_run(f"--nproc={bad}", f"--out={tmp_path / 'o'}", cwd=tmp_path)
+    assert res.returncode == 2
+    assert f"--nproc must be a whole number of processes >= 1; got {bad!r}" in res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------ resume under two processes
+
+class _Preempted(RuntimeError):
+    pass
+
+
+def _resume_worker(rank: int, store: str, out: str, stop_at, queue):
+    import copy
+    import pickle
+    import traceback
+
+    import torch
+    import torch.distributed as tdist
+
+    os.environ["WORLD_SIZE"] = "2"  # what torchrun sets: the settings fingerprint reads it
+    try:
+        # Avalanche 0.6 builds a logger when avalanche.training is first imported, and refuses
+        # to on a rank other than 0 once the process group exists: import it first
+        from avalanche.training import Naive
+
+        from cl_plugins.experiment.config import DEFAULT_CONFIG, normalize_methods, validate
+        from cl_plugins.experiment.runner import run_single
+
+        tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+        torch.set_num_threads(1)
+
+        cfg = copy.deepcopy(DEFAULT_CONFIG)
+        cfg.update(name="ddp", output_dir=out, methods=["ewc"])
+        cfg["model"] = {"name": "mlp", "hidden": [32]}
+        cfg["strategy"].update(epochs=2, train_mb_size=16, eval_mb_size=256, device="cpu")
+        cfg["optimizer"].update(lr=3e-3, scheduler={"name": "multistep", "milestones": [1],
+                                                    "gamma": 0.5})
+        cfg["loggers"].update(progress=False, plots=False)
+        cfg = validate(cfg)
+        entry = normalize_methods(cfg["methods"])[0]
+        owner = next(c for c in Naive.__mro__ if "train" in vars(c))
+        original, calls = owner.train, {"n": 0}
+
+        def train(self, *args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == stop_at:
+                raise _Preempted("stopped by the test")
+            return original(self, *args, **kwargs)
+
+        owner.train = train
+        try:
+            result = run_single(cfg, entry, 0, Path(out), progress=False)
+            queue.put((rank, pickle.dumps({"matrix": result["matrix"], "calls": calls["n"],
+                                           "resumed": result["resumed"]})))
+        except _Preempted:
+            queue.put((rank, pickle.dumps({"stopped": calls["n"]})))
+    except Exception:  # noqa: BLE001
+        queue.put((rank, traceback.format_exc()))
+    finally:
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+
+
+def _two_ranks(tmp: Path, tag: str, out: Path, stop_at):
+    import pickle
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_resume_worker, args=(r, str(tmp / f"store_{tag}"), str(out),
+                                                      stop_at, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = {r: pickle.loads(v) if isinstance(v, bytes) else v
+           for r, v in (queue.get(timeout=300) for _ in procs)}
+    for p in procs:
+        p.join(timeout=60)
+    assert all(isinstance(v, dict) for v in got.values()), got
+    return got
+
+
+def test_a_two_process_run_stopped_after_two_experiences_resumes_into_the_same_run(tmp_path):
+    ref = _two_ranks(tmp_path, "ref", tmp_path / "ref", None)
+    stopped = _two_ranks(tmp_path, "stop", tmp_path / "run", 3)
+    assert stopped == {0: {"stopped": 3}, 1: {"stopped": 3}}
+    (ckpt,) = (tmp_path / "run").glob("ddp/ewc/*/seed0.ckpt.pt")  # rank 0's, the only one
+    (partial,) = (tmp_path / "run").glob("ddp/ewc/*/seed0.json")
+    assert len(json.loads(partial.read_text())["matrix"]) == 2
+    resumed = _two_ranks(tmp_path, "resume", tmp_path / "run", None)
+    for r in range(2):
+        assert resumed[r]["calls"] == 3  # only the three experiences left were trained
+        assert [x["after_experiences"] for x in resumed[r]["resumed"]] == [2]
+        assert resumed[r]["matrix"] == ref[r]["matrix"]  # bit for bit
+    assert not ckpt.exists()
