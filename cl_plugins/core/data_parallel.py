@@ -96,6 +96,17 @@ def trained_parameters(strategy) -> list:
     return out
 
 
+def use_loader(strategy, loader):
+    """Set ``strategy.dataloader`` to ``loader`` (a plugin that trains on its own data, as
+    GDumb on its memory). Under torch.distributed ``loader`` must be built identically on
+    every rank at the global batch ``strategy.train_mb_size``: each rank then gets its rows of
+    every minibatch, as with the template's loader."""
+    if dist.is_distributed():
+        plugin = _plugin_of(strategy)
+        loader = plugin._loader = _RankRows(loader)
+    strategy.dataloader = loader
+
+
 def _plugin_of(strategy) -> "DataParallelPlugin":
     plugin = next((p for p in strategy.plugins if isinstance(p, DataParallelPlugin)), None)
     if plugin is None:

@@ -41,6 +41,7 @@ from cl_plugins.core.distill import restore_teacher, teacher_state
 from cl_plugins.core.generator import check_generator
 from cl_plugins.core.heads_layout import head_layout
 from cl_plugins.core.params import task_specific_prefixes
+from cl_plugins.core.data_parallel import gather_stream, rank_share
 from cl_plugins.core.replay_loader import append_rows, require_stream_batches, stream_minibatch
 from cl_plugins.core.schedule import vandeven_weights
 from cl_plugins.core.seeding import seeded_generator
@@ -174,12 +175,14 @@ class GenerativeReplayBase(SupervisedPlugin):
                              "before it")
         m = self.replay_mb_size or strategy.train_mb_size
         x_gen = self.prev_generator.sample(m, self.rng).to(device=x.device, dtype=x.dtype)
+        (x_mine,) = rank_share(x_gen)  # torch.distributed: this rank's share of the same draw
+        k = x_mine.shape[0]
         if self.layout == "single":  # one head: the task label does not choose the outputs
-            x_rep, t_rep = x_gen, t[:1].expand(m)
+            x_rep, t_rep = x_mine, t[:1].expand(k)
         else:  # per-task heads: the same inputs once per past task, each on its own head
-            x_rep = x_gen.repeat(len(self.old_tasks), *[1] * (x_gen.dim() - 1))
+            x_rep = x_mine.repeat(len(self.old_tasks), *[1] * (x_mine.dim() - 1))
             t_rep = torch.as_tensor(self.old_tasks, device=t.device,
-                                    dtype=t.dtype).repeat_interleave(m)
+                                    dtype=t.dtype).repeat_interleave(k)
         with torch.no_grad():
             q = avalanche_forward(self.teacher, x_rep, t_rep)
         append_rows(strategy.mbatch, x_rep, self.label(q).to(t.device), t_rep)
@@ -202,7 +205,10 @@ class GenerativeReplayBase(SupervisedPlugin):
 
     def after_training_iteration(self, strategy, **kwargs):
         w_cur = vandeven_weights(self.n_experiences + 1)[0]
-        self.generator.train_step(self._incoming[0], self._x_gen, w_cur, self.rng)
+        # torch.distributed: every rank trains the generator on the whole minibatch (gathered)
+        # and the whole generated draw, so every rank keeps the one-process generator
+        (x,) = gather_stream(strategy, self._incoming[0])
+        self.generator.train_step(x, self._x_gen, w_cur, self.rng)
         self._incoming = self._x_gen = self._teacher_out = None
 
     def after_training_exp(self, strategy, **kwargs):

@@ -84,10 +84,8 @@ def soft_target_ce(student: torch.Tensor, teacher: torch.Tensor, temperature: fl
     return loss * temperature ** 2 if scale_t2 else loss
 
 
-class GenerativeReplayPlugin(GenerativeReplayBase):
+class GenerativeReplayPlugin(GenerativeReplayBase, supports_distributed=True):
     METHOD_NAME = "generative_replay"
-    # why torch.distributed runs refuse it (docs/distributed.md)
-    distributed_note = ("its generator trains on this rank's rows with its own optimizer")
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False
     SWEEP: dict = {"distill": {"values": [False, True]},

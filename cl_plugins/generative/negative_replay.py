@@ -74,10 +74,8 @@ def negative_replay_loss(out: torch.Tensor, y: torch.Tensor,
     return F.cross_entropy(logits, torch.zeros_like(y))  # Eq. N
 
 
-class NegativeReplayPlugin(GenerativeReplayBase):
+class NegativeReplayPlugin(GenerativeReplayBase, supports_distributed=True):
     METHOD_NAME = "negative_replay"
-    # why torch.distributed runs refuse it (docs/distributed.md)
-    distributed_note = ("its generator trains on this rank's rows with its own optimizer")
     SCENARIOS = ("class",)
     NEEDS_TASK_LABELS = False
     SWEEP: dict = {"replay_mb_size": {"values": [32, 64, 128]},

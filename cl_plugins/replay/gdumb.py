@@ -72,6 +72,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 from cl_plugins.core.augment import crop_on_background
 from cl_plugins.core.buffer import ReplayBuffer, resolve_seed
 from cl_plugins.core.checks import check_bool, check_int, check_positive, check_range
+from cl_plugins.core.data_parallel import use_loader
 from cl_plugins.core.iterations import IterationBudgetPlugin
 from cl_plugins.core.lr_schedule import cosine_warm_restarts
 from cl_plugins.core.reinit import restore_initial_weights
@@ -92,9 +93,8 @@ def gdumb_lr(epoch: int, lr_max: float, lr_min: float) -> float:
     return cosine_warm_restarts(epoch - 1, lr_max, lr_min)
 
 
-class GDumbPlugin(SupervisedPlugin):
+class GDumbPlugin(SupervisedPlugin, supports_distributed=True):
     METHOD_NAME = "gdumb"
-    distributed_note = "it trains on its memory through a data loader not split over ranks"
     SCENARIOS = ("task", "class")
     NEEDS_TASK_LABELS = False
     SWEEP: dict = {"mem_size": {"values": [200, 300, 500, 1000, 4400]},
@@ -200,8 +200,8 @@ class GDumbPlugin(SupervisedPlugin):
             strategy.train_epochs = self.epochs_on_memory
         if self.train_only_last and not self._is_last(strategy.experience):
             strategy.train_epochs = 0
-        strategy.dataloader = DataLoader(self.memory_dataset(), batch_size=strategy.train_mb_size,
-                                         shuffle=True, generator=self.generator)
+        use_loader(strategy, DataLoader(self.memory_dataset(), batch_size=strategy.train_mb_size,
+                                        shuffle=True, generator=self.generator))
 
     def before_training_epoch(self, strategy, **kwargs):
         if self.warm_restarts:
