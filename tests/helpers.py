@@ -799,3 +799,23 @@ def masking_strategy(plugins, batch_norm=True, sgd=None, epochs=2, seed=0):
                train_mb_size=32, train_epochs=epochs, eval_mb_size=512, device="cpu",
                plugins=plugins, evaluator=EvaluationPlugin(loggers=[]))
     return st, info
+
+
+def run_two_ranks(worker, store: str, *args, timeout: float = 300):
+    """Run ``worker(rank, store, queue, *args)`` in two spawned processes (a torch.distributed
+    file rendezvous at ``store``); {rank: what it put in the queue}, pickled bytes unpickled
+    (plain bytes: no shared memory to outlive the process). A rank that put a string (its
+    traceback) fails the test with both reports."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=worker, args=(r, store, queue, *args)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = {r: pickle.loads(v) if isinstance(v, bytes) else v
+           for r, v in (queue.get(timeout=timeout) for _ in procs)}
+    for p in procs:
+        p.join(timeout=60)
+    assert not any(isinstance(v, str) for v in got.values()), got
+    return got

@@ -13,11 +13,11 @@ import traceback
 import pytest
 import torch
 import torch.distributed as tdist
-import torch.multiprocessing as mp
 from avalanche.core import SupervisedPlugin
 
 from cl_plugins.core import distributed as dist
 from cl_plugins.core.data_parallel import DataParallelPlugin
+from helpers import run_two_ranks
 
 
 # ------------------------------------------------------------------ one process: no-ops
@@ -159,7 +159,7 @@ def _checks(rank: int):
     return out
 
 
-def _worker(rank: int, store: str, queue):
+def _worker(rank: int, store: str, queue):  # run_two_ranks' signature
     try:
         tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
         torch.set_num_threads(1)
@@ -173,19 +173,7 @@ def _worker(rank: int, store: str, queue):
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    store = str(tmp_path_factory.mktemp("ddp") / "store")
-    procs = [ctx.Process(target=_worker, args=(r, store, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = {r: pickle.loads(v) if isinstance(v, bytes) else v
-           for r, v in (queue.get(timeout=300) for _ in procs)}
-    for p in procs:
-        p.join(timeout=60)
-    for r in range(2):
-        assert isinstance(got[r], dict), got[r]
-    return got
+    return run_two_ranks(_worker, str(tmp_path_factory.mktemp("ddp") / "store"))
 
 
 def test_collectives_sum_gather_and_broadcast(two_ranks):

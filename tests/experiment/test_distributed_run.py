@@ -115,7 +115,7 @@ class _Preempted(RuntimeError):
     pass
 
 
-def _resume_worker(rank: int, store: str, out: str, stop_at, queue):
+def _resume_worker(rank: int, store: str, queue, out: str, stop_at):
     import copy
     import pickle
     import traceback
@@ -168,22 +168,9 @@ def _resume_worker(rank: int, store: str, out: str, stop_at, queue):
 
 
 def _two_ranks(tmp: Path, tag: str, out: Path, stop_at):
-    import pickle
+    from helpers import run_two_ranks
 
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_resume_worker, args=(r, str(tmp / f"store_{tag}"), str(out),
-                                                      stop_at, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = {r: pickle.loads(v) if isinstance(v, bytes) else v
-           for r, v in (queue.get(timeout=300) for _ in procs)}
-    for p in procs:
-        p.join(timeout=60)
-    assert all(isinstance(v, dict) for v in got.values()), got
-    return got
+    return run_two_ranks(_resume_worker, str(tmp / f"store_{tag}"), str(out), stop_at)
 
 
 def test_a_two_process_run_stopped_after_two_experiences_resumes_into_the_same_run(tmp_path):
