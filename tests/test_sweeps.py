@@ -74,3 +74,16 @@ def test_one_sweep_point_runs_like_the_agent(tmp_path):
                    .read_text())
     assert r["config"]["optimizer"]["lr"] == 0.05 and r["config"]["optimizer"]["momentum"] == 0.9
     assert r["seed"] == 1 and r["status"] == "finished"
+
+
+def test_the_grid_sweep_gives_every_method_and_seed_one_point():
+    from cl_plugins.registry import get_method
+
+    sweep = yaml.safe_load((REPO / "experiments" / "sweeps" / "digits_methods_grid.yaml")
+                           .read_text())
+    assert sweep["method"] == "grid"
+    methods, seeds = (sweep["parameters"][k]["values"] for k in ("methods", "seeds"))
+    assert len(set(methods)) == len(methods) and len(set(seeds)) == len(seeds)
+    scenario = _base_config(sweep)["benchmark"]["scenario"]
+    for name in methods:  # each point is runnable on the base config's scenario
+        assert scenario in get_method(name).scenarios, name

@@ -15,7 +15,10 @@ a run whose JSON is finished and was computed with the same settings instead of 
 ``strategy.train_mb_size``: the run equals one process at N times that batch; docs/distributed.md).
 
 A run that stops part-way (crash, pre-emption, Ctrl-C) resumes from its last finished experience
-when the same command is run again (``loggers.checkpoint``, on by default).
+when the same command is run again (``loggers.checkpoint``, on by default). SIGTERM or SIGUSR1
+stops it as pre-empted: exit code 128 + the signal, and under a wandb sweep the run is marked
+``preempting`` so that the next agent resumes it. Each run is claimed while it trains
+(``claims.py``): a second process, here or on a machine sharing ``output_dir``, skips it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import sys
 import time
 from typing import List, Optional
 
+from .claims import Preempted, preemption_signals
 from .config import PATH_KEYS, apply_override, load_config, parse_value
 
 USAGE = __doc__
@@ -186,7 +190,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         from . import results as res
 
         t0 = time.perf_counter()
-        runs = run_experiment(cfg, skip_finished=skip_finished, plan=plan)
+        with preemption_signals():
+            runs = run_experiment(cfg, skip_finished=skip_finished, plan=plan)
+    except Preempted as err:
+        print(f"\ncl-run: pre-empted ({err}). The checkpoint is kept: the same command, here "
+              "or on another machine sharing output_dir, resumes it.", file=sys.stderr)
+        return 128 + err.signum
     except KeyboardInterrupt:
         print("\ncl-run: interrupted. Run the same command again to resume: finished runs are "
               "kept and each interrupted run continues from its last finished experience.",
@@ -205,7 +214,10 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"seeds {cfg['seeds']}")
     print(res.text_table(rows, cfg["benchmark"]["scenario"] == "class"))
     print(f"\nresults: {cfg['output_dir']}/{cfg['name']}/  (total {elapsed:.1f} s)")
-    bad = [r for r in runs if r["status"] != "finished"]
+    bad = [r for r in runs if r["status"] not in ("finished", "running_elsewhere")]
+    for r in runs:  # another process (or machine) holds it: not a failure of this one
+        if r["status"] == "running_elsewhere":
+            print(f"cl-run: {r['method']} seed {r['seed']} runs elsewhere: {r['holder']}")
     for r in bad:
         print(f"cl-run: {r['method']} seed {r['seed']} {r['status']}: {r.get('error', '')}",
               file=sys.stderr)

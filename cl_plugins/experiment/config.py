@@ -42,7 +42,7 @@ DEFAULT_CONFIG: Dict[str, Any] = {
     "seeds": [0],
     "loggers": {"progress": True, "wandb": False, "wandb_project": "cl_plugins",
                 "wandb_entity": None, "wandb_group": None, "json": True, "plots": True,
-                "checkpoint": True},
+                "checkpoint": True, "claim_stale_s": 600},
     "output_dir": "runs",
 }
 

@@ -180,6 +180,11 @@ def _check_loggers(lg: Dict[str, Any]) -> None:
     for key in ("progress", "wandb", "json", "plots", "checkpoint"):
         if not isinstance(lg.get(key), bool):
             raise ValueError(f"loggers.{key} must be true or false; got {lg.get(key)!r}")
+    stale = lg.get("claim_stale_s")
+    if isinstance(stale, bool) or not isinstance(stale, (int, float)) or not stale >= 120:
+        raise ValueError(f"loggers.claim_stale_s must be a number of seconds >= 120 (how long "
+                         f"another machine's claim on a run may go untouched before it is taken "
+                         f"over); got {stale!r}")
 
 
 DISTRIBUTED_TEMPLATES = ("naive", "joint", "cumulative")  # loops DataParallelPlugin covers

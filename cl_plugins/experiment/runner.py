@@ -42,6 +42,7 @@ from cl_plugins.registry import get_method
 
 from . import checkpoint as ckpt_io
 from . import results as res
+from .claims import Preempted, RunClaim
 from .build import build_optimizer, build_scheduler, resolve_device, seed_everything  # noqa: F401
 from .config import section_for
 from .evaluation import ACC_KEY, TASK_VIEW_KEY, TaskILAccuracy, matrix_row, summarize
@@ -364,6 +365,7 @@ def report_stop(run: Run, err: BaseException) -> None:
     """Step 5, when the run stopped: record why, with what was measured before."""
     result, label, seed = run.result, run.label, run.seed
     result["status"] = ("diverged" if isinstance(err, DivergenceError) else
+                        "preempted" if isinstance(err, Preempted) else
                         "interrupted" if isinstance(err, KeyboardInterrupt) else "failed")
     result["error"] = f"{type(err).__name__}: {err}"
     if result["status"] == "failed":
@@ -411,8 +413,17 @@ def run_single(cfg: Dict[str, Any], entry: Dict[str, Any], seed: int, out_dir: P
             raise
     finally:
         if run.wandb_logger is not None:
-            run.wandb_logger.wandb.finish()
+            finish_wandb(run)
     return run.result
+
+
+def finish_wandb(run: Run) -> None:
+    """Close the run's wandb run; a pre-empted one is marked ``preempting`` first, so that a
+    sweep hands its point to the next agent (which resumes from the checkpoint)."""
+    wb = run.wandb_logger.wandb
+    if run.result.get("status") == "preempted" and wb.run is not None:
+        wb.run.mark_preempting()
+    wb.finish(exit_code=0 if run.result.get("status") == "finished" else 1)
 
 
 def run_experiment(cfg: Dict[str, Any], progress: bool | None = None,
@@ -435,16 +446,34 @@ def run_experiment(cfg: Dict[str, Any], progress: bool | None = None,
     progress = cfg["loggers"]["progress"] if progress is None else progress
     out_dir = Path(cfg["output_dir"])
     runs: List[Dict[str, Any]] = []
+    sweep = bool(os.environ.get("WANDB_SWEEP_ID"))
+    skip_finished = skip_finished or sweep  # a sweep point already done is read back
     for planned in plan.runs:
         label, seed = planned.label, planned.seed
         if skip_finished:  # rank 0 decides, so every rank skips the same runs
             done = dist.broadcast_object(_finished_result(cfg, planned.entry, seed, out_dir))
             if done is not None:
                 echo(f"[cl-run] {label} seed {seed}: finished with the same settings, "
-                     "skipped (--skip-finished)")
+                     "skipped" + (" (a sweep point already run)" if sweep else
+                                  " (--skip-finished)"))
                 runs.append(done)
                 continue
+        claim = (RunClaim(json_path(out_dir, cfg, planned.entry, seed),
+                          cfg["loggers"]["claim_stale_s"])
+                 if cfg["loggers"]["json"] and dist.is_main_process() else None)
+        holder = dist.broadcast_object(claim.acquire() if claim is not None else None)
+        if holder is not None:
+            echo(f"[cl-run] {label} seed {seed}: running elsewhere, skipped: {holder}")
+            runs.append({"method": label, "seed": seed, "status": "running_elsewhere",
+                         "holder": holder})
+            continue
         try:
+            done = (dist.broadcast_object(_finished_result(cfg, planned.entry, seed, out_dir))
+                    if skip_finished else None)  # finished between the check and the claim
+            if done is not None:
+                echo(f"[cl-run] {label} seed {seed}: finished elsewhere meanwhile, skipped")
+                runs.append(done)
+                continue
             result = run_single(cfg, planned.entry, seed, out_dir, progress=progress)
         except (KeyboardInterrupt, SystemExit, DatasetNotFoundError):
             raise
@@ -454,6 +483,9 @@ def run_experiment(cfg: Dict[str, Any], progress: bool | None = None,
             echo(f"[cl-run] {label} seed {seed} FAILED: {type(err).__name__}: {err}")
             result = {"method": label, "seed": seed, "status": "failed",
                       "error": f"{type(err).__name__}: {err}"}
+        finally:
+            if claim is not None:
+                claim.release()
         if result["status"] == "diverged":
             echo(f"[cl-run] {label} seed {seed} DIVERGED: {result['error']}")
         runs.append(result)
@@ -479,7 +511,8 @@ def write_summary(cfg: Dict[str, Any], runs: List[Dict[str, Any]], out_dir: Path
                          if not p.name.endswith(".rerun.json")) if r is not None]
     known = {(r.get("method"), r.get("settings_fingerprint"), r.get("seed")) for r in found}
     found += [r for r in runs if (r.get("method"), r.get("settings_fingerprint"),
-                                  r.get("seed")) not in known]
+                                  r.get("seed")) not in known
+              and r["status"] != "running_elsewhere"]  # its holder writes it
     labels = {}
     for r in found:
         labels.setdefault(r["method"], set()).add(r.get("settings_fingerprint"))
