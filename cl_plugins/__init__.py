@@ -4,7 +4,12 @@ Every plugin class is importable from the top level (``from cl_plugins import GP
 classes are resolved lazily from the registry's list, so ``import cl_plugins`` stays cheap.
 """
 
-from cl_plugins.registry import PLUGIN_CLASSES, MethodSpec, get_method, list_methods, register
+from cl_plugins.core.deferred_imports import defer_heavy_imports
+
+defer_heavy_imports()  # before Avalanche is imported: core/deferred_imports.py
+
+from cl_plugins.registry import (PLUGIN_CLASSES, MethodSpec, get_method,  # noqa: E402
+                                 list_methods, register)
 
 __version__ = "0.1.0"
 

@@ -37,6 +37,14 @@ class PixelPermutedDataset(Dataset):
             x = x.reshape(c, -1)[:, self.perm].reshape(self.sample_shape)
         return x, self.targets[i]
 
+    def rows(self, idx: torch.Tensor):
+        """Samples ``idx`` at once (the same values as ``__getitem__``, stacked)."""
+        x = self.source[self.index[idx]]
+        if self.perm is not None:
+            x = x.reshape(len(idx), self.sample_shape[0], -1)[:, :, self.perm]
+            x = x.reshape((len(idx),) + self.sample_shape)
+        return x, self.targets[idx]
+
 
 class UInt8ImageDataset(Dataset):
     """uint8 images [N, C, H, W] returned as float32 ``(x / 255 - mean) / std`` per channel."""
@@ -66,3 +74,13 @@ class UInt8ImageDataset(Dataset):
         else:
             x = self.lut.gather(1, x.reshape(x.shape[0], -1).long()).reshape(self.sample_shape)
         return x, self.targets[i]
+
+    def rows(self, idx: torch.Tensor):
+        """Samples ``idx`` at once (the same values as ``__getitem__``, stacked)."""
+        x, b = self.images[idx], len(idx)
+        if self.sample_shape[0] == 1:
+            x = self.lut[0][x.int()]
+        else:
+            lut = self.lut.unsqueeze(0).expand(b, -1, -1)
+            x = lut.gather(2, x.reshape(b, x.shape[1], -1).long()).reshape(x.shape)
+        return x, self.targets[idx]

@@ -34,7 +34,7 @@ DEFAULT_CONFIG: Dict[str, Any] = {
                   "zero_grad_to_none": True, "scheduler": None},
     "strategy": {"epochs": 10, "train_iterations": None, "train_mb_size": 32,
                  "eval_mb_size": 512, "device": "auto", "reset_optimizer": False,
-                 "augment": None},
+                 "augment": None, "tensor_batches": True, "threads": "auto"},
     "methods": ["all"],
     # Per-method hyper-parameters for this config, by method name: applied under each entry's
     # own params (so they also reach the methods that "all" expands to).
@@ -295,6 +295,15 @@ def _check_strategy(st: Dict[str, Any], where: str) -> None:
     from cl_plugins.core.checks import check_choice, check_int
 
     check_choice(f"{where}.augment", st["augment"], AUGMENTS)
+    threads = st.get("threads")
+    if threads != "auto" and (isinstance(threads, bool) or not isinstance(threads, int)
+                              or threads < 1):
+        raise ValueError(f"{where}.threads must be 'auto' or a whole number of intra-op CPU "
+                         f"threads >= 1; got {threads!r}")
+    if not isinstance(st.get("tensor_batches"), bool):
+        raise ValueError(f"{where}.tensor_batches must be true or false (minibatches sliced from "
+                         f"tensors, bit-identical to Avalanche's per-sample loading); got "
+                         f"{st.get('tensor_batches')!r}")
     check_choice(f"{where}.device", st["device"],
                  ("auto", "cpu", "cuda") + tuple(f"cuda:{i}" for i in range(16)))
     check_int(f"{where}.epochs", st["epochs"], 1)

@@ -38,7 +38,9 @@ SECTIONS = ("benchmark", "model", "optimizer", "strategy", "loggers", "method_pa
 _NOT_SETTINGS = {"output_dir", "loggers", "seeds", "methods", "method_params"}
 # Options added after the first results, left out of the fingerprint at their default value, so
 # the runs they do not change keep their folders: (section, key) -> default.
-_LATER_OPTIONS = {("benchmark", "first_exp_classes"): None}
+_LATER_OPTIONS = {("benchmark", "first_exp_classes"): None,
+                  # an execution option: the minibatches are bit-identical either way
+                  ("strategy", "tensor_batches"): True, ("strategy", "threads"): "auto"}
 
 
 class ConfigError(ValueError):

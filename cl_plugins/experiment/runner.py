@@ -29,7 +29,6 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import torch
 from avalanche.core import SupervisedPlugin
-from avalanche.training.plugins import EvaluationPlugin
 
 from cl_plugins.benchmarks import build_benchmark
 from cl_plugins.core import distributed as dist
@@ -37,14 +36,17 @@ from cl_plugins.core.augment import BatchAugmentPlugin
 from cl_plugins.core.data_parallel import DataParallelPlugin
 from cl_plugins.core.divergence import DivergenceError, DivergenceGuard
 from cl_plugins.core.iterations import IterationBudgetPlugin
+from cl_plugins.core.tensor_batches import TensorBatchesPlugin
 from cl_plugins.models import build_model
 from cl_plugins.registry import get_method
 
 from . import checkpoint as ckpt_io
 from . import results as res
 from .claims import Preempted, RunClaim
+from .threads import apply_threads
 from .build import build_optimizer, build_scheduler, resolve_device, seed_everything  # noqa: F401
 from .config import section_for
+from .evaluation import RunnerEvaluationPlugin
 from .evaluation import ACC_KEY, TASK_VIEW_KEY, TaskILAccuracy, matrix_row, summarize
 from .plan import (entry_params, expand_methods, instantiate, json_path, method_label,  # noqa: F401
                    plan_experiment, run_fingerprint, settings_fingerprint)
@@ -98,6 +100,7 @@ class Run:
     checkpointing: bool = False
     result: Dict[str, Any] = field(default_factory=dict)
     wandb_logger: Any = None
+    threads: Dict[str, Any] = field(default_factory=dict)  # intra-op threads and why
 
     def write(self) -> None:
         if self.cfg["loggers"]["json"] and dist.is_main_process():  # rank 0 alone writes
@@ -183,6 +186,8 @@ def build(run: Run, method: Method, info, progress: bool):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     seed_everything(seed)  # model init must not depend on how much RNG the benchmark used
     model = build_model(section_for(cfg, entry, "model"), info)
+    run.threads = apply_threads(st_cfg["threads"], model, info.input_shape,
+                                st_cfg["train_mb_size"], device)
     optimizer = build_optimizer(opt_cfg, model)
     counter = _StepCounter()
     extra: List[SupervisedPlugin] = [counter, DivergenceGuard(
@@ -196,6 +201,8 @@ def build(run: Run, method: Method, info, progress: bool):
         extra.append(BatchAugmentPlugin())
     if progress and dist.is_main_process():
         extra.append(ProgressBarPlugin(f"{label} s{seed}"))
+    if st_cfg["tensor_batches"] and world == 1:  # last: a plugin's own loader stays its own
+        extra.append(TensorBatchesPlugin())
     first: List[SupervisedPlugin] = []
     if world > 1:  # docs/distributed.md: N ranks at batch B are one process at batch N*B
         unsafe = dist.unsafe_plugins(method.plugins + extra)
@@ -210,7 +217,7 @@ def build(run: Run, method: Method, info, progress: bool):
         metrics.append(TaskILAccuracy())
     if cfg["loggers"]["wandb"] and dist.is_main_process():
         run.wandb_logger = make_wandb_logger(run, saved)
-    evaluator = EvaluationPlugin(*metrics, loggers=[run.wandb_logger] if run.wandb_logger
+    evaluator = RunnerEvaluationPlugin(*metrics, loggers=[run.wandb_logger] if run.wandb_logger
                                  else [], strict_checks=False)
     strategy = method.template_cls(
         model=model, optimizer=optimizer, criterion=torch.nn.CrossEntropyLoss(),
@@ -247,6 +254,7 @@ def start_result(run: Run, info, device, saved: Optional[Dict[str, Any]]) -> Non
                 "world_size": dist.world_size(), "backend": torch.distributed.get_backend(),
                 "global_train_mb_size": section_for(run.cfg, run.entry, "strategy")[
                     "train_mb_size"] * dist.world_size()}
+    run.result["threads"] = run.threads
     if run.wandb_logger is not None:
         run.result["wandb_run_id"] = run.wandb_logger.init_kwargs.get("id")
 
