@@ -96,11 +96,12 @@ def agem_project(g: torch.Tensor, g_ref: torch.Tensor, eps: float = 0.0
                  ) -> Tuple[torch.Tensor, bool]:
     """A-GEM's step (Eq. 11): (g~, True) with g~ = g - (<g, g_ref> / (<g_ref, g_ref> + eps))
     g_ref when <g, g_ref> < 0, else (g, False). Dot products in float64; g~ has g's dtype."""
-    dot = torch.dot(g.double(), g_ref.double())
+    g64, ref64 = g.double(), g_ref.double()  # converted once: each is P floats
+    dot = torch.dot(g64, ref64)
     if not bool(dot < 0):
         return g, False
-    coef = dot / (torch.dot(g_ref.double(), g_ref.double()) + eps)  # Eq. 11
-    return (g.double() - coef * g_ref.double()).to(g.dtype), True
+    coef = dot / (torch.dot(ref64, ref64) + eps)  # Eq. 11
+    return (g64 - coef * ref64).to(g.dtype), True
 
 
 class AGEMPlugin(MemoryProjectionPlugin, supports_distributed=True):
