@@ -32,8 +32,22 @@ def stale_jobs(protocols=None, variants=None, methods=None, skip=None):
     without the method labels that match one of the ``skip`` patterns (fnmatch)."""
     from reproduce import PROTOCOLS, collect
 
-    rows = [r for r in collect() if r["stale"] != "current"
-            and not any(fnmatch.fnmatchcase(r["method"], pat) for pat in skip or ())]
+    rows, seen = [], set()
+    for r in collect():
+        if r["stale"] == "current" or any(fnmatch.fnmatchcase(r["method"], pat)
+                                          for pat in skip or ()):
+            continue
+        # a task-view row (D1's task-IL) is read from its class-IL runs: rerun those, once
+        views = {v: run for run, v in PROTOCOLS[r["protocol"]].get("task_view", {}).items()}
+        r = {**r, "variant": views.get(r["variant"], r["variant"])}
+        key = (r["protocol"], r["variant"], r["method"])
+        if key in seen:
+            seen_row = next(x for x in rows if (x["protocol"], x["variant"], x["method"]) == key)
+            merged = set(seen_row["stale_seeds"].split(",")) | set(r["stale_seeds"].split(","))
+            seen_row["stale_seeds"] = ",".join(sorted(merged, key=int))
+            continue
+        seen.add(key)
+        rows.append(r)
     keys = [(protocols or list(PROTOCOLS), "protocol"), (variants, "variant"),
             (methods, "method")]
     for order, key in keys:

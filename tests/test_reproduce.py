@@ -263,3 +263,29 @@ def test_d1_task_il_rows_come_from_the_class_il_runs(tmp_path, monkeypatch):
     assert task_row["ok"] == "yes" and task_row["bwt"] == "-1.00 ± 0.00"
     assert task_row["scenario"].startswith("task-IL (same runs")
     assert "`python experiments/reproduce.py D1 --variant class`" == task_row["command"]
+
+
+def test_a_stale_task_view_row_reruns_its_class_il_runs_once(tmp_path, monkeypatch):
+    """D1's task-IL rows are views of the class-IL runs: rerun_stale turns both stale rows of a
+    method into one job list on the run variant ('class'), with the union of their seeds."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "experiments"))
+    import rerun_stale
+    rp = _load()
+    rows = [{"protocol": "D1", "variant": "class", "method": "er-200", "stale": "**stale**: x",
+             "stale_seeds": "0,1"},
+            {"protocol": "D1", "variant": "task", "method": "er-200", "stale": "**stale**: x",
+             "stale_seeds": "1,2"},
+            {"protocol": "D1", "variant": "task", "method": "sgd", "stale": "**stale**: x",
+             "stale_seeds": "3"},
+            {"protocol": "D1", "variant": "class", "method": "joint", "stale": "current",
+             "stale_seeds": ""}]
+    monkeypatch.setattr(rp, "collect", lambda: [dict(r) for r in rows])
+    monkeypatch.setitem(sys.modules, "reproduce", rp)
+    jobs = rerun_stale.stale_jobs(["D1"])
+    assert [(r["variant"], r["method"], r["stale_seeds"]) for r in jobs] == \
+        [("class", "er-200", "0,1,2"), ("class", "sgd", "3")]
+    from parallel import job_command
+    for r in jobs:  # every job is a command of a variant the protocol runs
+        job_command(r["protocol"], r["variant"], r["method"], 0)
