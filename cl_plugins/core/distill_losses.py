@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from cl_plugins.core.checks import check_choice, check_int, check_non_negative
+from cl_plugins.core.subspace_grad import leading_subspace
 
 KERNELS = ("linear", "poly", "gaussian")
 HINT_REDUCTIONS = ("half_sum", "mse")
@@ -190,9 +191,9 @@ def triplet_cosines(f: torch.Tensor, triplets: torch.Tensor) -> torch.Tensor:
 
 def _leading_subspaces(f: torch.Tensor, m: int) -> torch.Tensor:
     """Orthonormal bases [B, D, r] of the leading r = min(m, n, D) left-singular vectors of
-    f_b^T for a batch f [B, n, D] (one sample per row): one batched SVD."""
-    u, _, _ = torch.linalg.svd(f.transpose(1, 2), full_matrices=False)
-    return u[..., :m]
+    f_b^T for a batch f [B, n, D] (one sample per row): one batched SVD, with the gradient of a
+    subspace loss taken over the singular pairs across the cut only (``core.subspace_grad``)."""
+    return leading_subspace(f, m)
 
 
 def subspace_distance(s: torch.Tensor, t: torch.Tensor, dim: int = 10,

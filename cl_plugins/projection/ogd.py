@@ -18,15 +18,21 @@ span. Algorithm 1, S = ``basis`` ([n_params, m], orthonormal; stored as ``direct
 Variants, f = the logits: ``"gtl"`` (default; the true-class logit f_y, one vector per sample;
 the paper's main choice as we recall), ``"ave"`` (the mean logit), ``"all"`` (every logit).
 Hooks: ``before_training_exp`` checks the shared parameters' layout (names, shapes, one dtype),
-moves S to them, builds the step (``core.step_operators.ComplementStep``), warns once unless the
-optimizer is plain SGD; ``before_update``: Eq. step on the shared ``.grad`` (None counts as 0);
-``after_training_exp``: Eq. memory on ``memory_per_task`` samples (eval transforms, seeded),
-float64 Gram-Schmidt (``core.step_operators.GramSchmidt``: twice is enough, then Cholesky-QR).
+moves S to them, warns once unless the optimizer is plain SGD; ``before_update``: Eq. step on the
+shared ``.grad`` (None counts as 0); ``after_training_exp``: Eq. memory on ``memory_per_task``
+samples (eval transforms, seeded). S is kept by ``core.direction_store.DirectionStore``, the same
+projection in two storages: ``"dense"``, S^T itself (float64 Gram-Schmidt, twice is enough;
+blocked step), or ``"factored"``, when every shared parameter is an ``nn.Linear`` weight or bias:
+each raw direction as one (input, output-gradient) pair per layer plus the Cholesky factor of
+their Gram matrix, in + out numbers per layer instead of in x out, and a step of matrix-matrix
+products (P1 MLP: several times faster, ``results/speed/1_projection.md``).
 
 Hyper-parameters: ``variant`` (default ``"gtl"``); ``memory_per_task`` (default 200, as we recall
 the paper's); ``max_directions`` (None = unbounded; exceeding it raises a ``ValueError``, state
 kept: the paper has no rule to drop directions); ``drop_tol`` (in [0, 1), default 1e-5, ~100
-float32 epsilons); ``grad_batch_size`` (default 64, output gradients per vmap call); ``seed``.
+float32 epsilons); ``grad_batch_size`` (default 64, output gradients per vmap call); ``seed``; ``storage``
+(``"auto"``, default: factored where the model allows it and ``drop_tol >= 1e-6`` | ``"dense"`` |
+``"factored"``, an error where they do not).
 
 Deviations from the paper, and why: ``drop_tol`` drops near-dependent vectors instead of
 normalising rounding noise; S is normalised and kept in the parameters' dtype (float32: a float64
@@ -48,15 +54,16 @@ from avalanche.core import SupervisedPlugin
 from avalanche.models import MultiTaskModule
 
 from cl_plugins.core.checks import check_choice, check_int, check_range
+from cl_plugins.core.direction_store import DirectionStore, check_storage
 from cl_plugins.core.layer_inputs import call_model, iterate_batches
 from cl_plugins.core.params import shared_parameters
 from cl_plugins.core.per_sample import per_sample_gradients
 from cl_plugins.core.seeding import seeded_generator
 from cl_plugins.core.state import check_settings, settings_of
-from cl_plugins.core.step_operators import ComplementStep, GramSchmidt, warn_unless_plain_sgd
+from cl_plugins.core.step_operators import warn_unless_plain_sgd
 
 VARIANTS = ("gtl", "ave", "all")
-SETTINGS = ("variant", "memory_per_task", "max_directions", "drop_tol", "seed")
+SETTINGS = ("variant", "memory_per_task", "max_directions", "drop_tol", "seed", "storage")
 SGD_WARNING = ("OGD projects the gradient; the paper steps with plain SGD (no momentum, no weight "
                "decay). With {problems} the optimizer's update is not the projected gradient, so "
                "old tasks' outputs are no longer protected to first order.")
@@ -93,7 +100,7 @@ class OGDPlugin(SupervisedPlugin, supports_distributed=True):
 
     def __init__(self, variant: str = "gtl", memory_per_task: int = 200,
                  max_directions: Optional[int] = None, drop_tol: float = 1e-5,
-                 grad_batch_size: int = 64, seed: int = 0):
+                 grad_batch_size: int = 64, seed: int = 0, storage: str = "auto"):
         super().__init__()
         self.variant = check_choice("variant", variant, VARIANTS)
         self.memory_per_task = check_int("memory_per_task", memory_per_task, 1)
@@ -102,85 +109,76 @@ class OGDPlugin(SupervisedPlugin, supports_distributed=True):
         self.drop_tol = float(check_range("drop_tol", drop_tol, 0.0, 1.0, high_inclusive=False))
         self.grad_batch_size = check_int("grad_batch_size", grad_batch_size, 1)
         self.seed = check_int("seed", seed, 0)
+        self.storage = check_storage(storage, self.drop_tol)
         self.generator = seeded_generator(seed)
-        self.directions: Optional[torch.Tensor] = None  # S^T, [m, n_params], orthonormal rows
+        self.store = DirectionStore(self.storage, self.drop_tol)  # S
         self.layout: List[Tuple[str, Tuple[int, ...]]] = []  # (name, shape) per row block of S
         self.directions_per_exp: List[int] = []
         self.memory_indices: List[List[int]] = []  # stored samples (dataset indices) per exp
-        self._step: Optional[ComplementStep] = None
-        self._model = None  # the model the step was built for
         self._warned = False
 
     @property
     def basis(self) -> Optional[torch.Tensor]:
-        """S, [n_params, m] (a view of ``directions``); None before the first task ends."""
-        return None if self.directions is None else self.directions.T
+        """S, [n_params, m] (dense storage: a view; factored: computed, float64); None before
+        the first task ends."""
+        return self.store.basis()
+
+    @property
+    def directions(self) -> Optional[torch.Tensor]:
+        """S^T, [m, n_params] (a view of the dense storage; computed from the factored one)."""
+        s = self.basis
+        return None if s is None else s.T
 
     @property
     def n_directions(self) -> int:
-        return 0 if self.directions is None else int(self.directions.shape[0])
+        return self.store.m
 
     @property
     def memory_bytes(self) -> int:
-        """Bytes held by S (n_params * m * element size)."""
-        d = self.directions
-        return 0 if d is None else d.numel() * d.element_size()
+        """Bytes held by S (dense: n_params * m * element size; factored: factors and R)."""
+        return self.store.memory_bytes
 
     def _to_params(self, params: Dict[str, torch.nn.Parameter]) -> torch.nn.Parameter:
         """Moves S to the parameters' device and dtype (restored states live on the CPU)."""
         first = next(iter(params.values()))
-        if self.directions is not None:
-            self.directions = self.directions.to(device=first.device,
-                                                 dtype=first.dtype).contiguous()
+        self.store.to(first.device, first.dtype)
         return first
 
     def before_training_exp(self, strategy, **kwargs):
-        params = self._check_layout(strategy.model)
-        self._step, self._model = ComplementStep(params.values()), strategy.model
-        self._to_params(params)
+        self._to_params(self._check_layout(strategy.model))
         self._warned = self._warned or warn_unless_plain_sgd(
             getattr(strategy, "optimizer", None), SGD_WARNING)
 
     def before_update(self, strategy, **kwargs):
-        if not self.n_directions:
-            return  # first task: plain SGD
-        if self._step is None or self._model is not strategy.model:
-            self.before_training_exp(strategy)
-        self._step.step_(self.directions)  # Eq. step
+        if self.n_directions:  # none on the first task: plain SGD
+            self.store.step_(strategy.model, shared_parameters)  # Eq. step
 
     def after_training_exp(self, strategy, **kwargs):
         params = self._check_layout(strategy.model)
         task = int(getattr(strategy.experience, "task_labels", [0])[0])
-        first = self._to_params(params)  # Eq. memory:
-        new = self.new_directions(strategy.model, strategy.experience.dataset, params, task)
-        m_new = self.n_directions + new.shape[0]
-        if self.max_directions is not None and m_new > self.max_directions:
-            n = sum(p.numel() for p in params.values())
-            raise ValueError(
-                f"OGD would hold {m_new} directions after this experience ({new.shape[0]} new), "
-                f"more than max_directions={self.max_directions}. S takes n_params * m * 4 bytes "
-                f"in float32 ({n} * {m_new} * 4 = {n * m_new * 4 / 2**20:.1f} MiB). Raise "
-                "max_directions (None = unbounded) or lower memory_per_task; OGD has no rule for "
-                "dropping stored directions, so none is dropped silently.")
+        self._to_params(params)  # Eq. memory:
+        k = self.add_directions(strategy.model, strategy.experience.dataset, params, task)
         self.layout = self.layout or [(name, tuple(p.shape)) for name, p in params.items()]
-        block = new.to(device=first.device, dtype=first.dtype)
-        self.directions = block.contiguous() if self.directions is None else torch.cat(
-            [self.directions, block], dim=0)
-        self.directions_per_exp.append(int(new.shape[0]))
-        self._step = None
+        self.directions_per_exp.append(k)
+
+    def _check_max(self, m_new: int, k: int) -> None:
+        if self.max_directions is not None and m_new > self.max_directions:
+            raise ValueError(
+                f"OGD would hold {m_new} directions after this experience ({k} new), more than "
+                f"max_directions={self.max_directions} (dense storage: n_params * m * 4 bytes in "
+                "float32). Raise max_directions (None = unbounded) or lower memory_per_task; OGD "
+                "has no rule for dropping stored directions, so none is dropped silently.")
 
     @torch.no_grad()
     def project(self, g: torch.Tensor) -> torch.Tensor:
         """g - S (S^T g) for a flat g [n_params] (``layout`` order); a copy of g if S is empty."""
-        if not self.n_directions:
-            return g.clone()
-        d = self.directions.to(g.device, g.dtype)
-        return g - d.T @ (d @ g)
+        return self.store.project(g)
 
-    def new_directions(self, model: torch.nn.Module, dataset, params: Dict[str, torch.Tensor],
-                       task: int = 0) -> torch.Tensor:
-        """Orthonormal new directions [k, n_params] (float64, orthogonal to S) from a seeded
-        sample of ``memory_per_task`` items of ``dataset`` (yielding (x, y[, ..., task]))."""
+    def add_directions(self, model: torch.nn.Module, dataset, params: Dict[str, torch.Tensor],
+                       task: int = 0) -> int:
+        """Adds to S the new directions (orthonormalised against it) of a seeded sample of
+        ``memory_per_task`` items of ``dataset`` (yielding (x, y[, ..., task])); returns how
+        many were kept."""
         if hasattr(dataset, "eval"):
             dataset = dataset.eval()  # no random augmentation in the stored gradients
         if len(dataset) == 0:
@@ -188,7 +186,6 @@ class OGDPlugin(SupervisedPlugin, supports_distributed=True):
                              "stored")
         k = min(self.memory_per_task, len(dataset))
         idx = sorted(torch.randperm(len(dataset), generator=self.generator)[:k].tolist())
-        self.memory_indices.append(idx)
         subset = dataset.subset(idx) if hasattr(dataset, "subset") else \
             torch.utils.data.Subset(dataset, idx)
         device = next(iter(params.values())).device
@@ -196,22 +193,20 @@ class OGDPlugin(SupervisedPlugin, supports_distributed=True):
         was_training = model.training
         model.eval()  # per-sample gradients need running statistics, and no dropout
         try:
-            per_sample, batch = 1, self.grad_batch_size
+            batch = self.grad_batch_size
             if self.variant == "all":
                 with torch.no_grad():
-                    per_sample = call_model(model, subset[0][0].unsqueeze(0).to(device),
-                                            task).shape[1]
-                batch = max(1, batch // per_sample)
-            n = sum(p.numel() for p in params.values())
-            gs = GramSchmidt(self.basis, n, k * per_sample, self.drop_tol, device)
-            for x, y, t in iterate_batches(subset, batch, device):
-                for tk in (torch.unique(t).tolist() if multitask else [0]):
-                    xs, ys = (x[t == tk], y[t == tk]) if multitask else (x, y)
-                    gs.add(output_gradients(model, params, xs, ys, self.variant, int(tk)))
+                    batch = max(1, batch // call_model(
+                        model, subset[0][0].unsqueeze(0).to(device), task).shape[1])
+            batches = [(x[t == tk], y[t == tk], int(tk)) if multitask else (x, y, 0)
+                       for x, y, t in iterate_batches(subset, batch, device)
+                       for tk in (torch.unique(t).tolist() if multitask else [0])]
+            kept = self.store.add(model, params, batches, self.variant, output_gradients,
+                                  self._check_max)
         finally:
             model.train(was_training)
-        return gs.result()
-
+        self.memory_indices.append(idx)
+        return kept
     def _check_layout(self, model) -> Dict[str, torch.nn.Parameter]:
         params = shared_parameters(model)
         if not params:
@@ -234,8 +229,7 @@ class OGDPlugin(SupervisedPlugin, supports_distributed=True):
     def state_dict(self) -> dict:
         return {**settings_of(self, SETTINGS), "method": self.METHOD_NAME,
                 "generator": self.generator.get_state(),
-                "basis": None if self.directions is None else
-                self.directions.detach().T.cpu().contiguous(),  # S, [n_params, m]
+                **self.store.state_dict(),
                 "layout": [(n, list(s)) for n, s in self.layout],
                 "directions_per_exp": list(self.directions_per_exp),
                 "memory_indices": [list(i) for i in self.memory_indices]}
@@ -243,8 +237,7 @@ class OGDPlugin(SupervisedPlugin, supports_distributed=True):
     def load_state_dict(self, state: dict) -> None:
         check_settings(self, state, SETTINGS)
         self.generator.set_state(state["generator"])
-        self.directions = None if state["basis"] is None else state["basis"].T.contiguous()
+        self.store.load_state_dict(state)
         self.layout = [(n, tuple(s)) for n, s in state["layout"]]
         self.directions_per_exp = list(state["directions_per_exp"])
         self.memory_indices = [list(i) for i in state["memory_indices"]]
-        self._step = None  # S moves to the model's device at the next experience

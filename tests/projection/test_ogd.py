@@ -74,12 +74,16 @@ def test_output_gradients_equal_autograd_per_sample(variant):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
 
 
+STORAGES = pytest.mark.parametrize("storage", ["dense", "factored"])
+
+
+@STORAGES
 @pytest.mark.parametrize("variant", ["gtl", "all"])
-def test_basis_orthonormal_and_projection_equals_brute_force(variant):
+def test_basis_orthonormal_and_projection_equals_brute_force(variant, storage):
     model = _mlp()  # 75 parameters
     x1, y1, ds1 = _data(10, seed=1)
     x2, y2, ds2 = _data(10, seed=2)
-    plugin = OGDPlugin(variant=variant, memory_per_task=10, grad_batch_size=4)
+    plugin = OGDPlugin(variant=variant, memory_per_task=10, grad_batch_size=4, storage=storage)
     plugin.after_training_exp(_strategy(model, ds1))
     g1 = _autograd_rows(model, x1, y1, variant)
     _perturb(model)  # task 2's gradients are taken at other weights
@@ -120,7 +124,7 @@ def test_blocked_step_equals_the_projection(monkeypatch, block_rows):
     """The step reads S^T in blocks of rows (sized for a CPU cache); any block size gives the
     projection of the whole gradient, also when a parameter has no gradient (taken as 0)."""
     model = _mlp()
-    plugin = OGDPlugin(memory_per_task=10, grad_batch_size=4)
+    plugin = OGDPlugin(memory_per_task=10, grad_batch_size=4, storage="dense")
     for seed in (1, 2):
         plugin.after_training_exp(_strategy(model, _data(10, seed=seed)[2]))
         _perturb(model)
@@ -143,7 +147,8 @@ def test_blocked_step_equals_the_projection(monkeypatch, block_rows):
     assert got.norm() > 0.5 * g.norm()
 
 
-def test_dependent_vectors_are_dropped_and_count_is_the_rank():
+@STORAGES
+def test_dependent_vectors_are_dropped_and_count_is_the_rank(storage):
     # A bias-free linear model: the gtl gradient of sample i is e_{y_i} x_i^T. All labels 0 and
     # inputs in a 2-D subspace: 8 samples span 2 directions; "all" spans 3 classes x 2.
     lin = nn.Linear(4, 3, bias=False).double()
@@ -152,16 +157,20 @@ def test_dependent_vectors_are_dropped_and_count_is_the_rank():
         2, 4, generator=g, dtype=torch.float64)
     ds = TensorDataset(x, torch.zeros(8, dtype=torch.long), torch.zeros(8, dtype=torch.long))
     for variant, rank in (("gtl", 2), ("all", 6)):
-        plugin = OGDPlugin(variant=variant, memory_per_task=8)
+        plugin = OGDPlugin(variant=variant, memory_per_task=8, storage=storage)
         plugin.after_training_exp(_strategy(lin, ds))
         assert plugin.directions_per_exp == [rank] and plugin.n_directions == rank
-        assert plugin.memory_bytes == 12 * rank * 8
+        # dense: S (12 x rank); factored: inputs (4) and output gradients (3) per direction,
+        # and R and K^-1 (rank x rank), float64
+        assert plugin.memory_bytes == (12 * rank * 8 if storage == "dense" else
+                                       (4 + 3) * rank * 8 + 2 * rank * rank * 8)
         # the same data again adds nothing
         plugin.after_training_exp(_strategy(lin, ds))
         assert plugin.directions_per_exp == [rank, 0]
 
 
-def test_basis_stays_orthonormal_with_nearly_dependent_vectors():
+@STORAGES
+def test_basis_stays_orthonormal_with_nearly_dependent_vectors(storage):
     # One output, no bias: the gtl gradient of x is x itself. Task 2 holds x_a and
     # x_a + 1e-9 d: with drop_tol=0 the tiny residual is kept, and normalising it must not
     # amplify the rounding left along task 1's directions (the second Gram-Schmidt pass).
@@ -171,20 +180,24 @@ def test_basis_stays_orthonormal_with_nearly_dependent_vectors():
     xa = torch.randn(1, 20, generator=g, dtype=torch.float64)
     x2 = torch.cat([xa, xa + 1e-9 * torch.randn(1, 20, generator=g, dtype=torch.float64),
                     torch.randn(3, 20, generator=g, dtype=torch.float64)])
-    plugin = OGDPlugin(memory_per_task=5, drop_tol=0.0)
+    plugin = OGDPlugin(memory_per_task=5, drop_tol=0.0)  # dense: factored needs >= 1e-6
     zeros = torch.zeros(5, dtype=torch.long)
     for x in (x1, x2):
         plugin.after_training_exp(_strategy(lin, TensorDataset(x, zeros, zeros)))
     s = plugin.basis
     assert s.shape == (20, 10)
     torch.testing.assert_close(s.T @ s, torch.eye(10, dtype=torch.float64), rtol=0, atol=1e-12)
-    dropping = OGDPlugin(memory_per_task=5)  # default drop_tol: the near-duplicate is dropped
+    assert plugin.store.form == "dense"
+    dropping = OGDPlugin(memory_per_task=5, storage=storage)  # default drop_tol: dropped
     for x in (x1, x2):
         dropping.after_training_exp(_strategy(lin, TensorDataset(x, zeros, zeros)))
-    assert dropping.directions_per_exp == [5, 4]
+    assert dropping.directions_per_exp == [5, 4] and dropping.store.form == storage
+    s = dropping.basis
+    torch.testing.assert_close(s.T @ s, torch.eye(9, dtype=torch.float64), rtol=0, atol=1e-12)
 
 
-def test_linear_model_keeps_old_gtl_logits_exactly():
+@STORAGES
+def test_linear_model_keeps_old_gtl_logits_exactly(storage):
     """f(x) = W x + b is linear in its parameters: d f_y / d theta does not depend on theta, so
     an OGD step changes none of the stored samples' true-class logits, at any step size."""
     model1 = nn.Linear(10, 3).double()
@@ -194,7 +207,7 @@ def test_linear_model_keeps_old_gtl_logits_exactly():
     for use_ogd in (True, False):
         model = copy.deepcopy(model1)
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        plugin = OGDPlugin(memory_per_task=15)
+        plugin = OGDPlugin(memory_per_task=15, storage=storage)
         st = _strategy(model, ds1, optimizer=opt)
         before = model(x1).detach()
         if use_ogd:
@@ -217,15 +230,17 @@ def test_linear_model_keeps_old_gtl_logits_exactly():
     assert (a - b).abs().max() > 0.1  # plain SGD moves the stored logits
 
 
-def test_multihead_uses_the_task_head_and_excludes_heads():
+@STORAGES
+def test_multihead_uses_the_task_head_and_excludes_heads(storage):
     torch.manual_seed(0)
     net = ClassifierNet(MLP(input_size=5, hidden=[6]), MultiHeadClassifier(6, 3)).double()
     for t in (0, 1):
         net.head.adaptation(SimpleNamespace(task_labels=[t], classes_in_this_experience=[0, 1, 2]))
     net.double()
     x, y, ds = _data(8, task=1)
-    plugin = OGDPlugin(memory_per_task=8)
+    plugin = OGDPlugin(memory_per_task=8, storage=storage)
     plugin.after_training_exp(_strategy(net, ds, task=1))
+    assert plugin.store.form == storage
     assert [n for n, _ in plugin.layout] == ["backbone.layers.0.weight", "backbone.layers.0.bias"]
     want = _autograd_rows(net, x, y, "gtl", task=1)  # gradients of the backbone only
     torch.testing.assert_close(plugin.basis @ (plugin.basis.T @ want.T), want.T, rtol=0,
@@ -243,15 +258,16 @@ def test_multihead_uses_the_task_head_and_excludes_heads():
                      and p.grad is not None]))
 
 
-def test_max_directions_raises_and_keeps_the_state():
+@STORAGES
+def test_max_directions_raises_and_keeps_the_state(storage):
     model = _mlp()
     _, _, ds1 = _data(10, seed=1)
     _, _, ds2 = _data(10, seed=2)
-    plugin = OGDPlugin(memory_per_task=10, max_directions=15)
+    plugin = OGDPlugin(memory_per_task=10, max_directions=15, storage=storage)
     plugin.after_training_exp(_strategy(model, ds1))
     basis = plugin.basis.clone()
     with pytest.raises(ValueError, match=r"20 directions after this experience \(10 new\), more "
-                                         r"than max_directions=15.*MiB"):
+                                         r"than max_directions=15"):
         plugin.after_training_exp(_strategy(model, ds2))
     assert torch.equal(plugin.basis, basis) and plugin.directions_per_exp == [10]
 
@@ -277,25 +293,32 @@ def test_optimizer_warning():
         assert any("plain SGD" in str(w.message) for w in caught) == warns
 
 
-def test_state_round_trip_resumes_identically():
+@STORAGES
+def test_state_round_trip_resumes_identically(storage):
     info = build_benchmark("split_digits", "domain")
     exps = list(info.benchmark.train_stream)
     torch.manual_seed(0)
     model = build_model({"name": "mlp", "hidden": [16]}, info)
 
     def make():
-        return OGDPlugin(memory_per_task=30, seed=4)
+        return OGDPlugin(memory_per_task=30, seed=4, storage=storage)
 
     plugin = make()
     strategy = naive_sgd(model, plugin)
     for e in exps[:2]:
         strategy.train(e)
     state = plugin.state_dict()
-    assert state["basis"].device.type == "cpu" and state["basis"].shape[1] == 60
+    assert plugin.n_directions == 60 and plugin.store.form == storage
+    if storage == "dense":
+        assert state["basis"].device.type == "cpu" and state["basis"].shape[1] == 60
+    else:  # factored: [60, in] inputs and [60, out] output gradients per layer, R [60, 60]
+        f = state["factored"]
+        assert state["basis"] is None and f["R"].shape == (60, 60)
+        assert [tuple(a.shape) for a in f["A"]] == [(60, 64), (60, 16)]
     restored = make()
     restored.load_state_dict(copy.deepcopy(state))
     a, b = continue_both(strategy, model, plugin, restored, exps[2])
-    assert torch.equal(a["basis"], b["basis"]) and torch.equal(a["generator"], b["generator"])
+    assert torch.equal(plugin.basis, restored.basis) and torch.equal(a["generator"], b["generator"])
     assert a["memory_indices"] == b["memory_indices"] and a["directions_per_exp"] == [30] * 3
     with pytest.raises(ValueError, match="saved with memory_per_task=30, this plugin has "
                        "memory_per_task=200"):
@@ -324,6 +347,8 @@ def test_less_forgetting_than_naive_on_split_digits(digits_cfg):
     ({"drop_tol": -1e-3}, r"drop_tol must be in \[0, 1\)"),
     ({"grad_batch_size": 0}, r"grad_batch_size must be in \[1, inf\)"),
     ({"seed": -1}, r"seed must be in \[0, inf\)"),
+    ({"storage": "low_rank"}, "storage must be one of 'auto', 'dense', 'factored'"),
+    ({"storage": "factored", "drop_tol": 1e-8}, r"storage='factored' needs drop_tol >= 1e-06"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -334,7 +359,7 @@ def test_registry_header():
     sig = inspect.signature(OGDPlugin.__init__).parameters
     defaults = signature_defaults(OGDPlugin)
     assert defaults == {"variant": "gtl", "memory_per_task": 200, "max_directions": None,
-                        "drop_tol": 1e-5, "grad_batch_size": 64, "seed": 0}
+                        "drop_tol": 1e-5, "grad_batch_size": 64, "seed": 0, "storage": "auto"}
     assert set(OGDPlugin.SWEEP) <= set(sig)
     OGDPlugin(**defaults)
     assert OGDPlugin.METHOD_NAME == "ogd" and not OGDPlugin.NEEDS_TASK_LABELS

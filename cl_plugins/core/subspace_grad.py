@@ -1,0 +1,57 @@
+"""The leading right-singular subspace of a batch of matrices, with a gradient that is finite
+wherever the subspace itself is well defined.
+
+``leading_subspace(f, m)`` returns ``W_r`` ([B, D, r], r = min(m, n, D)), the leading r right
+singular vectors of each ``f_b`` ([n, D], one sample per row), i.e. the leading eigenvectors of
+``f_b^T f_b``. Its backward assumes what every subspace loss satisfies: the loss depends on
+``W_r`` only through the projector ``W_r W_r^T`` (it is unchanged by ``W_r -> W_r Q`` for an
+orthogonal Q). Then only the rotations of the subspace *across the cut* carry gradient. With the
+thin SVD ``f = U diag(s) W^T`` (k = min(n, D) columns), lambda = s^2 and ``G = dL/dW_r``:
+
+    c_ij = g_i . w_j,  K_ij = c_ij / (lambda_i - lambda_j)          (i <= r < j <= k)
+    dL/df = U_r diag(s_r) K W_o^T + U_o diag(s_o) K^T W_r^T          (the other singular pairs)
+          + U_r diag(1 / s_r) ((I - W W^T) G)^T                       (the null space of f, n < D)
+
+``torch.linalg.svd``'s own backward also has the pairs *inside* the leading block; their terms
+cancel in exact arithmetic for such a loss, but grow as
+1 / (lambda_i - lambda_j) for close singular values inside the block and do not cancel in
+floating point: the cause of the NaN and collapsed runs of DER + SD in D1. This backward is the
+same gradient without them (tested against torch's on well-separated spectra and against finite
+differences on a degenerate leading block). It is still large when lambda_r ~ lambda_{r+1}, where
+the subspace itself is ill defined.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class _LeadingSubspace(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, f: torch.Tensor, m: int) -> torch.Tensor:
+        w, s, vh = torch.linalg.svd(f.transpose(-2, -1), full_matrices=False)  # f^T = w s vh
+        r = min(m, w.shape[-1])
+        ctx.save_for_backward(w, s, vh)
+        ctx.r = r
+        return w[..., :r]
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        w, s, vh = ctx.saved_tensors
+        r = ctx.r
+        u = vh.transpose(-2, -1)  # f's left singular vectors, [B, n, k]
+        lam = s * s
+        w_r, w_o = w[..., :r], w[..., r:]
+        k_ = (g.transpose(-2, -1) @ w_o) / (lam[..., :r, None] - lam[..., None, r:])
+        grad = (u[..., :r] * s[..., None, :r]) @ k_ @ w_o.transpose(-2, -1)
+        grad = grad + (u[..., r:] * s[..., None, r:]) @ k_.transpose(-2, -1) @ \
+            w_r.transpose(-2, -1)
+        resid = g - w @ (w.transpose(-2, -1) @ g)  # the part of G in f's null space
+        grad = grad + (u[..., :r] / s[..., None, :r]) @ resid.transpose(-2, -1)
+        return grad, None
+
+
+def leading_subspace(f: torch.Tensor, m: int) -> torch.Tensor:
+    """Orthonormal bases [B, D, r] (r = min(m, n, D)) of the leading right-singular subspaces of
+    ``f`` [B, n, D]; the gradient is for losses of the subspace only (module docstring)."""
+    return _LeadingSubspace.apply(f, int(m))
