@@ -208,11 +208,15 @@ def subspace_distance(s: torch.Tensor, t: torch.Tensor, dim: int = 10,
     d_k = 0 for equal subspaces and 2r for orthogonal ones (the chordal distance). Before the
     SVD, N(0, noise_std^2) noise drawn from ``generator`` is added to both (the official code
     adds 0.01: it splits repeated singular values, whose subspaces have unstable gradients).
+    Non-finite features (a diverged model) give a NaN distance, not an SVD error, so that a
+    divergence guard reports the run as diverged.
     """
     _same_rows("subspace_distance", s, t)
     check_int("dim", dim, 1)
     check_non_negative("noise_std", noise_std)
     s, t = s.flatten(1), t.detach().flatten(1)
+    if not bool(torch.isfinite(s).all() & torch.isfinite(t).all()):
+        return (s.sum() + t.sum()) * float("nan")
     if noise_std > 0:
         noise = torch.randn((2,) + tuple(s.shape), generator=generator, dtype=s.dtype,
                             device="cpu" if generator is None else generator.device)

@@ -369,6 +369,20 @@ def report(run: Run, info) -> None:
                 wb.run.summary[k] = v
 
 
+def as_divergence(err: BaseException, model) -> BaseException:
+    """An error raised while the model's parameters are non-finite (a plugin's SVD or QP solver
+    that refuses NaN inputs before the divergence guard sees the loss) is the divergence."""
+    if not isinstance(err, Exception) or isinstance(err, DivergenceError):
+        return err
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if not bad:
+        return err
+    return DivergenceError(f"non-finite parameters ({', '.join(bad[:3])}"
+                           f"{', ...' if len(bad) > 3 else ''}) when the run stopped with "
+                           f"{type(err).__name__}: {err}. Usual causes: a learning rate or a "
+                           "loss coefficient too large for this model")
+
+
 def report_stop(run: Run, err: BaseException) -> None:
     """Step 5, when the run stopped: record why, with what was measured before."""
     result, label, seed = run.result, run.label, run.seed
@@ -416,7 +430,7 @@ def run_single(cfg: Dict[str, Any], entry: Dict[str, Any], seed: int, out_dir: P
         train_and_evaluate(run, method, info, strategy, model, optimizer, counter, done)
         report(run, info)
     except BaseException as err:  # record: what was measured stays on disk
-        report_stop(run, err)
+        report_stop(run, as_divergence(err, model))
         if run.result["status"] != "diverged":
             raise
     finally:

@@ -76,3 +76,30 @@ def test_subspace_distance_backward_is_finite_on_a_degenerate_class():
     t = torch.randn(13, 20, generator=torch.Generator().manual_seed(5))
     subspace_distance(s, t, dim=10, labels=torch.zeros(13, dtype=torch.long)).backward()
     assert torch.isfinite(s.grad).all() and s.grad.norm() > 0
+
+
+def test_non_finite_features_give_a_nan_distance_not_an_svd_error():
+    """A diverged model's features: the loss is NaN (DivergenceGuard then reports the run as
+    diverged), where torch.linalg.svd would raise (the run was written as failed)."""
+    s = torch.randn(12, 8, requires_grad=True)
+    bad = s.detach().clone()
+    bad[3, 2] = float("nan")
+    labels = torch.arange(12) % 2
+    assert torch.isnan(subspace_distance(bad.requires_grad_(True), s.detach(), 3, labels))
+    assert torch.isnan(subspace_distance(s, bad, 3, labels, noise_std=0.01))
+    with pytest.raises(torch.linalg.LinAlgError):
+        torch.linalg.svd(bad)
+
+
+def test_a_tie_across_the_cut_contributes_nothing_instead_of_nan():
+    """Singular values equal across the cut (s_r = s_{r+1}) in float32: the subspace is not
+    defined; the pair's term is left out, the others kept (equal to a tie-free neighbour's)."""
+    f = _degenerate().float()
+    n, d = f.shape
+    u, s, vh = torch.linalg.svd(f, full_matrices=False)
+    s_tie = s.clone()
+    s_tie[10] = s_tie[9]  # r = 10: tie across the cut
+    f_tie = ((u * s_tie) @ vh)[None].requires_grad_(True)
+    t = _target(n, d, 10)[:1].float()
+    grad, = torch.autograd.grad(_loss(leading_subspace(f_tie, 10), t), f_tie)
+    assert torch.isfinite(grad).all() and grad.norm() > 0

@@ -80,6 +80,44 @@ def test_divergence_mid_stream_keeps_the_rows_before(tmp_path, capsys, poison):
     assert "0 diverged" in summary
 
 
+class _PoisonThenRefuse(_PoisonAt):
+    """Poisons a parameter, then, like an SVD or a QP solver given NaN inputs, raises its own
+    error at the next step's loss, before the guard reads the loss."""
+
+    def before_backward(self, strategy, **kwargs):
+        if not torch.isfinite(strategy.mb_output).all():
+            raise torch.linalg.LinAlgError("linalg.svd: the input matrix contained non-finite "
+                                           "values")
+
+
+class _Refuse(SupervisedPlugin):
+    """Raises its own error with every parameter finite: a genuine failure."""
+
+    def before_backward(self, strategy, **kwargs):
+        if strategy.experience.current_experience == 1:
+            raise RuntimeError("a bug in a plugin")
+
+
+def test_an_error_raised_on_non_finite_parameters_is_recorded_as_divergence(
+        tmp_path, capsys, register_methods):
+    register_methods(MethodSpec("_refuse_nan", "plugin", _PoisonThenRefuse),
+                     MethodSpec("_bug", "plugin", _Refuse))
+    out = tmp_path / "runs"
+    code = main([f"--out={out}", "--methods=_refuse_nan,_bug,naive", *FAST])
+    err = capsys.readouterr().err
+    assert code == 1
+    (bad,) = _jsons(out, "_refuse_nan")
+    assert bad["status"] == "diverged" and len(bad["matrix"]) == 2
+    assert bad["error"].startswith("DivergenceError: non-finite parameters (")
+    assert "when the run stopped with _LinAlgError: linalg.svd" in bad["error"]
+    (bug,) = _jsons(out, "_bug")  # finite parameters: still a failure, with its traceback
+    assert bug["status"] == "failed" and "a bug in a plugin" in bug["error"]
+    assert "Traceback" in bug["traceback"] and len(bug["matrix"]) == 1
+    (good,) = _jsons(out, "naive")
+    assert good["status"] == "finished"
+    assert "_refuse_nan seed 0 diverged" in err
+
+
 def test_guard_catches_non_finite_parameters_at_the_end_of_an_experience():
     from types import SimpleNamespace
 
