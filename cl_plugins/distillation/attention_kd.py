@@ -61,11 +61,8 @@ Layers = Union[str, Sequence[str]]
 LENET_STAGES = ("backbone.conv1", "backbone.conv2")
 
 
-class AttentionKDPlugin(FeatureDistillPlugin):
+class AttentionKDPlugin(FeatureDistillPlugin, supports_distributed=True):
     METHOD_NAME = "attention_kd"
-    # why torch.distributed runs refuse it (docs/distributed.md)
-    distributed_note = ("a 2-process run differed from the one-process run at twice the batch "
-                        "(docs/distributed.md)")
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False
     NEEDS_SPATIAL = True  # needs a convolutional model (the generic tests build one)

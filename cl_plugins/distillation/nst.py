@@ -65,11 +65,8 @@ from cl_plugins.core.feature_distill import FeatureDistillPlugin, check_layers
 AUTO = "auto"
 
 
-class NSTPlugin(FeatureDistillPlugin):
+class NSTPlugin(FeatureDistillPlugin, supports_distributed=True):
     METHOD_NAME = "nst"
-    # why torch.distributed runs refuse it (docs/distributed.md)
-    distributed_note = ("a 2-process run differed from the one-process run at twice the batch "
-                        "(docs/distributed.md)")
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False
     NEEDS_SPATIAL = True  # needs a convolutional model (the generic tests build one)

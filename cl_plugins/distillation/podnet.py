@@ -74,11 +74,8 @@ CLASSIFIERS = ("cnn", "nme")
 FLAT = "backbone"  # POD-flat's tap: the embedding the LSC classifies
 
 
-class PODNetPlugin(FeatureDistillPlugin):
+class PODNetPlugin(FeatureDistillPlugin, supports_distributed=True):
     METHOD_NAME = "podnet"
-    # why torch.distributed runs refuse it (docs/distributed.md)
-    distributed_note = ("a 2-process run differed from the one-process run at twice the batch "
-                        "(docs/distributed.md)")
     SCENARIOS = ("class",)
     NEEDS_TASK_LABELS = False
     NEEDS_SPATIAL = True  # needs a convolutional model (the generic tests build one)
