@@ -95,7 +95,9 @@ def output_factors(model: nn.Module, blocks, x: torch.Tensor, y: torch.Tensor, v
                 objectives = [logits.mean(1).sum()]
             else:
                 objectives = [logits[:, j].sum() for j in range(logits.shape[1])]
-            per_obj = [torch.autograd.grad(o, outs, retain_graph=True) for o in objectives]
+            per_obj = [[torch.zeros_like(out) if g is None else g for g, out in zip(
+                torch.autograd.grad(o, outs, retain_graph=True, allow_unused=True), outs)]
+                for o in objectives]  # a layer off the output's path: a zero part
     finally:
         for h in handles:
             h.remove()

@@ -139,3 +139,31 @@ def test_store_state_round_trip_keeps_the_form():
     assert back.form == "factored" and back.m == store.m == 8
     g = torch.randn(sum(p.numel() for p in params.values()), dtype=torch.float64)
     assert torch.equal(back.project(g), store.project(g))
+
+
+class _Unused(nn.Module):
+    """A shared Linear computed but not on the path to the logits: its part of every output
+    gradient is zero (the dense rows say so too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.side = nn.Linear(5, 6), nn.Linear(6, 3), nn.Linear(5, 2)
+
+    def forward(self, x):
+        self.side(x)
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_a_layer_off_the_output_path_has_a_zero_part():
+    torch.manual_seed(0)
+    model = _Unused().double()
+    params = shared_parameters(model)
+    x, y = _xy()
+    blocks = linear_blocks(model, params)
+    factors = output_factors(model, blocks, x, y, "gtl")
+    assert torch.equal(factors[2][1], torch.zeros(6, 2, dtype=torch.float64))
+    dense = output_gradients(model, params, x, y, "gtl")
+    rows = []
+    for (_, _, b), (a, d) in zip(blocks, factors):
+        rows += [(d[:, :, None] * a[:, None, :]).reshape(len(a), -1)] + ([d] if b else [])
+    torch.testing.assert_close(torch.cat(rows, 1), dense, rtol=1e-12, atol=1e-14)
