@@ -14,13 +14,23 @@ taken in the protocols' table order, cheapest protocol first unless ``--protocol
 The rerun results land beside the old ones, in their settings folder; ``reproduce.py --table``
 then shows the current ones. Running the command again after a stop resumes each interrupted
 run from its checkpoint and skips what has become current.
+
+Reruns are best run in a separate worktree at a fixed commit (the checkout you edit would make
+them dirty); ``--collect WORKTREE`` then copies into this checkout each result JSON of WORKTREE
+that has finished (or diverged), was made from a clean tree, and is current against this
+checkout's code (``provenance_check``), replacing an older file of the same run:
+
+    git worktree add ../rerun HEAD   # then, there: python experiments/rerun_stale.py --jobs 2
+    python experiments/rerun_stale.py --collect ../rerun && python experiments/reproduce.py --table
 """
 
 from __future__ import annotations
 
 import argparse
 import fnmatch
+import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -57,6 +67,31 @@ def stale_jobs(protocols=None, variants=None, methods=None, skip=None):
     return rows
 
 
+def collect(worktree: Path, results_dir: Path) -> list:
+    """Copy the current, clean, finished rerun JSONs of ``worktree``'s results into
+    ``results_dir`` (same relative paths); returns the copied paths (relative)."""
+    from provenance_check import Staleness
+
+    repo = Path(__file__).resolve().parent.parent  # this checkout's code decides "current"
+    check, src, copied = Staleness(repo), Path(worktree) / "results", []
+    for f in sorted(src.rglob("seed*.json")):
+        if f.name.endswith(".rerun.json"):
+            continue
+        r = json.loads(f.read_text())
+        prov = r.get("provenance") or {}
+        if r.get("status") not in ("finished", "diverged") or prov.get("git_dirty") is not False:
+            continue
+        if check.reasons(r, None):  # stale here (settings are checked by --table)
+            continue
+        dest = results_dir / f.relative_to(src)
+        if dest.exists() and dest.read_bytes() == f.read_bytes():
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, dest)
+        copied.append(str(f.relative_to(src)))
+    return copied
+
+
 def main(argv=None) -> int:
     from parallel import job_command, run_jobs
     from reproduce import RESULTS_DIR
@@ -72,7 +107,13 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=os.cpu_count())
     ap.add_argument("--timeout", type=float, default=None, help="seconds per process")
     ap.add_argument("--data-root", default=os.environ.get("CL_DATA_ROOT"))
+    ap.add_argument("--collect", metavar="WORKTREE",
+                    help="instead: copy WORKTREE's finished, clean, current results here")
     args, extra = ap.parse_known_args(argv)
+    if args.collect:
+        copied = collect(Path(args.collect), RESULTS_DIR)
+        print("\n".join(copied + [f"{len(copied)} result files copied"]))
+        return 0
     split = (lambda v: v.split(",") if v else None)  # noqa: E731
     rows = stale_jobs(split(args.protocols), split(args.variants), split(args.methods),
                       split(args.skip))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 from helpers import REPO
 
@@ -289,3 +290,34 @@ def test_a_stale_task_view_row_reruns_its_class_il_runs_once(tmp_path, monkeypat
     from parallel import job_command
     for r in jobs:  # every job is a command of a variant the protocol runs
         job_command(r["protocol"], r["variant"], r["method"], 0)
+
+
+def test_collect_copies_only_finished_clean_current_reruns(tmp_path):
+    """--collect: of a worktree's results, a finished clean current rerun replaces the older
+    file; running, dirty and stale ones are left where they are."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "experiments"))
+    import rerun_stale
+    from provenance_check import Staleness
+
+    now = dict(Staleness(REPO).current_files())
+    entry = {"name": "naive", "params": {}, "plus": []}
+    tree, mine = tmp_path / "tree", tmp_path / "main" / "results"
+    rel = Path("S1") / "task" / "hsu2018_split_mnist" / "naive-sgd" / "fp"
+    cases = {0: ("finished", False, now), 1: ("running", False, now),
+             2: ("finished", True, now),
+             3: ("finished", False, {**now, "cl_plugins/experiment/runner.py": "0" * 12}),
+             4: ("diverged", False, now)}
+    for seed, (status, dirty, files) in cases.items():
+        r = {**_provenanced("naive-sgd", entry, files), "seed": seed, "status": status}
+        r["provenance"]["git_dirty"] = dirty
+        (tree / "results" / rel).mkdir(parents=True, exist_ok=True)
+        (tree / "results" / rel / f"seed{seed}.json").write_text(json.dumps(r))
+    (mine / rel).mkdir(parents=True)
+    (mine / rel / "seed0.json").write_text("old")
+    copied = rerun_stale.collect(tree, mine)
+    assert sorted(copied) == [str(rel / "seed0.json"), str(rel / "seed4.json")]
+    assert json.loads((mine / rel / "seed0.json").read_text())["seed"] == 0
+    assert sorted(p.name for p in (mine / rel).iterdir()) == ["seed0.json", "seed4.json"]
+    assert rerun_stale.collect(tree, mine) == []  # nothing new the second time
