@@ -12,7 +12,9 @@ the end-of-experience work of the first trained experience (``after_training_exp
 statistics, SVDs). ``strategy.train_iterations`` and the config's ``method_params`` apply as in the
 runner (before 2026-12-05 both were ignored here: the earlier tables' commands that set
 ``train_iterations`` trained whole epochs). For an architectural method, what it stores for its last trained task
-(``cost_per_task()``: masks, embeddings, columns). Prints a markdown table. Each method's ratio uses a naive run measured right
+(``cost_per_task()``: masks, embeddings, columns), and the bytes of the tensors in each plugin's
+``state_dict()`` after the last trained experience (buffers, generators, teachers, importances).
+Prints a markdown table. Each method's ratio uses a naive run measured right
 before it (``--no-paired``: the first naive run for all), so slow drifts of the machine's load
 cancel.
 """
@@ -118,7 +120,25 @@ def measure(cfg, entry, n_exp, seed=0, guard=False):
     if guard:  # (median step with the guard, median time of the guard's own check)
         return statistics.median(steps), statistics.median(record["guard"][last][5:])
     return (statistics.median(steps), record.get("exp_end", {}).get(0, float("nan")),
-            _bytes_per_sample(plugins), _growth(plugins))
+            _bytes_per_sample(plugins), _growth(plugins), _state_bytes(plugins))
+
+
+def _state_bytes(plugins):
+    """Bytes of the tensors in the plugins' ``state_dict()`` after the last trained experience:
+    what a method keeps between experiences (buffers, generators, teacher copies, importances,
+    bases), as its checkpoint stores it; None for a template method (no plugin)."""
+    if not plugins:
+        return None
+    total, todo = 0, [p.state_dict() for p in plugins if hasattr(p, "state_dict")]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, torch.Tensor):
+            total += v.numel() * v.element_size()
+        elif isinstance(v, dict):
+            todo.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            todo.extend(v)
+    return total
 
 
 def _growth(plugins):
@@ -193,21 +213,23 @@ def main(argv=None):
     rows = []
     naive_entry = entries[0]
     for e in entries:
-        step, end, bps, growth = measure(cfg, e, args.experiences)
+        step, end, bps, growth, state = measure(cfg, e, args.experiences)
         if e is naive_entry:
             ref = step
         else:
             ref = measure(cfg, naive_entry, args.experiences)[0] if args.paired else rows[0][4]
-        rows.append((e.get("label") or e["name"], step, end, bps, ref, growth))
+        rows.append((e.get("label") or e["name"], step, end, bps, ref, growth, state))
     print(f"\n{cfg['name']}: {cfg['benchmark']['name']} {cfg['benchmark']['scenario']}-IL, "
           f"batch {cfg['strategy']['train_mb_size']}, torch threads {torch.get_num_threads()}")
     print("| method | step (ms, median) | ratio to naive | end-of-experience work (s) | "
-          "buffer bytes per sample | stored for the last task (parameters / bytes) |")
-    print("|---|---|---|---|---|---|")
-    for name, step, end, bps, ref, growth in rows:
+          "buffer bytes per sample | stored for the last task (parameters / bytes) | "
+          "plugin state (bytes) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, step, end, bps, ref, growth, state in rows:
         print(f"| {name} | {1000 * step:.3f} | {step / ref:.2f} | {end:.3f} | "
               f"{'–' if bps is None else f'{bps:,.0f}'} | "
-              f"{'–' if growth is None else f'{growth[0]:,} / {growth[1]:,}'} |")
+              f"{'–' if growth is None else f'{growth[0]:,} / {growth[1]:,}'} | "
+              f"{'–' if state is None else f'{state:,}'} |")
     return 0
 
 

@@ -58,3 +58,15 @@ def test_the_budget_stops_each_experience_after_exactly_its_steps(monkeypatch):
     cfg["strategy"]["train_iterations"] = 9
     speed.measure(cfg, normalize_methods(["naive"])[0], 2)
     assert [seen.count(e) for e in (0, 1)] == [9, 9]
+
+
+def test_state_bytes_count_what_the_plugin_keeps():
+    """The state column: ER with 100 slots of 64-pixel split_digits rows holds at least those
+    rows in float32 (and less than twice that); naive holds nothing (no plugin)."""
+    speed = _speed()
+    cfg = _cfg(er={"mem_size": 100})
+    cfg["strategy"]["train_iterations"] = 7
+    *_, state = speed.measure(cfg, normalize_methods(["er"])[0], 2)
+    assert 100 * 64 * 4 <= state < 2 * 100 * 64 * 4 + 10_000
+    *_, none = speed.measure(cfg, normalize_methods(["naive"])[0], 2)
+    assert none is None
