@@ -109,6 +109,37 @@ def output_factors(model: nn.Module, blocks, x: torch.Tensor, y: torch.Tensor, v
     return result
 
 
+def drop_cholesky(schur: torch.Tensor, norms2: torch.Tensor, tol: float, block: int = 64):
+    """Cholesky factorisation of the Gram matrix ``schur`` of residuals, in order, skipping
+    column i when its residual against the kept ones is at most ``tol`` times its own norm
+    (``norms2[i]`` its squared norm). Returns (kept indices, L) with ``L[:j, :j]`` the kept
+    columns' lower factor. Blocked: the columns of a block are first reduced against every
+    column kept before the block in one triangular solve, then decided one by one."""
+    k = schur.shape[0]
+    keep: List[int] = []
+    L = torch.zeros_like(schur)
+    for b0 in range(0, k, block):
+        cols = list(range(b0, min(b0 + block, k)))
+        j0 = len(keep)
+        sub = schur[cols][:, cols]
+        if j0:
+            before = torch.linalg.solve_triangular(L[:j0, :j0], schur[keep][:, cols], upper=False)
+            sub = sub - before.T @ before
+        for q, i in enumerate(cols):
+            j = len(keep)
+            inside = [c for c in range(q) if cols[c] in keep[j0:]]  # kept in this block
+            r_in = torch.linalg.solve_triangular(L[j0:j, j0:j], sub[inside, q:q + 1],
+                                                 upper=False)[:, 0] if inside else sub.new_zeros(0)
+            rho = float(sub[q, q] - r_in @ r_in)
+            if rho > 0 and rho > tol ** 2 * float(norms2[i]) and norms2[i] > 0:
+                if j0:
+                    L[j, :j0] = before[:, q]
+                L[j, j0:j] = r_in
+                L[j, j] = rho ** 0.5
+                keep.append(i)
+    return keep, L
+
+
 class FactoredDirections:
     """The orthonormal span of stored directions, held as per-layer factors (module docstring).
     ``blocks``: ``[(in, out, has_bias)]`` in the flat parameter order."""
@@ -150,22 +181,13 @@ class FactoredDirections:
             B = self._gram(self.A, self.D, A_new, D_new)  # [m, k]
             coef = torch.linalg.solve_triangular(self.R.T, B, upper=False)  # S^T V_new
             schur -= coef.T @ coef
-        keep: List[int] = []
-        L = torch.zeros_like(schur)  # rows of the accepted residuals' Cholesky factor
-        for i in range(schur.shape[0]):
-            r = torch.linalg.solve_triangular(L[keep][:, keep], schur[keep, i:i + 1],
-                                              upper=False)[:, 0] if keep else schur.new_zeros(0)
-            rho = float(schur[i, i] - r @ r)
-            if rho > 0 and rho > tol ** 2 * float(K_new[i, i]) and K_new[i, i] > 0:
-                L[i, keep] = r
-                L[i, i] = rho ** 0.5
-                keep.append(i)
+        keep, L = drop_cholesky(schur, K_new.diagonal(), tol)
         if check is not None:
             check(self.m + len(keep), len(keep))
         if not keep:
             return 0
         idx = torch.tensor(keep)
-        top = L[idx][:, idx].T  # upper triangular block of the new rows
+        top = L[:len(keep), :len(keep)].T  # upper triangular block of the new rows
         if self.m:
             m, k = self.m, len(keep)
             R = self.R.new_zeros(m + k, m + k)

@@ -167,3 +167,23 @@ def test_a_layer_off_the_output_path_has_a_zero_part():
     for (_, _, b), (a, d) in zip(blocks, factors):
         rows += [(d[:, :, None] * a[:, None, :]).reshape(len(a), -1)] + ([d] if b else [])
     torch.testing.assert_close(torch.cat(rows, 1), dense, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("block", [1, 3, 64])
+def test_drop_cholesky_keeps_the_independent_columns_in_order(block):
+    """30 independent columns, 10 combinations of the first 5 and 2 near-copies (1e-3 apart) of
+    columns 5-6: at tol 1e-5 the 30 and the near-copies are kept, in order, whatever the block
+    size, and L L^T is their Gram matrix; at tol 1e-2 the near-copies are dropped too."""
+    from cl_plugins.core.factored_directions import drop_cholesky
+
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(50, 30, generator=g, dtype=torch.float64)
+    v = torch.cat([v, v[:, :5] @ torch.randn(5, 10, generator=g, dtype=torch.float64),
+                   v[:, 5:7] + 1e-3 * torch.randn(50, 2, generator=g, dtype=torch.float64)], 1)
+    gram = v.T @ v
+    keep, low = drop_cholesky(gram, gram.diagonal(), 1e-5, block=block)
+    assert keep == list(range(30)) + [40, 41]
+    kept = gram[keep][:, keep]
+    torch.testing.assert_close(low[:32, :32] @ low[:32, :32].T, kept, rtol=0, atol=1e-10)
+    keep, _ = drop_cholesky(gram, gram.diagonal(), 1e-2, block=block)
+    assert keep == list(range(30))
