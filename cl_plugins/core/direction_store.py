@@ -109,11 +109,14 @@ class DirectionStore:
             merged = [(torch.cat([f[i][0] for f in factors]), torch.cat([f[i][1] for f in factors]))
                       for i in range(len(self.factored.blocks))]
             return self.factored.add(merged, self.drop_tol, first.dtype, check)
-        n = sum(p.numel() for p in params.values())
-        rows = [dense_rows(model, params, x, y, variant, t) for x, y, t in batches]
-        gs = GramSchmidt(self.basis(), n, sum(len(r) for r in rows), self.drop_tol, first.device)
-        for r in rows:
-            gs.add(r)
+        n, gs = sum(p.numel() for p in params.values()), None
+        total = sum(len(x) for x, _, _ in batches)
+        for x, y, t in batches:  # streamed: one batch of float64 rows at a time
+            rows = dense_rows(model, params, x, y, variant, t)
+            if gs is None:  # rows per sample: 1, or the number of outputs for "all"
+                per_sample = len(rows) // max(1, len(x))
+                gs = GramSchmidt(self.basis(), n, total * per_sample, self.drop_tol, first.device)
+            gs.add(rows)
         new = gs.result()
         check(self.m + new.shape[0], new.shape[0])
         block = new.to(device=first.device, dtype=first.dtype)
