@@ -217,11 +217,21 @@ PROTOCOLS = {
         "published": {"task": {"supsup": (92.37, None)}},
     },
     "A4": {
-        "title": "Split MNIST, 5 tasks, task-IL: PackNet and Piggyback beside Avalanche's PackNet "
-                 "and separate networks (S2's settings)",
+        "title": "PackNet and Piggyback beside Avalanche's PackNet and separate networks, task-IL: "
+                 "Split MNIST, 5 tasks (S2's settings) and Permuted MNIST, 10 tasks (P1's)",
         "config": "experiments/configs/mallya2018_packnet_piggyback_split_mnist.yaml",
-        "benchmark": "split_mnist",
-        "variants": {"task": []},
+        "benchmark": "split_mnist / permuted_mnist",
+        # "permuted": P1's data, model and optimizer in task-IL (the config header's overrides)
+        "variants": {"task": [], "permuted": [
+            "--benchmark.name=permuted_mnist", "--benchmark.n_experiences=10",
+            "--benchmark.class_order=fixed", "--benchmark.normalize=true",
+            "--benchmark.mean=[0.1307]", "--benchmark.std=[0.3081]",
+            "--benchmark.samples_per_task=54000", "--benchmark.first_task_identity=false",
+            "--model.hidden=[100,100]", "--model.bias=false", "--optimizer.name=sgd",
+            "--optimizer.lr=0.01", "--strategy.epochs=5", "--strategy.train_iterations=null",
+            "--strategy.train_mb_size=10",
+            "--method_params.avalanche_packnet.post_prune_epochs=2"]},
+        "variant_labels": {"task": "split, task-IL", "permuted": "permuted, task-IL"},
         "seeds": [0, 1, 2, 3, 4],
         "source": "no MNIST-family number in either paper: methods compared in the same runs",
         "published": {},

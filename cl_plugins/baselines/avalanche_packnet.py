@@ -27,12 +27,18 @@ the next task starts from their old values; biases are frozen after the first ta
 are refused (``PackNetModel.wrap``); ``prune_proportion`` may also be a list, one per experience.
 The task label is mapped by count (``min(task, tasks trained)``): labels must be 0, 1, 2, ... in
 training order. Runs with this reference are not checkpointed (no plain-data state).
+
+One correction, to a bug: Avalanche's ``WeightAndBiasPackNetModule`` decides ``has_bias`` by
+testing the *weight* (``isinstance(wrappee.weight, nn.Parameter)``), so a layer built with
+``bias=False`` (whose ``bias`` is None) counts as biased and ``freeze_pruned`` fails after the
+first experience (``'NoneType' object has no attribute 'requires_grad'``). The wrapper sets
+``has_bias`` from the bias itself; nothing changes for layers that have one. P1's MLP has none.
 """
 
 from __future__ import annotations
 
 import torch
-from avalanche.models.packnet import PackNetModel, PackNetPlugin
+from avalanche.models.packnet import PackNetModel, PackNetPlugin, WeightAndBiasPackNetModule
 
 from cl_plugins.core.checks import check_int, check_range
 
@@ -43,6 +49,9 @@ class _TaskBackbone(PackNetModel):
 
     def __init__(self, backbone):
         super().__init__(backbone)
+        for module in self.modules():  # Avalanche tests the weight for has_bias (docstring)
+            if isinstance(module, WeightAndBiasPackNetModule):
+                module.has_bias = getattr(module.wrappee, "bias", None) is not None
         self.out_features = backbone.out_features
         self.task = torch.zeros(1, dtype=torch.long)
 

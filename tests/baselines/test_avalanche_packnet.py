@@ -15,10 +15,10 @@ from cl_plugins.registry import get_method
 from helpers import eval_outputs
 
 
-def make(plugins, epochs=3):
+def make(plugins, epochs=3, bias=True):
     torch.manual_seed(0)
     info = build_benchmark("split_digits", "task")
-    model = build_model({"name": "mlp", "hidden": [16]}, info)
+    model = build_model({"name": "mlp", "hidden": [16], "bias": bias}, info)
     st = Naive(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
                train_mb_size=32, train_epochs=epochs, eval_mb_size=512, device="cpu",
                plugins=plugins, evaluator=EvaluationPlugin(loggers=[]))
@@ -51,3 +51,16 @@ def test_epochs_are_read_per_experience_and_too_few_are_refused():
     st, info = make([AvalanchePackNet(post_prune_epochs=3)], epochs=3)
     with pytest.raises(ValueError, match="post_prune_epochs=3 must be below the experience's 3"):
         st.train(info.benchmark.train_stream[0])
+
+
+def test_a_bias_free_backbone_runs_despite_avalanches_has_bias_test():
+    """Avalanche's WeightAndBiasPackNetModule tests the weight for has_bias; unpatched, its
+    freeze_pruned fails on bias=False layers after the first experience."""
+    st, info = make([AvalanchePackNet(post_prune_epochs=1, prune_proportion=0.5)], bias=False)
+    train, test = info.benchmark.train_stream, info.benchmark.test_stream
+    st.train(train[0])
+    packed = [m for m in st.model.backbone.modules() if hasattr(m, "has_bias")]
+    assert packed and not any(m.has_bias for m in packed)
+    first = eval_outputs(st, test[0])
+    st.train(train[1])
+    assert torch.equal(eval_outputs(st, test[0]), first)
