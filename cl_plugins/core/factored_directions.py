@@ -140,6 +140,13 @@ def drop_cholesky(schur: torch.Tensor, norms2: torch.Tensor, tol: float, block: 
     return keep, L
 
 
+def block_inner(a: torch.Tensor, d: torch.Tensor, gw: torch.Tensor,
+                gb: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One block's part of V^T g: ``rowsum((D G_w) * A) + D g_b`` (``gb`` None: no bias)."""
+    t = ((d @ gw) * a).sum(1)
+    return t if gb is None else t + d @ gb
+
+
 class FactoredDirections:
     """The orthonormal span of stored directions, held as per-layer factors (module docstring).
     ``blocks``: ``[(in, out, has_bias)]`` in the flat parameter order."""
@@ -218,16 +225,22 @@ class FactoredDirections:
             self.R, self.Kinv = self.R.to(device), self.Kinv.to(device)
         return self
 
-    @torch.no_grad()
-    def project_(self, grads: List[Tuple[torch.Tensor, Optional[torch.Tensor]]]) -> None:
-        """``(weight grad [out, in], bias grad [out] or None)`` per block, projected in place."""
-        if not self.m:
-            return
+    def inner(self, grads: List[Tuple[torch.Tensor, Optional[torch.Tensor]]]) -> torch.Tensor:
+        """t = V^T g [m] for ``(weight grad, bias grad or None)`` per block."""
         t = 0
         for (_, _, bias), a, d, (gw, gb) in zip(self.blocks, self.A, self.D, grads):
-            t = t + ((d @ gw) * a).sum(1)
-            if bias:
-                t = t + d @ gb
+            t = t + block_inner(a, d, gw, gb if bias else None)
+        return t
+
+    @torch.no_grad()
+    def project_(self, grads: List[Tuple[torch.Tensor, Optional[torch.Tensor]]],
+                 t: Optional[torch.Tensor] = None) -> None:
+        """``(weight grad [out, in], bias grad [out] or None)`` per block, projected in place;
+        ``t`` = V^T g when the caller has it (``core.direction_store``: from the step's inputs)."""
+        if not self.m:
+            return
+        if t is None:
+            t = self.inner(grads)
         c = (self.Kinv @ t.double()).to(self.A[0].dtype)
         for (_, _, bias), a, d, (gw, gb) in zip(self.blocks, self.A, self.D, grads):
             dc = d * c[:, None]

@@ -187,3 +187,70 @@ def test_drop_cholesky_keeps_the_independent_columns_in_order(block):
     torch.testing.assert_close(low[:32, :32] @ low[:32, :32].T, kept, rtol=0, atol=1e-10)
     keep, _ = drop_cholesky(gram, gram.diagonal(), 1e-2, block=block)
     assert keep == list(range(30))
+
+
+@pytest.mark.parametrize("extra", ["none", "penalty", "two_forwards"])
+def test_the_step_takes_v_t_g_from_the_layer_inputs_and_anything_else_the_usual_way(extra):
+    """The factored step with the step's inputs captured (t = V^T g from (X, Delta)) equals the
+    step that reads t off the gradient: for a plain step, with a penalty gradient that does not
+    go through the outputs (the residual path), and with two forward passes in the step."""
+    from cl_plugins.core.direction_store import inner_from_inputs
+
+    model = _mlp(bias=True)
+    store = DirectionStore("factored", 1e-5)
+    x0, y0 = _xy(8, seed=0)
+    model.eval()
+    store.add(model, shared_parameters(model), [(x0, y0, 0)], "gtl", output_gradients,
+              lambda m, k: None)
+    model.train()
+    assert store.form == "factored" and store.m == 8
+    x, y = _xy(6, seed=1)
+    results = {}
+    for capture in (True, False):
+        model.zero_grad()
+        if capture:
+            store.begin_step(model, shared_parameters)
+        loss = nn.functional.cross_entropy(model(x), y)
+        if extra == "penalty":
+            loss = loss + 0.3 * sum((p ** 2).sum() for p in model.parameters())
+        if extra == "two_forwards":
+            loss = loss + nn.functional.cross_entropy(model(2 * x), y)
+        loss.backward()
+        grads = [(m.weight.grad, m.bias.grad) for m in model if isinstance(m, nn.Linear)]
+        if capture:
+            pairs = store.capture.pairs()
+            assert pairs is not None and len(pairs) == 3
+            assert pairs[0][0].shape == (12 if extra == "two_forwards" else 6, 5)
+            t_in = inner_from_inputs(store.factored, pairs, grads)
+            torch.testing.assert_close(t_in, store.factored.inner(grads), rtol=1e-10, atol=1e-12)
+        store.step_(model, shared_parameters)
+        store.end_step()
+        results[capture] = [g.clone() for pair in grads for g in pair]
+    for a, b in zip(results[True], results[False]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert store.capture.pairs() is None  # closed: nothing kept after the step
+
+
+def test_the_input_side_inner_product_drops_the_residual_only_within_rounding():
+    """Without the residual's share, a penalty gradient would leak into the protected span:
+    the t from the inputs alone differs from V^T g by the penalty's part."""
+    from cl_plugins.core.direction_store import inner_from_inputs
+
+    model = _mlp(bias=True)
+    store = DirectionStore("factored", 1e-5)
+    x0, y0 = _xy(8, seed=0)
+    store.add(model.eval(), shared_parameters(model), [(x0, y0, 0)], "gtl", output_gradients,
+              lambda m, k: None)
+    model.train()
+    x, y = _xy(6, seed=1)
+    store.begin_step(model, shared_parameters)
+    (nn.functional.cross_entropy(model(x), y)
+     + sum((p ** 2).sum() for p in model.parameters())).backward()
+    grads = [(m.weight.grad, m.bias.grad) for m in model if isinstance(m, nn.Linear)]
+    pairs = store.capture.pairs()
+    outputs_only = [(dlt.T @ xx, dlt.sum(0)) for xx, dlt in pairs]
+    full = store.factored.inner(grads)
+    assert (store.factored.inner(outputs_only) - full).abs().max() > 1e-3
+    torch.testing.assert_close(inner_from_inputs(store.factored, pairs, grads), full,
+                               rtol=1e-10, atol=1e-12)
+    store.end_step()
