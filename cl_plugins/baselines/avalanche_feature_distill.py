@@ -19,10 +19,18 @@ What the comparison with ours shows is in docs/methods/hints.md.
 
 Avalanche keeps its teacher in a form we cannot save as plain data, so runs with this reference
 are not checkpointed (the runner says so in the JSON), like every Avalanche reference.
+
+Task-IL with per-task heads: Avalanche forwards its teacher (the copy made at the end of the
+previous experience) with the minibatch's task label, and that copy has no head for the new task,
+so ``MultiHeadClassifier`` raises ``KeyError`` at the first step of the second experience. Before
+each experience this class therefore runs Avalanche's own model adaptation on the teacher
+(``avalanche_model_adaptation``): it gains the new task's head, whose output nothing reads (the
+loss uses the tapped features only). Found on 2026-12-06 when S2's task-IL entry first ran.
 """
 
 from __future__ import annotations
 
+from avalanche.models.dynamic_modules import avalanche_model_adaptation
 from avalanche.training.plugins import FeatureDistillationPlugin
 
 from cl_plugins.core.checks import check_choice, check_non_negative
@@ -70,6 +78,10 @@ class AvalancheFeatureDistillation(FeatureDistillationPlugin):
         model._avalanche_fd_layer = self.layer
         module.register_forward_hook(_keep_output)
         model.register_forward_hook(_set_features)
+
+    def before_training_exp(self, strategy, **kwargs):
+        if self.prev_model is not None:  # a head for the new task, never read (docstring)
+            avalanche_model_adaptation(self.prev_model, strategy.experience)
 
     def after_training_exp(self, strategy, **kwargs):
         # a direct call of the tapped module (LwF and iCaRL call model.backbone) leaves its

@@ -29,9 +29,9 @@ class _Spy(AvalancheFeatureDistillation):
             self.records.append(((strategy.loss.detach() - before).item(), want.item()))
 
 
-def _strategy(plugin, seed=0):
+def _strategy(plugin, seed=0, scenario="domain"):
     torch.manual_seed(seed)
-    info = build_benchmark("split_digits", "domain")
+    info = build_benchmark("split_digits", scenario)
     model = build_model({"name": "mlp", "hidden": [16]}, info)  # no BatchNorm, no dropout
     st = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                train_mb_size=32, train_epochs=1, eval_mb_size=256, device="cpu",
@@ -84,3 +84,23 @@ def test_runner_runs_it_by_name_and_it_changes_training(digits_cfg):
     assert run["status"] == "finished", run.get("error")
     assert run["matrix"][0] == naive["matrix"][0] and run["matrix"][1] != naive["matrix"][1]
     assert str(run["checkpoint"]).startswith("off")
+
+
+def test_task_il_the_teacher_gets_the_new_head_and_the_term_is_unchanged():
+    """Per-task heads: Avalanche's teacher (a copy from the previous experience) has no head for
+    the new task; the wrapper adapts it, and the term is still the cosine on the features."""
+    spy = _Spy(alpha=2.0)
+    spy.records = []
+    st, info = _strategy(spy, scenario="task")
+    st.train(info.benchmark.train_stream[0])
+    st.train(info.benchmark.train_stream[1])
+    assert len(spy.records) > 5
+    got, want = zip(*spy.records)
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-7) and max(want) > 1e-4
+    with_plain_copy = AvalancheFeatureDistillation()
+    st, info = _strategy(with_plain_copy, scenario="task")
+    st.train(info.benchmark.train_stream[0])
+    with_plain_copy.before_training_exp = lambda strategy, **kw: None  # Avalanche's behaviour
+    with pytest.raises(KeyError):
+        st.train(info.benchmark.train_stream[1])
+
