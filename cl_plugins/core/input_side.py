@@ -9,7 +9,8 @@ gradient itself, far cheaper with small batches (P1: n = 10, out = 100, d = 784)
 keeps a reference to ``X`` (autograd keeps it anyway) and a tensor hook on the output receives
 ``D``, only while a step is being captured. Whatever else is in the gradient (another plugin's
 penalty gradient, forward passes outside the step) is ``G - D^T X``; it is projected the usual
-way unless its norm is within the rounding bound ``n eps ||D||_F ||X||_F``. Conv layers
+way unless its norm is within the rounding bound ``n eps ||D||_F ||X||_F``. The capture itself is
+:class:`~cl_plugins.core.step_capture.LinearStepCapture`. Conv layers
 (n = batch x positions, usually > out) always take the whole-gradient path, and so does every
 layer under torch.distributed (the averaged gradient is not this rank's D^T X).
 
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from .distributed import is_distributed
+from .step_capture import LinearStepCapture
 from .subspace import FanInProjector
 
 
@@ -35,9 +37,17 @@ class InputSideGradientProjector:
     column when ``with_bias``) by ``P(G)`` in :meth:`project`, between backward and the step."""
 
     def __init__(self):
-        self._handles: list = []
-        self._captured: Dict[str, list] = {}
-        self._capturing = False
+        self._capture = LinearStepCapture()
+        self._index: Dict[str, int] = {}  # hooked layer name -> its index in the capture
+
+    @property
+    def hooked(self) -> List[str]:
+        """The names of the layers whose step inputs are captured, in the capture's order."""
+        return list(self._index)
+
+    @property
+    def capture(self) -> LinearStepCapture:
+        return self._capture
 
     def attach(self, layers: Dict[str, nn.Module], projectors: Dict[str, FanInProjector],
                input_side: bool = True) -> None:
@@ -45,45 +55,25 @@ class InputSideGradientProjector:
         self.detach()
         if not input_side:
             return
-        for name in projectors:
-            if isinstance(layers[name], nn.Linear):
-                self._captured[name] = []
-                self._handles.append(layers[name].register_forward_hook(self._hook(name)))
+        names = [name for name in projectors if isinstance(layers[name], nn.Linear)]
+        self._capture.attach([layers[name] for name in names])
+        self._index = {name: i for i, name in enumerate(names)}
 
     def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles, self._captured, self._capturing = [], {}, False
+        self._capture.detach()
+        self._index = {}
 
     def start_step(self) -> None:
-        for entries in self._captured.values():
-            entries.clear()
-        self._capturing = bool(self._captured)
+        self._capture.start()
 
     def end_step(self) -> None:
-        self._capturing = False
-        for entries in self._captured.values():
-            entries.clear()
-
-    def _hook(self, name):
-        def hook(module, inputs, output):
-            if not (self._capturing and torch.is_grad_enabled()
-                    and isinstance(output, torch.Tensor) and output.requires_grad):
-                return
-            entry = [inputs[0].detach(), None]
-            self._captured[name].append(entry)
-
-            def grad_hook(grad, entry=entry):
-                entry[1] = grad.detach() if entry[1] is None else entry[1] + grad.detach()
-
-            output.register_hook(grad_hook)
-        return hook
+        self._capture.stop()
 
     @torch.no_grad()
     def project(self, layers: Dict[str, nn.Module], projectors: Dict[str, FanInProjector],
                 with_bias: bool) -> None:
         """``grad <- P(grad)`` for every layer with a projector and a gradient."""
-        self._capturing = False
+        self._capture.pause()
         for name, proj in projectors.items():
             module = layers[name]
             w = module.weight
@@ -96,12 +86,10 @@ class InputSideGradientProjector:
             else:
                 g = w.grad.reshape(w.shape[0], -1)
             new = None
-            if name in self._captured:
-                # under torch.distributed the gradient is the ranks' average while the captured
-                # rows are this rank's: the whole-gradient path keeps every rank's result equal
-                if not is_distributed():
-                    new = self._from_inputs(module, proj, self._captured[name], g)
-                self._captured[name].clear()
+            # under torch.distributed the gradient is the ranks' average while the captured
+            # rows are this rank's: the whole-gradient path keeps every rank's result equal
+            if name in self._index and not is_distributed():
+                new = self._from_inputs(module, proj, self._capture.calls(self._index[name]), g)
             if new is None:
                 new = proj.apply(g)
             if b is not None:
@@ -112,13 +100,13 @@ class InputSideGradientProjector:
                     b.grad = new[:, -1].reshape(b.shape).clone()
             else:
                 w.grad.copy_(new.reshape(w.shape))
+        self._capture.stop()  # used: nothing is kept for a later call
 
     @staticmethod
-    def _from_inputs(module, proj: FanInProjector, entries: List[list],
+    def _from_inputs(module, proj: FanInProjector, pairs: List[tuple],
                      grad: torch.Tensor) -> Optional[torch.Tensor]:
         """The projected gradient from captured (input, output-gradient) pairs, or None when
         the whole-gradient path is cheaper."""
-        pairs = [(x, d) for x, d in entries if d is not None]
         if not pairs or proj.factor_rank == 0:
             return None
         out, k = grad.shape[0], proj.factor_rank

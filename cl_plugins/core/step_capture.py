@@ -52,6 +52,10 @@ class LinearStepCapture:
             e.clear()
         self._on = bool(self._layers)
 
+    def pause(self) -> None:
+        """Ignore later forward passes; what was captured stays readable."""
+        self._on = False
+
     def stop(self) -> None:
         self._on = False
         for e in self._entries:
@@ -71,12 +75,17 @@ class LinearStepCapture:
             output.register_hook(grad_hook)
         return hook
 
+    def calls(self, i: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """The ``(input, output gradient)`` of each call of layer ``i`` in the step whose
+        backward pass has run, as the layer saw them (not reshaped)."""
+        return [(x, d) for x, d in self._entries[i] if d is not None]
+
     def pairs(self) -> Optional[List[Tuple[torch.Tensor, torch.Tensor]]]:
         """``(X [n, in], Delta [n, out])`` per attached layer for the step so far, or None when
         some layer has no complete pair (not called with gradient, or its backward not run)."""
         out = []
-        for layer, entries in zip(self._layers, self._entries):
-            done = [(x, d) for x, d in entries if d is not None]
+        for i, (layer, entries) in enumerate(zip(self._layers, self._entries)):
+            done = self.calls(i)
             if not done or len(done) != len(entries):
                 return None
             xs = [x.reshape(-1, layer.in_features) for x, _ in done]

@@ -231,7 +231,7 @@ def test_input_side_path_equals_gradient_path_and_keeps_other_gradient_terms(bia
         plugin.after_training_exp(st)
         plugin.before_training_exp(st)
         gp = plugin._grad_projector
-        assert bool(gp._handles) == input_side  # capture hooks only on the input side
+        assert bool(gp.hooked) == input_side  # capture hooks only on the input side
         used = []
         inner = gp._from_inputs
         gp._from_inputs = lambda *a: used.append(inner(*a) is not None) or inner(*a)
@@ -242,7 +242,7 @@ def test_input_side_path_equals_gradient_path_and_keeps_other_gradient_terms(bia
         with torch.no_grad():
             model(xc)  # a forward without gradient: ignored
         if input_side:
-            assert [len(e) for e in gp._captured.values()] == [2, 2]
+            assert [len(gp.capture.calls(i)) for i in range(len(gp.hooked))] == [2, 2]
         plugin.before_update(st)
         # layer 0 (out 60, n = 10 rows) takes the input side; layer 2 (out 3) cannot gain
         assert used == ([True, False] if input_side else [])
