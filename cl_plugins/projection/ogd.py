@@ -18,14 +18,14 @@ span. Algorithm 1, S = ``basis`` ([n_params, m], orthonormal; stored as ``direct
 Variants, f = the logits: ``"gtl"`` (default; the true-class logit f_y, one vector per sample;
 the paper's main choice as we recall), ``"ave"`` (the mean logit), ``"all"`` (every logit).
 Hooks: ``before_training_exp`` checks the shared parameters' layout (names, shapes, one dtype),
-moves S to them, warns unless the optimizer is plain SGD; ``before_update``: Eq. step on the
+moves S to them, warns once unless the optimizer is plain SGD; ``before_update``: Eq. step on the
 shared ``.grad`` (None = 0); ``after_training_exp``: Eq. memory on ``memory_per_task`` samples
 (eval transforms, seeded). S is kept by ``core.direction_store.DirectionStore``, the same
 projection in two storages: ``"dense"``, S^T itself (float64 Gram-Schmidt, twice is enough;
 blocked step), or ``"factored"``, when every shared parameter is an ``nn.Linear`` weight or bias:
 each raw direction as one (input, output-gradient) pair per layer plus the Cholesky factor of
 their Gram matrix, in + out numbers per layer instead of in x out, a step of matrix-matrix
-products whose S^T g comes from the step's layer inputs (``before_training_iteration`` /
+products whose V^T g comes from the step's layer inputs (``before_training_iteration`` /
 ``after_training_iteration`` open and close the capture; ``results/speed/1_projection.md``).
 
 Hyper-parameters: ``variant`` (default ``"gtl"``); ``memory_per_task`` (default 200, as we recall
