@@ -22,6 +22,13 @@ checkout's code (``provenance_check``), replacing an older file of the same run:
 
     git worktree add ../rerun HEAD   # then, there: python experiments/rerun_stale.py --jobs 2
     python experiments/rerun_stale.py --collect ../rerun && python experiments/reproduce.py --table
+
+``--moved COMMIT`` lists the runs whose result JSON was added or changed since COMMIT (committed
+or not), each against the result of the same protocol, variant, config, method and seed that
+COMMIT held (same path, or another settings folder of that method): "identical" (the same
+accuracy matrix), "old -> new" final ACC, or "new" (none before):
+
+    python experiments/rerun_stale.py --moved bbba07d
 """
 
 from __future__ import annotations
@@ -30,7 +37,9 @@ import argparse
 import fnmatch
 import json
 import os
+import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -92,6 +101,41 @@ def collect(worktree: Path, results_dir: Path) -> list:
     return copied
 
 
+def moved(since: str, repo: Path) -> list:
+    """``(path, old, new)`` per result JSON under ``repo/results`` added or changed since the
+    commit ``since``: ``old`` the final ACC (%) of the same run at ``since`` (None: no such run),
+    ``new`` today's; both the string "identical" when the matrices are equal."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                              check=True).stdout
+
+    def acc(r):
+        row = (r.get("matrix") or [[]])[-1]
+        return round(100 * sum(row) / len(row), 2) if row else None
+
+    changed = git("diff", "--name-only", "--diff-filter=AM", since, "--", "results").split()
+    changed += git("ls-files", "--others", "--exclude-standard", "--", "results").split()
+    out = []
+    for path in sorted(set(changed)):
+        p = Path(path)
+        if not (p.name.startswith("seed") and p.suffix == ".json") or ".rerun." in p.name:
+            continue
+        new = json.loads((repo / p).read_text())
+        if new.get("status") not in ("finished", "diverged"):
+            continue
+        settings = re.fullmatch(r"[0-9a-f]{8}", p.parent.name)  # a settings-fingerprint folder
+        method = p.parent.parent if settings else p.parent
+        before = [q for q in git("ls-tree", "-r", "--name-only", since, "--",
+                                 f"{method}/").split() if Path(q).name == p.name]
+        old = json.loads(git("show", f"{since}:{sorted(before, key=lambda q: q != path)[0]}")) \
+            if before else None
+        if old is not None and old.get("matrix") == new.get("matrix"):
+            out.append((path, "identical", "identical"))
+        else:
+            out.append((path, None if old is None else acc(old), acc(new)))
+    return out
+
+
 def main(argv=None) -> int:
     from parallel import job_command, run_jobs
     from reproduce import RESULTS_DIR
@@ -109,7 +153,16 @@ def main(argv=None) -> int:
     ap.add_argument("--data-root", default=os.environ.get("CL_DATA_ROOT"))
     ap.add_argument("--collect", metavar="WORKTREE",
                     help="instead: copy WORKTREE's finished, clean, current results here")
+    ap.add_argument("--moved", metavar="COMMIT",
+                    help="instead: list the runs whose result changed since COMMIT")
     args, extra = ap.parse_known_args(argv)
+    if args.moved:
+        rows = moved(args.moved, RESULTS_DIR.parent)
+        for path, old, new in rows:
+            print(f"{path}\t{'new' if old is None else old if old == new else f'{old} -> {new}'}")
+        print(f"{len(rows)} runs: {sum(o == 'identical' for _, o, _ in rows)} identical, "
+              f"{sum(o is None for _, o, _ in rows)} new")
+        return 0
     if args.collect:
         copied = collect(Path(args.collect), RESULTS_DIR)
         print("\n".join(copied + [f"{len(copied)} result files copied"]))

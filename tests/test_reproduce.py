@@ -321,3 +321,41 @@ def test_collect_copies_only_finished_clean_current_reruns(tmp_path):
     assert json.loads((mine / rel / "seed0.json").read_text())["seed"] == 0
     assert sorted(p.name for p in (mine / rel).iterdir()) == ["seed0.json", "seed4.json"]
     assert rerun_stale.collect(tree, mine) == []  # nothing new the second time
+
+
+def test_moved_lists_changed_runs_against_the_same_run_at_the_commit(tmp_path):
+    """--moved: a rerun with the same matrix is "identical", one in another settings folder is
+    compared with the old folder's run, a changed one shows old -> new ACC, a new one "new"
+    (None); unfinished and .rerun files are skipped."""
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(REPO / "experiments"))
+    import rerun_stale
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    def put(rel, matrix, status="finished"):
+        f = tmp_path / "results" / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps({"status": status, "matrix": matrix}))
+
+    m = "S1/task/cfg/naive"
+    put(f"{m}/aaaaaaaa/seed0.json", [[0.5, 0.1], [0.5, 0.7]])
+    put(f"{m}/aaaaaaaa/seed1.json", [[0.9, 0.1], [0.8, 0.6]])
+    git("init", "-q")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "add", "-A")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "old")
+    put(f"{m}/aaaaaaaa/seed0.json", [[0.5, 0.1], [0.5, 0.7]], "diverged")  # same matrix
+    put(f"{m}/bbbbbbbb/seed1.json", [[0.9, 0.1], [0.9, 0.8]])  # new settings folder
+    put(f"{m}/bbbbbbbb/seed2.json", [[1.0, 0.0], [0.5, 0.5]])  # no old run
+    put(f"{m}/bbbbbbbb/seed3.json", [[1.0]], status="running")
+    put(f"{m}/bbbbbbbb/seed1.rerun.json", [[0.0]])
+    got = rerun_stale.moved("HEAD", tmp_path)
+    assert got == [(f"results/{m}/aaaaaaaa/seed0.json", "identical", "identical"),
+                   (f"results/{m}/bbbbbbbb/seed1.json", 70.0, 85.0),
+                   (f"results/{m}/bbbbbbbb/seed2.json", None, 50.0)]
+    put(f"{m}/aaaaaaaa/seed0.json", [[0.5, 0.1], [0.4, 0.7]])  # now changed in place
+    assert rerun_stale.moved("HEAD", tmp_path)[0] == (f"results/{m}/aaaaaaaa/seed0.json", 60.0,
+                                                       55.0)
