@@ -185,6 +185,46 @@ PROTOCOLS = {
                 "class": {"dgr": (90.79, 0.41), "dgr_distill": (91.79, 0.32)}}.items()
         },
     },
+    # ---- the generative and hybrid families' comparisons (issue 18, item 7): our protocols
+    "H1": {
+        "title": "Latent replay and ExStream at ER's memory in bytes, AR1 and CWR* (S2's "
+                 "settings, class-IL; Split MNIST and Split FashionMNIST)",
+        "config": "experiments/configs/h1_latent_exstream_ar1_split_mnist.yaml",
+        "benchmark": "split_mnist / split_fmnist",
+        "variants": {"mnist": [],
+                     "fmnist": ["--benchmark.name=split_fmnist", "--benchmark.class_order=fixed"]},
+        "variant_labels": {"mnist": "Split MNIST, class-IL",
+                           "fmnist": "Split FashionMNIST, class-IL"},
+        "seeds": [0, 1, 2, 3, 4],
+        "source": "none (our protocol: the papers report CORe50 / iCIFAR-100; methods compared "
+                  "in the same runs at the same bytes)",
+        "published": {},
+    },
+    "H2": {
+        "title": "Progress & Compress next to online EWC, the same penalty (S2's settings, "
+                 "task-IL)",
+        "config": "experiments/configs/h2_pnc_online_ewc_split_mnist.yaml",
+        "benchmark": "split_mnist",
+        "variants": {"task": []},
+        "seeds": [0, 1, 2, 3, 4],
+        "source": "none (the paper has no MNIST number); its claim: forgetting no worse than "
+                  "online EWC, forward transfer through the adapters",
+        "published": {},
+    },
+    "H3": {
+        "title": "Generative negative replay next to DGR (S2's settings, class-IL; Split MNIST "
+                 "and Split FashionMNIST)",
+        "config": "experiments/configs/h3_negative_replay_dgr_split_mnist.yaml",
+        "benchmark": "split_mnist / split_fmnist",
+        "variants": {"mnist": [],
+                     "fmnist": ["--benchmark.name=split_fmnist", "--benchmark.class_order=fixed"]},
+        "variant_labels": {"mnist": "Split MNIST, class-IL",
+                           "fmnist": "Split FashionMNIST, class-IL"},
+        "seeds": [0, 1, 2, 3, 4],
+        "source": "none (our protocol: the paper reports CORe50 / ImageNet; its rule as "
+                  "docs/methods/negative_replay.md reads it)",
+        "published": {},
+    },
     # ---- the architectural family (issue 19): anchors and their status in results/anchors.md
     "A1": {
         "title": "Split MNIST, 5 tasks, task-IL (von Oswald et al. 2020), hypernetwork",
