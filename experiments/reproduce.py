@@ -204,8 +204,17 @@ PROTOCOLS = {
         "title": "Progress & Compress next to online EWC, the same penalty (S2's settings, "
                  "task-IL)",
         "config": "experiments/configs/h2_pnc_online_ewc_split_mnist.yaml",
-        "benchmark": "split_mnist",
-        "variants": {"task": []},
+        "benchmark": "split_mnist / permuted_mnist",
+        # "p2_1k": P2's data, MLP 1000-1000, Adam 1e-4 and van de Ven's task-IL online-EWC
+        # coefficient (100) for both, at P2's documented cut of 1000 iterations per task
+        "variants": {"task": [], "p2_1k": [
+            "--benchmark.name=permuted_mnist", "--benchmark.n_experiences=10",
+            "--benchmark.pad_to_32=true", "--benchmark.first_task_identity=true",
+            "--benchmark.class_order=fixed", "--model.hidden=[1000,1000]", "--optimizer.lr=0.0001",
+            "--strategy.train_iterations=1000", "--methods.1.params.ewc_lambda=100.0",
+            "--methods.2.params.ewc_lambda=100.0"]},
+        "variant_labels": {"task": "Split MNIST, task-IL",
+                           "p2_1k": "Permuted MNIST, task-IL, 1000 it/task (P2 cut)"},
         "seeds": [0, 1, 2, 3, 4],
         "source": "none (the paper has no MNIST number); its claim: forgetting no worse than "
                   "online EWC, forward transfer through the adapters",
