@@ -35,6 +35,16 @@ RESULTS_MD = REPO / "RESULTS.md"
 B1_SOURCE = ("Avalanche continual-learning-baselines target (ANCHORS B1); spread = the delta of "
              "its own regression test (3 points GEM/A-GEM/SI, 1 point RWalk)")
 
+# The variants of protocols H1 and H3: S2's settings on Split MNIST, and on Split FashionMNIST
+# with the classes in label order (van de Ven's order is MNIST's).
+MNIST_AND_FMNIST = {
+    "benchmark": "split_mnist / split_fmnist",
+    "variants": {"mnist": [],
+                 "fmnist": ["--benchmark.name=split_fmnist", "--benchmark.class_order=fixed"]},
+    "variant_labels": {"mnist": "Split MNIST, class-IL", "fmnist": "Split FashionMNIST, class-IL"},
+    "seeds": [0, 1, 2, 3, 4],
+}
+
 PROTOCOLS = {
     "S1": {
         "title": "Split MNIST, 5 tasks (Hsu et al. 2018)",
@@ -190,12 +200,7 @@ PROTOCOLS = {
         "title": "Latent replay and ExStream at ER's memory in bytes, AR1 and CWR* (S2's "
                  "settings, class-IL; Split MNIST and Split FashionMNIST)",
         "config": "experiments/configs/h1_latent_exstream_ar1_split_mnist.yaml",
-        "benchmark": "split_mnist / split_fmnist",
-        "variants": {"mnist": [],
-                     "fmnist": ["--benchmark.name=split_fmnist", "--benchmark.class_order=fixed"]},
-        "variant_labels": {"mnist": "Split MNIST, class-IL",
-                           "fmnist": "Split FashionMNIST, class-IL"},
-        "seeds": [0, 1, 2, 3, 4],
+        **MNIST_AND_FMNIST,
         "source": "none (our protocol: the papers report CORe50 / iCIFAR-100; methods compared "
                   "in the same runs at the same bytes)",
         "published": {},
@@ -224,12 +229,7 @@ PROTOCOLS = {
         "title": "Generative negative replay next to DGR (S2's settings, class-IL; Split MNIST "
                  "and Split FashionMNIST)",
         "config": "experiments/configs/h3_negative_replay_dgr_split_mnist.yaml",
-        "benchmark": "split_mnist / split_fmnist",
-        "variants": {"mnist": [],
-                     "fmnist": ["--benchmark.name=split_fmnist", "--benchmark.class_order=fixed"]},
-        "variant_labels": {"mnist": "Split MNIST, class-IL",
-                           "fmnist": "Split FashionMNIST, class-IL"},
-        "seeds": [0, 1, 2, 3, 4],
+        **MNIST_AND_FMNIST,
         "source": "none (our protocol: the paper reports CORe50 / ImageNet; its rule as "
                   "docs/methods/negative_replay.md reads it)",
         "published": {},
