@@ -6,7 +6,9 @@ Source: GMvandeVen/continual-learning, 2019 version (``vae_models.py`` ``AutoEnc
 ``--fc-units=400``, ``--z-dim=100``, ``--fc-bn=no``, ``--lr-gen`` = ``--lr`` = 0.001, Adam with
 betas (0.9, 0.999)):
 
-    encoder  D -> 400 -> 400 (ReLU), then two linear maps 400 -> 100: mu and log sigma^2
+    encoder  D -> 400 -> 400 (ReLU), then two linear maps 400 -> 100: mu (with a bias) and
+             log sigma^2 (without one: his ``fc_layer_split`` builds the log-variance layer
+             with ``bias=False``, 2019 ``linear_nets.py`` and 2022 ``models/fc/layers.py``)
     decoder  100 -> 400 -> 400 (ReLU) -> D, sigmoid
 
 and the loss of a batch of N inputs with D pixels each (his ``average=True``, weights 1 and 1):
@@ -74,7 +76,7 @@ class VAE(nn.Module):
         hidden = [fc_units] * (fc_layers - 1)
         self.encoder = _mlp([d] + hidden)
         self.to_mu = nn.Linear(fc_units, z_dim)
-        self.to_logvar = nn.Linear(fc_units, z_dim)
+        self.to_logvar = nn.Linear(fc_units, z_dim, bias=False)
         self.decoder = nn.Sequential(_mlp([z_dim] + hidden), nn.Linear(fc_units, d),
                                      nn.Sigmoid())
         self.auto_range = x_range is None

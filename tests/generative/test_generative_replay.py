@@ -14,6 +14,7 @@ import torch
 from avalanche.models.utils import avalanche_forward
 from torch import nn
 
+from cl_plugins.core.vae import VAE
 from cl_plugins.experiment.runner import run_experiment
 from cl_plugins.generative.generative_replay import GenerativeReplayPlugin, soft_target_ce
 from cl_plugins.registry import MethodSpec
@@ -66,12 +67,37 @@ def test_soft_target_ce_on_a_hand_example():
         assert got == pytest.approx(want * (4 if scale else 1), rel=1e-6)
 
 
+class RngRecorder(StepRecorder):
+    """A StepRecorder that also keeps the plugin's generator state at the start of each step
+    (before the plugin draws the step's replayed inputs)."""
+
+    def __init__(self, plugin, check=None):
+        super().__init__(check)
+        self.plugin, self.rng_state = plugin, None
+
+    def before_training_iteration(self, strategy, **kwargs):
+        super().before_training_iteration(strategy, **kwargs)
+        self.rng_state = self.plugin.rng.get_state()
+
+
+def _assert_snapshots_are_current(p, model):
+    """After an experience: the teacher is a frozen copy of the model, prev_generator of the
+    generator (both refreshed at every experience's end)."""
+    for (name, a), b in zip(model.named_parameters(), p.teacher.parameters()):
+        assert torch.equal(a, b) and not b.requires_grad, name
+    for (name, a), b in zip(p.generator.named_parameters(), p.prev_generator.parameters()):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("distill", [False, True])
 def test_replayed_rows_are_generated_and_labelled_by_the_previous_solver(distill):
     def check(strategy, rec):
         n = rec["n"]
         x_rep = rec["x"][n:]
-        assert x_rep.shape == (16,) + tuple(rec["x"].shape[1:])
+        # drawn from the frozen previous generator with the plugin's own generator state
+        rng = torch.Generator().set_state(rec_plugin.rng_state)
+        with torch.no_grad():
+            assert torch.equal(x_rep, p.prev_generator.sample(16, rng))
         assert float(x_rep.min()) >= 0.0 and float(x_rep.max()) <= 1.0
         with torch.no_grad():
             q = avalanche_forward(p.teacher, x_rep, rec["t"][n:])
@@ -85,33 +111,68 @@ def test_replayed_rows_are_generated_and_labelled_by_the_previous_solver(distill
         assert strategy.loss.item() == pytest.approx(want.item(), rel=1e-5)
 
     p = GenerativeReplayPlugin(distill=distill, replay_mb_size=16, seed=0, **SMALL_VAE)
-    rec = StepRecorder(check)
-    st, info = digits_strategy([p, rec])
+    rec_plugin = RngRecorder(p, check)
+    st, info = digits_strategy([p, rec_plugin])
     exps = info.benchmark.train_stream
     st.train(exps[0])
-    assert rec.steps == [] and p.teacher is not None and p.old_classes == [0, 1]
-    for (name, a), b in zip(st.model.named_parameters(), p.teacher.parameters()):
-        assert torch.equal(a, b) and not b.requires_grad, name  # a frozen copy of the solver
+    assert rec_plugin.steps == [] and p.teacher is not None and p.old_classes == [0, 1]
+    _assert_snapshots_are_current(p, st.model)
     for e in exps[1:3]:
         st.train(e)
-    assert {r["exp"] for r in rec.steps} == {1, 2} and len(rec.steps) == 16
+        _assert_snapshots_are_current(p, st.model)
+    assert {r["exp"] for r in rec_plugin.steps} == {1, 2} and len(rec_plugin.steps) == 16
 
 
 def test_task_il_replays_the_same_inputs_on_every_past_head():
+    def check(strategy, rec):  # at the step itself: the teacher that labels this step's rows
+        n, x, t = rec["n"], rec["x"], rec["t"]
+        if rec["exp"] != 2:
+            return
+        assert x.shape[0] == n + 16 and t[n:].tolist() == [0] * 8 + [1] * 8
+        assert torch.equal(x[n:n + 8], x[n + 8:])  # one generated batch, once per past task
+        with torch.no_grad():
+            for k in (0, 1):
+                rows = slice(n + 8 * k, n + 8 * (k + 1))
+                q = avalanche_forward(p.teacher, x[rows], t[rows])
+                assert torch.equal(rec["y"][rows], q.argmax(1))  # head k's labels
+        checked.append(rec["exp"])
+
+    checked = []
     p = GenerativeReplayPlugin(replay_mb_size=8, seed=0, **SMALL_VAE)
-    rec = StepRecorder()
-    st, info = digits_strategy([p, rec], scenario="task")
+    st, info = digits_strategy([p, StepRecorder(check)], scenario="task")
     for e in list(info.benchmark.train_stream)[:3]:
         st.train(e)
-    step = [r for r in rec.steps if r["exp"] == 2][0]
-    n, x, t = step["n"], step["x"], step["t"]
-    assert x.shape[0] == n + 16 and t[n:].tolist() == [0] * 8 + [1] * 8
-    assert torch.equal(x[n:n + 8], x[n + 8:])  # one generated batch, once per past task
-    with torch.no_grad():
-        for k in (0, 1):
-            rows = slice(n + 8 * k, n + 8 * (k + 1))
-            q = avalanche_forward(p.teacher, x[rows], t[rows])
-            assert torch.equal(step["y"][rows], q.argmax(1))  # head k's labels
+    assert len(checked) == 8
+
+
+class SpyVAE(VAE):
+    """The default VAE, recording each ``train_step``'s replayed inputs and current weight."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = []
+
+    def train_step(self, x, x_replay=None, current_weight=1.0, rng=None):
+        self.calls.append((x.shape[0], None if x_replay is None else x_replay.clone(),
+                           current_weight))
+        return super().train_step(x, x_replay, current_weight, rng)
+
+
+def test_the_generator_trains_on_the_incoming_and_the_replayed_inputs_weighted_1_over_t():
+    torch.manual_seed(0)
+    spy = SpyVAE((1, 8, 8), fc_layers=2, fc_units=32, z_dim=8, lr=0.003, x_range=[0.0, 1.0])
+    p = GenerativeReplayPlugin(generator=spy, replay_mb_size=16, seed=0)
+    rec = StepRecorder()
+    st, info = digits_strategy([p, rec])
+    for e in list(info.benchmark.train_stream)[:3]:
+        st.train(e)
+    calls = p.generator.calls
+    assert len(calls) == 24  # 8 steps per experience, one generator step each
+    assert all(r is None and w == 1.0 for _, r, w in calls[:8])  # experience 1: nothing replayed
+    for i, step in enumerate(rec.steps):  # experiences 2 and 3, in order
+        n, x_rep, w = calls[8 + i]
+        assert n == step["n"] and torch.equal(x_rep, step["x"][step["n"]:])
+        assert w == pytest.approx(1 / (step["exp"] + 1))
 
 
 def test_exact_resume_from_a_saved_state():

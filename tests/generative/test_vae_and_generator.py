@@ -36,6 +36,9 @@ def test_vae_layers_are_his_split_mnist_sizes_and_samples_have_the_input_shape()
     # encoder 784-400-400, mu and logvar 400->100, decoder 100-400-400-784
     assert shapes == [(400, 784), (400, 400), (100, 400), (100, 400), (400, 100), (400, 400),
                       (784, 400)]
+    # his fc_layer_split: the mean layer has a bias, the log-variance layer none
+    assert [m.bias is None for m in vae.modules() if isinstance(m, nn.Linear)] == [
+        False, False, False, True, False, False, False]
     assert isinstance(vae.optimizer, torch.optim.Adam)
     assert vae.optimizer.defaults["lr"] == 0.001 and vae.optimizer.defaults["betas"] == (0.9,
                                                                                          0.999)
