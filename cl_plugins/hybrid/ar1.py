@@ -31,9 +31,10 @@ per-step path integral is ``core.path_integral``'s (SI's and RWalk's), restricte
 
 Hooks: ``before_training_exp`` (CWR* reset, bias held at 0, path-integral start),
 ``before_backward`` (penalty), ``after_backward`` / ``before_update`` / ``after_update``
-(path integral; the head's step times ``head_lr_scale``), ``after_training_exp``
-(consolidation, importance), ``before_eval`` / ``after_eval`` (an evaluation in the middle of an
-experience sees the cw the experience would consolidate now; tw is restored after).
+(path integral; from the second experience, the head's step times ``head_lr_scale``),
+``after_training_exp`` (consolidation, importance), ``before_eval`` / ``after_eval`` (an
+evaluation in the middle of an experience sees the cw the experience would consolidate now; tw
+is restored after).
 
 Hyper-parameters (defaults: the authors' AR1 configuration where it is known):
 
@@ -41,20 +42,29 @@ Hyper-parameters (defaults: the authors' AR1 configuration where it is known):
   solver regulariser (``L2ewcMod``, source not available) and ar1-pytorch's default is 0 (AR1*
   relies on latent replay); 1e4 was picked on split_digits class-IL (docs/methods/ar1.md).
 - ``xi`` (> 0): 1e-7 (``eps`` in both codes' ``update_ewc_data``).
-- ``max_f`` (> 0): 1e-3 (``ewc_clip_to``, the "maxF" of the Caffe solver files).
-- ``head_lr_scale`` (>= 0): 10 (Caffe ``cwr_lr_mult`` for AR1; 1 for CWR+): the head's step,
-  hence its learning rate, times this factor (``core.cwr.StepScale``).
+- ``max_f`` (> 0): 1e-3 (``ewc_clip_to``, the "maxF" of the Caffe solver files, tuned there
+  for the Caffe F, which is scaled differently from ours (below): sweep it with ``si_lambda``).
+- ``head_lr_scale`` (>= 0): 10 (Caffe ``cwr_lr_mult`` for AR1; 1 for CWR+), applied from the
+  second experience on, as the Caffe code forces it only when the second batch's solver is
+  built (``inc_training_Core50.py``; batch 0 keeps the prototxt's ``lr_mult`` 1; ar1-pytorch
+  has no multiplier): the head's step, hence its learning rate, times this factor
+  (``core.cwr.StepScale``). Whether an experience is the first: ``total`` is None (state).
 - ``gradient``: ``"full"`` (ar1-pytorch integrates ``param.grad`` after the backward of CE +
-  penalty) or ``"task"`` (the penalties' gradient removed, as SI's default).
+  penalty) or ``"task"`` (the penalties' gradient removed, as SI's default). The Caffe code
+  reads ``param.diff`` after ``solver.apply_update()``: in BVLC Caffe that is the applied
+  update u (lr-scaled, with momentum), so its F would be sum u^2 / (Delta^2 + xi) >= 0, about
+  lr / (1 - momentum) times ours: an inference from BVLC's source, the authors' Caffe fork is
+  not available (docs/methods/ar1.md). That variant (integrating the update) is not offered.
 
 Deviations and choices:
 
 - No batch renormalisation: AR1 replaces BN by BRN (and changes its momentum after the first
   batch); PyTorch has no BRN and this plugin does not change the model. BN layers train as
   usual and, as in both codes, their parameters carry no penalty.
-- F is clipped at 0 from below too: both codes clip only from above (maxF). A negative F makes
-  the penalty concave; with xi = 1e-7 some T reach -1.6 after two experiences and every SGD run
-  diverged (split_digits, docs/methods/ar1.md).
+- F is clipped at 0 from below too: ar1-pytorch clips only from above (maxF); the Caffe F is
+  >= 0 by construction if it integrates updates (above). A negative F makes the penalty
+  concave; with xi = 1e-7 some T reach -1.6 after two experiences and every SGD run diverged
+  (split_digits, docs/methods/ar1.md).
 - The premultiplier ``ewc_w`` of the Caffe code (1 in every AR1 configuration) is fixed at 1.
 - Counts cur_j are the experience's labels (``dataset.targets``), not the minibatch labels.
 
@@ -176,7 +186,8 @@ class AR1Plugin(PathIntegralPlugin, supports_distributed=True):
 
     def before_update(self, strategy, **kwargs):
         super().before_update(strategy, **kwargs)
-        self.head_step.before_step([head_linear(strategy.model, self.who).weight])
+        if self.total is not None:  # from the second experience (Caffe: cwr_lr_mult at batch 1)
+            self.head_step.before_step([head_linear(strategy.model, self.who).weight])
 
     def after_update(self, strategy, **kwargs):
         super().after_update(strategy, **kwargs)

@@ -42,7 +42,12 @@ Hyper-parameters (defaults: the paper's and AR1's where they apply):
 - ``latent_dtype`` (None = float32 as computed, or ``"float16"``, ...): storage dtype.
 - ``replay_mb_size`` (int >= 1 or None, default None): m. None: ceil(B |RM| / N) for the
   strategy's ``train_mb_size`` B and the experience's N samples, so an epoch passes once over
-  RM (AR1's share; its code shrinks the incoming minibatch to B - m, here it stays B).
+  RM (AR1's proportion of replayed rows). Our composition, not the authors': they keep a step
+  at B rows, round(B N / (N + R)) incoming and the rest replayed (Caffe
+  ``inc_training_Core50.py``; ar1-pytorch and Avalanche's AR1: N // ((N + R) // B) incoming),
+  R = |RM|. Here the incoming minibatch stays B: a step has about B (1 + R / N) rows and an
+  epoch N / B steps instead of (N + R) / B (CORe50 NICv2-391, N ~ 300, R = 1500, B = 128: 128 +
+  640 rows and 3 steps an epoch here, 21 + 107 rows and 14 steps there).
 - ``lower_lr_scale`` (float in [0, 1], default 0): 0 freezes h (Avalanche's AR1 from the
   second experience; ar1-pytorch from the start); > 0 multiplies h's optimizer step, hence its
   learning rate (``core.latent``), by it: the paper's "slow-down" of the layers below.
@@ -54,12 +59,16 @@ Choices and deviations:
 
 - Batch norm below the layer: the paper replaces BN by batch renormalisation (BRN) everywhere.
   Here h runs in eval mode once protected (running statistics and dropout fixed), as
-  ar1-pytorch (``model.lat_features.eval()``) and Avalanche's AR1 (``self.model.eval()`` before
-  training ``end_features``/``output``); no BRN. Before, h's BN trains as usual.
+  ar1-pytorch (``model.lat_features.eval()``, every batch); no BRN. Before (experience 1), h's
+  BN trains as usual, whereas Avalanche's AR1 holds the lower part in eval mode in every
+  experience, the first included (``self.model.eval()`` before training ``end_features`` /
+  ``output``). The Caffe code does not freeze the BRN statistics below the layer.
 - Stored activations are h's at the experience's end, computed in eval mode on the chosen
-  samples (``dataset.eval()``): AR1's code keeps those of the first epoch's training forwards,
-  which for experience 1 come from an h still being trained; with h frozen afterwards, the
-  end-of-experience ones are exactly what h gives later. Costs one forward of h_i samples.
+  samples (``dataset.eval()``), with h frozen afterwards exactly what h gives later (one forward
+  of h_i samples). The paper's Caffe code also recomputes experience 1's activations after
+  training (an extra forward), and keeps the first epoch's training forwards for later batches;
+  Avalanche's AR1 keeps the first epoch's forwards always (for experience 1 from an h still
+  being trained).
 - Memory placement: AR1 fills RM with experience 1 and then replaces h_i random entries;
   when experience 1 has fewer samples than the capacity, free slots are filled first here.
 - Replay order: AR1 slices RM in a fixed order each epoch; here a random permutation of RM is

@@ -1,5 +1,6 @@
-"""ClusterBuffer (ExStream's merge rule): a hand example with exact centroids and counts, the
-vectorised rounds against a plain sequential reference, bytes, state, errors."""
+"""ClusterBuffer (ExStream's merge rule): hand examples with exact centroids and counts (merges
+of equal counts, and of unequal counts, where the count-weighted mean differs from the
+midpoint), the vectorised rounds against a plain sequential reference, bytes, state, errors."""
 
 from __future__ import annotations
 
@@ -39,6 +40,20 @@ def test_merge_rule_by_hand():
     assert _by_key(buf)[(0, 1)] == [([7, 7], 1)]
     assert buf.n_seen == 7 and len(buf) == 4
     assert torch.equal(buf.counts.sum(1), torch.tensor([6, 1]))  # counts add up to the stream
+
+
+def test_unequal_counts_merge_into_the_count_weighted_mean_by_hand():
+    # the authors' slots: the merged cluster goes to the larger index j, the new point to i
+    buf = ClusterBuffer(2, dtype=torch.float64)
+    zero = torch.zeros(1, dtype=torch.long)
+    for p in ([0.0, 0.0], [1.0, 0.0], [10.0, 0.0]):
+        buf.insert(torch.tensor([p], dtype=torch.float64), zero, zero)
+    # full at [10, 0]: the only pair (0, 1) merges into slot 1 with count 2, [10, 0] takes slot 0
+    assert _by_key(buf)[(0, 0)] == [([10, 0], 1), ([0.5, 0], 2)]
+    buf.insert(torch.tensor([[11.0, 0.0]], dtype=torch.float64), zero, zero)
+    # (1 x [10, 0] + 2 x [0.5, 0]) / 3 = [11/3, 0], count 3; the midpoint would be [5.25, 0]
+    assert _by_key(buf)[(0, 0)] == [([11.0, 0.0], 1), ([11 / 3, 0.0], 3)]
+    assert buf.counts[0].tolist() == [1, 3] and buf.n_seen == 4
 
 
 def _reference(stream, capacity):
@@ -94,7 +109,8 @@ def test_bytes_and_capacity_for_bytes():
     assert buf.cache_nbytes == 10 * 30 * 30 * 4
     # ER's 300 split_digits samples: 300 x (64 x 4 + 16) bytes = 81,600 -> 30 per class fit
     assert capacity_for_bytes(81_600, 10, 64) == 30
-    assert 10 * (31 * (64 * 4 + 8) + 16) > 81_600
+    # the largest that fits: 31 a class takes 82,000 bytes, so one byte less gives 30
+    assert capacity_for_bytes(82_000, 10, 64) == 31 and capacity_for_bytes(81_999, 10, 64) == 30
 
 
 def test_state_round_trip_continues_identically():

@@ -1,7 +1,9 @@
 """AR1 (Maltoni & Lomonaco 2019): the registry header and arguments, the CWR* head reset at each
-experience, the regulariser on the shared non-head, non-norm parameters only (its importance
-against SI's path integral, the maxF clip), the evaluation swap, an exact resume from the plugin
-state, and split_digits class-IL next to naive fine-tuning."""
+experience, the head's learning-rate multiplier (off in the first experience, on from the
+second), the regulariser on the shared non-head, non-norm parameters only (the per-step path
+integral by hand over two momentum steps, its importance against SI's path integral, the maxF
+clip), the evaluation swap, an exact resume from the plugin state, and split_digits class-IL
+next to naive fine-tuning."""
 
 from __future__ import annotations
 
@@ -107,6 +109,72 @@ def test_class_il_rows_of_other_classes_are_zero_during_training():
     assert torch.equal(probe.rows[1], torch.zeros_like(probe.rows[1]))  # new classes only
     seen = ar1.cwr.past > 0
     assert int(seen.sum()) == 4 and torch.count_nonzero(model.head.linear.weight[~seen]) == 0
+
+
+class HeadSteps(SupervisedPlugin):
+    """Listed after AR1: (experience, head weight before the step, its gradient, after)."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps = []
+
+    def before_update(self, strategy, **kwargs):
+        w = head_linear(strategy.model).weight
+        self._before = (w.detach().clone(), w.grad.detach().clone())
+
+    def after_update(self, strategy, **kwargs):
+        w = head_linear(strategy.model).weight.detach().clone()
+        self.steps.append((strategy.experience.current_experience, *self._before, w))
+
+
+def test_head_lr_multiplier_is_off_in_the_first_experience_and_on_from_the_second():
+    # plain SGD (lr 0.05): the head's step is -lr g in experience 1, -10 lr g from experience 2
+    ar1, spy = AR1Plugin(si_lambda=0.0, head_lr_scale=10.0), HeadSteps()
+    st, info, _ = strategy([ar1, spy])
+    for exp in list(info.benchmark.train_stream)[:3]:
+        st.train(exp)
+    scales = {0: 1.0, 1: 10.0, 2: 10.0}
+    for exp, w0, g, w1 in spy.steps:
+        assert g.abs().sum() > 0
+        torch.testing.assert_close(w1 - w0, -0.05 * scales[exp] * g, rtol=1e-4, atol=1e-7)
+    assert {s[0] for s in spy.steps} == {0, 1, 2}
+
+
+def test_per_step_path_integral_by_hand_over_two_momentum_steps():
+    # SGD lr 0.1, momentum 0.5: delta_1 = -lr g_1, delta_2 = -lr (mu g_1 + g_2), so
+    # omega = g_1 . (lr g_1) + g_2 . lr (mu g_1 + g_2) and T = omega / ((delta_1 + delta_2)^2 + xi)
+    torch.manual_seed(0)
+    model = ClassifierNet(nn.Linear(3, 2), nn.Linear(2, 3))  # nn.Linear has out_features
+    x, y = torch.randn(4, 3), torch.tensor([0, 2, 1, 0])
+    st = SimpleNamespace(model=model, device="cpu", plugins=[],
+                         experience=SimpleNamespace(dataset=SimpleNamespace(targets=y.tolist())))
+    lr, mu, xi = 0.1, 0.5, 1e-3
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=mu)
+    ar1 = AR1Plugin(xi=xi, max_f=1e9)
+    ar1.before_training_exp(st)
+    start = {n: p.detach().clone() for n, p in model.backbone.named_parameters()}
+    grads = []
+    for _ in range(2):
+        opt.zero_grad()
+        st.loss = nn.functional.cross_entropy(model(x), y)
+        ar1.before_backward(st)
+        st.loss.backward()
+        grads.append({n: p.grad.detach().clone() for n, p in model.backbone.named_parameters()})
+        ar1.after_backward(st)
+        ar1.before_update(st)
+        opt.step()
+        ar1.after_update(st)
+    omega = dict(ar1.omega)
+    ar1.after_training_exp(st)
+    for n, p in model.backbone.named_parameters():
+        g1, g2 = grads[0][n], grads[1][n]
+        by_hand = g1 * (lr * g1) + g2 * (lr * (mu * g1 + g2))
+        torch.testing.assert_close(omega["backbone." + n], by_hand, rtol=1e-5, atol=1e-9)
+        moved = -lr * (g1 + mu * g1 + g2)
+        torch.testing.assert_close(p.detach() - start[n], moved, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(ar1.total["backbone." + n], by_hand / (moved ** 2 + xi),
+                                   rtol=1e-4, atol=1e-9)
+    assert any(bool((g[n] != 0).all()) for g in grads for n in g)
 
 
 def test_evaluation_in_the_middle_of_an_experience_uses_provisional_cw():
