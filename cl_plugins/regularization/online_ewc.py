@@ -4,14 +4,15 @@ Name: ``online_ewc``. Scenarios: task-, domain- and class-IL. Task labels: not n
 
 Paper: J. Schwarz, J. Luketina, W. M. Czarnecki, A. Grabska-Barwinska, Y. W. Teh, R. Pascanu,
 R. Hadsell, "Progress & Compress: A scalable framework for continual learning", ICML 2018
-(Section "online EWC"); the same method as evaluated by van de Ven & Tolias 2018 (protocol P2)
+(Sec. 4, Eq. 8-9); the same method as evaluated by van de Ven & Tolias 2018 (protocol P2)
 and Hsu et al. 2018 (protocol S1, ``EWC_online_mnist``); protocol labels as in
 experiments/reproduce.py.
 
 Equations (theta = the shared parameters, T = tasks finished so far):
 
-    F*_T = gamma * F*_{T-1} + F_T                     (F_T: the diagonal Fisher of task T)
-    loss = L_task(theta) + (lambda / 2) * sum_i F*_T,i (theta_i - theta*_T,i)^2
+    F*_T = gamma * F*_{T-1} + F_T          (Eq. 9; F_T: the diagonal Fisher of task T,
+                                            divided by its norm when ``fisher_norm`` is set)
+    loss = L_task(theta) + (lambda / 2) * sum_i F*_T,i (theta_i - theta*_T,i)^2      (Eq. 8)
 
 with theta*_T the parameters at the end of task T and F_T estimated exactly as in
 :class:`~cl_plugins.regularization.ewc.EWCPlugin` (mean over training samples of the squared
@@ -41,6 +42,14 @@ Hyper-parameters (defaults = protocol S1, Split MNIST task-IL, Hsu et al. 2018):
   Tolias 2018) compute it), ``fisher_samples`` (default None = all training samples; S1's
   60,000), ``fisher_batch_size`` (default 128, memory/speed only), ``seed`` (default 0): as in
   EWCPlugin.
+- ``fisher_norm`` (``"none"``, ``"mean"`` or ``"max"``; default ``"none"``): each task's F_T,
+  over all shared parameters together, is divided by its mean entry or its largest entry before
+  the gamma merge, F*_T = gamma F*_{T-1} + F_T / norm(F_T) (``core.fisher_scale``; an all-zero
+  F_T is merged unchanged, adding nothing, rather than producing NaN). Schwarz et al. (Sec. 4,
+  last paragraph) normalise each task's Fisher so that tasks count equally whatever the scale
+  of their Fisher, but do not say by which norm: the norm is our choice. "none" is the default
+  because the S1 and P2 anchors were measured with raw Fishers, and with it every stored result
+  keeps its meaning; a lambda tuned for one setting does not carry over to another.
 
 Why these defaults differ from EWCPlugin's (exact Fisher, lambda 1e5 from S2): protocol S2 has no
 online EWC; S1 is the anchor that gives online EWC's coefficient, and a coefficient only carries
@@ -52,6 +61,9 @@ Deviations from the paper / official code, and why:
 - Schwarz et al. (and van de Ven's older code) write the penalty with gamma * F*_T; here it is
   F*_T (as in Hsu et al.'s code and the usual statement of online EWC). The two differ by a
   constant factor only: ``ewc_lambda`` here = gamma * their lambda. Identical at gamma = 1.
+- Schwarz et al. write gamma < 1 (Eq. 8; 0.95 for online EWC on Omniglot, Table 2); the
+  default here is S1's gamma = 1.0. Their per-task Fisher normalisation (Sec. 4) is off by
+  default (``fisher_norm="none"``, above); switched on, its norm is our choice (none is named).
 - In Progress & Compress the online-EWC penalty protects the knowledge base during the compress
   phase; this plugin applies it to ordinary training, as the online-EWC baselines of S1, P2 and
   R1 do (the full method is ``pnc``).
@@ -65,7 +77,8 @@ from typing import Optional
 
 from avalanche.core import SupervisedPlugin
 
-from cl_plugins.core.checks import check_range
+from cl_plugins.core.checks import check_choice, check_range
+from cl_plugins.core.fisher_scale import FISHER_NORMS, normalize_fisher
 from cl_plugins.core.state import check_settings
 from cl_plugins.regularization.ewc import EWCPlugin
 
@@ -74,7 +87,7 @@ class OnlineEWCPlugin(EWCPlugin, supports_distributed=True):
     METHOD_NAME = "online_ewc"
     SCENARIOS = ("task", "domain", "class")
     NEEDS_TASK_LABELS = False
-    SWEEP: dict = {"ewc_lambda": {"distribution": "log_uniform_values", "min": 1.0, "max": 1e10},
+    SWEEP: dict = {"ewc_lambda": {"distribution": "log_uniform_values", "min": 1e-3, "max": 1e10},
                    "gamma": {"distribution": "uniform", "min": 0.5, "max": 1.0}}
     PAPER = "online EWC (Schwarz et al., ICML 2018, Progress & Compress)"
     SUMMARY = ("one quadratic penalty (lambda/2) sum F (theta - theta*)^2 with F <- gamma F + "
@@ -82,15 +95,23 @@ class OnlineEWCPlugin(EWCPlugin, supports_distributed=True):
 
     def __init__(self, ewc_lambda: float = 800.0, gamma: float = 1.0, fisher: str = "predicted",
                  fisher_samples: Optional[int] = None, fisher_batch_size: int = 128,
-                 seed: int = 0):
+                 seed: int = 0, fisher_norm: str = "none"):
         SupervisedPlugin.__init__(self)
         self.gamma = float(check_range("gamma", gamma, 0.0, 1.0))
+        self.fisher_norm = check_choice("fisher_norm", fisher_norm, FISHER_NORMS)
         self.configure(ewc_lambda, "online", self.gamma, fisher, fisher_samples,
                        fisher_batch_size, seed)
 
+    def estimate_fisher(self, model, dataset):
+        """F_T as it joins the running Fisher: EWCPlugin's estimate divided by its
+        ``fisher_norm`` (``core.fisher_scale``; the estimate itself for "none")."""
+        return normalize_fisher(super().estimate_fisher(model, dataset), self.fisher_norm)
+
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "gamma": self.gamma}
+        return {**super().state_dict(), "gamma": self.gamma, "fisher_norm": self.fisher_norm}
 
     def load_state_dict(self, state: dict) -> None:
-        check_settings(self, state, ("gamma",))
+        if isinstance(state, dict) and "fisher_norm" not in state:
+            state = {**state, "fisher_norm": "none"}  # written before it existed: raw Fishers
+        check_settings(self, state, ("gamma", "fisher_norm"))
         super().load_state_dict(state)

@@ -1,6 +1,10 @@
 """Progress & Compress next to online EWC and naive fine-tuning on split_digits task-IL.
 
-The measurements of docs/methods/pnc.md. Run from the repository root:
+The measurements of docs/methods/pnc.md of 2026-12-05 (its "Before the audit fixes" tables),
+and the helpers (``run``, ``forgetting``, ``SEEDS``) of pnc_norm_split_digits.py, which made the
+current ones. Since the audit fixes (temperature 2, compress as long as progress), setting A below
+stops at a DivergenceError: raw Fishers at lambda 800 with momentum 0.9 are past the stability
+edge of this SGD. Run from the repository root:
 
     OMP_NUM_THREADS=1 python experiments/checks/pnc_split_digits.py
 

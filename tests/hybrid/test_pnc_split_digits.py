@@ -34,12 +34,17 @@ class Nothing(SupervisedPlugin):
 
 
 def test_split_digits_task_il_next_to_online_ewc():
-    """docs/methods/pnc.md, setting A, seed 0: P&C keeps final accuracy > 0.9 and forgets far
-    less than naive fine-tuning; online EWC, measured beside it, also forgets less than naive.
-    (Across seeds and settings the comparison with online EWC is mixed: see the notes.)"""
-    pnc = accuracy_rows(ProgressCompressPlugin(), seed=0)
+    """split_digits task-IL, seed 0, SGD momentum 0.9, 2 epochs (docs/methods/pnc.md): P&C
+    with mean-normalised Fishers keeps final accuracy > 0.9 and forgets far less than the same
+    run without its online-EWC term (ewc_lambda=0: distillation alone, measured 0.039 against
+    0.007) and than naive fine-tuning; online EWC, measured beside it, also forgets less than
+    naive. (Across seeds and settings the comparison with online EWC is mixed: see the notes.)"""
+    pnc = accuracy_rows(ProgressCompressPlugin(fisher_norm="mean", ewc_lambda=0.2), seed=0)
+    no_penalty = accuracy_rows(ProgressCompressPlugin(fisher_norm="mean", ewc_lambda=0.0),
+                               seed=0)
     ewc = accuracy_rows(OnlineEWCPlugin(), seed=0)
     naive = accuracy_rows(Nothing(), seed=0)
     assert sum(pnc[-1]) / len(pnc[-1]) > 0.9
+    assert forgetting(pnc) < 0.5 * forgetting(no_penalty)
     assert forgetting(pnc) < 0.5 * forgetting(naive)
     assert forgetting(ewc) < forgetting(naive)
