@@ -45,6 +45,10 @@ MNIST_AND_FMNIST = {
     "seeds": [0, 1, 2, 3, 4],
 }
 
+# H2's lambda-grid entries (variant "tune" only; the config's entries 5-13)
+H2_GRID = ["online_ewc-lam0.001", "online_ewc-lam0.01", "online_ewc-lam0.1", "online_ewc-lam1",
+           "online_ewc-lam10", "pnc-lam0.01", "pnc-lam0.1", "pnc-lam1", "pnc-lam10"]
+
 PROTOCOLS = {
     "S1": {
         "title": "Split MNIST, 5 tasks (Hsu et al. 2018)",
@@ -210,9 +214,9 @@ PROTOCOLS = {
                  "transfer against separate networks (S2's settings, task-IL)",
         "config": "experiments/configs/h2_pnc_online_ewc_split_mnist.yaml",
         "benchmark": "split_mnist / permuted_mnist",
-        # "tune": the lambda grid (0.1, 1, 10 per method; 0.01 added as the config says), ONE
-        # seed, chosen on the test stream
-        # (no validation split exists: a declared deviation). Run it first and alone:
+        # "tune": the lambda grid (H2_GRID: 0.1, 1, 10 per method, extended below as the config
+        # says), ONE seed, chosen on the test stream (no validation split exists: a declared
+        # deviation). Run it first and alone:
         #     python experiments/reproduce.py H2 --variant tune --seeds 0
         # then set entries 1-3's ewc_lambda to the config's choice rule's values (they carry
         # the grid's middle point, 1.0, until then) and run `reproduce.py H2 --variant task`.
@@ -225,13 +229,9 @@ PROTOCOLS = {
             "--benchmark.pad_to_32=true", "--benchmark.first_task_identity=true",
             "--benchmark.class_order=fixed", "--model.hidden=[1000,1000]", "--optimizer.lr=0.0001",
             "--strategy.train_iterations=1000", "--methods.2.params.compress_lr=0.00005"]},
-        "skip": {"task": ["online_ewc-lam0.01", "online_ewc-lam0.1", "online_ewc-lam1",
-                          "online_ewc-lam10", "pnc-lam0.01", "pnc-lam0.1", "pnc-lam1",
-                          "pnc-lam10"],
+        "skip": {"task": H2_GRID,
                  "tune": ["naive", "online_ewc", "pnc", "pnc-ac", "ensemble"],
-                 "p2_1k": ["pnc-ac", "ensemble", "online_ewc-lam0.01", "online_ewc-lam0.1",
-                           "online_ewc-lam1", "online_ewc-lam10", "pnc-lam0.01", "pnc-lam0.1",
-                           "pnc-lam1", "pnc-lam10"]},
+                 "p2_1k": ["pnc-ac", "ensemble", *H2_GRID]},
         "variant_labels": {"task": "Split MNIST, task-IL (pnc-ac: only its diagonal means "
                                    "anything)",
                            "tune": "Split MNIST, task-IL, lambda grid, seed 0, chosen on the "
