@@ -218,8 +218,8 @@ PROTOCOLS = {
         # says), ONE seed, chosen on the test stream (no validation split exists: a declared
         # deviation). Run it first and alone:
         #     python experiments/reproduce.py H2 --variant tune --seeds 0
-        # then set entries 1-3's ewc_lambda to the config's choice rule's values (they carry
-        # the grid's middle point, 1.0, until then) and run `reproduce.py H2 --variant task`.
+        # entries 1-3 carry the rule's choices (online_ewc 0.01, pnc 0.1; 2026-12-06); then
+        # `reproduce.py H2 --variant task`.
         # "p2_1k": P2's data, MLP 1000-1000, Adam 1e-4 (compress at half: 5e-5), at P2's
         # documented cut of 1000 iterations per task; naive, online_ewc and pnc only, at the
         # lambdas tuned on Split MNIST (mean-normalised Fishers: no rescaling carried over);
