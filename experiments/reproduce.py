@@ -528,9 +528,11 @@ def _started(r) -> str:
 
 
 def collect():
-    """Finished runs grouped by (protocol, variant, method), in table order. Where several
-    finished JSONs exist for one seed (e.g. a rerun under new settings), the current one is
-    used (not stale, then the latest)."""
+    """Finished and diverged runs grouped by (protocol, variant, method), in table order.
+    Where several such JSONs exist for one seed (e.g. a rerun under new settings), the current
+    one is used (not stale, then the latest). A seed whose chosen run diverged stays in its row:
+    it is left out of the mean but shown (``seeds``: "0,2 (1 diverged)"), and when its code is
+    stale it is among the row's ``stale_seeds``, so rerun_stale.py runs it again."""
     from provenance_check import Staleness, expected_settings
 
     check = Staleness(REPO)
@@ -544,7 +546,7 @@ def collect():
         protocol, variant = rel[0], rel[1]
         with open(path) as f:
             r = json.load(f)
-        if r.get("status") != "finished" or protocol not in PROTOCOLS:
+        if r.get("status") not in ("finished", "diverged") or protocol not in PROTOCOLS:
             continue
         if (protocol, variant) not in expected:
             proto = PROTOCOLS[protocol]
@@ -567,12 +569,16 @@ def collect():
 
     rows = []
     for (protocol, variant, method), by_seed in sorted(groups.items(), key=lambda kv: rank(kv[0])):
-        runs = sorted(by_seed.values(), key=lambda r: r["seed"])
-        acc = _mean_std([100 * r["summary"]["acc"] for r in runs])
+        chosen = sorted(by_seed.values(), key=lambda r: r["seed"])
+        runs = [r for r in chosen if r["status"] == "finished"]
+        diverged = [r for r in chosen if r["status"] == "diverged"]
+        acc = _mean_std([100 * r["summary"]["acc"] for r in runs]) if runs else None
         bwts = [100 * r["summary"]["bwt"] for r in runs if r["summary"]["bwt"] is not None]
         proto = PROTOCOLS[protocol]
         pub = proto["published"].get(variant, {}).get(method)
-        if pub and variant in proto.get("not_comparable", ()):
+        if pub and acc is None:
+            pub_s, ok = f"{pub[0]:.2f}", "**no** (every seed diverged)"
+        elif pub and variant in proto.get("not_comparable", ()):
             pub_s, ok = f"{pub[0]:.2f}", "n/a (protocol cut)"
         elif pub:
             tol = pub[1] if pub[1] is not None else 1.0
@@ -580,20 +586,25 @@ def collect():
             ok = "yes" if abs(acc[0] - pub[0]) <= tol else "**no**"
         else:
             pub_s, ok = "–", "–"
-        stale = sorted({why for r in runs for why in r["_stale"]})
+        stale = sorted({why for r in chosen for why in r["_stale"]})
+        seeds = ",".join(str(r["seed"]) for r in runs)
+        if diverged:
+            seeds += (" " if seeds else "") + \
+                f"({','.join(str(r['seed']) for r in diverged)} diverged)"
         rows.append({
             "protocol": protocol, "variant": variant, "method": method,
             "scenario": proto.get("variant_labels", {}).get(variant, f"{variant}-IL"),
-            "acc": f"{acc[0]:.2f} ± {acc[1]:.2f}",
+            "acc": f"{acc[0]:.2f} ± {acc[1]:.2f}" if acc else "diverged",
             "bwt": "{:.2f} ± {:.2f}".format(*_mean_std(bwts)) if bwts else "–",
-            "seeds": ",".join(str(r["seed"]) for r in runs), "n": len(runs),
-            "stale_seeds": ",".join(str(r["seed"]) for r in runs if r["_stale"]),
-            "published": pub_s, "ok": ok, "date": max(r["started"][:10] for r in runs),
-            "revision": ", ".join(sorted({check.revision(r) for r in runs})),
+            "seeds": seeds, "n": len(runs), "diverged": len(diverged),
+            "stale_seeds": ",".join(str(r["seed"]) for r in chosen if r["_stale"]),
+            "published": pub_s, "ok": ok,
+            "date": max((r.get("started") or "")[:10] for r in chosen),
+            "revision": ", ".join(sorted({check.revision(r) for r in chosen})),
             "stale": ("**stale**: " + "; ".join(stale[:3]) +
                       (f"; {len(stale) - 3} more" if len(stale) > 3 else "")) if stale else "current",
             "command": f"`python experiments/reproduce.py {protocol} --variant "
-                       f"{runs[0].get('_run_variant', variant)}`"})
+                       f"{chosen[0].get('_run_variant', variant)}`"})
     return rows
 
 
@@ -601,13 +612,15 @@ def add_task_views(groups) -> None:
     """A protocol's ``task_view`` ({run variant: view variant}) turns the chosen class-IL
     runs of the run variant into rows of the view variant too, read from the same JSONs'
     ``summary_task_view`` (the task-IL accuracy of the single head, other tasks' logits masked,
-    as Mammoth reports it). Runs without that summary are left out of the view."""
+    as Mammoth reports it). Finished runs without that summary are left out of the view; a
+    diverged run stays in it, as diverged."""
     for (protocol, variant, method), by_seed in list(groups.items()):
         view = PROTOCOLS[protocol].get("task_view", {}).get(variant)
         if view is None:
             continue
-        seen = {seed: {**r, "summary": r["summary_task_view"], "_run_variant": variant}
-                for seed, r in by_seed.items() if r.get("summary_task_view")}
+        seen = {seed: {**r, "summary": r.get("summary_task_view"), "_run_variant": variant}
+                for seed, r in by_seed.items()
+                if r.get("summary_task_view") or r["status"] == "diverged"}
         if seen:
             groups[(protocol, view, method)] = seen
 
@@ -678,7 +691,9 @@ def update_readme(rows) -> None:
     lines = ["| protocol | method | scenario | ours ACC (%) | published | seeds | code |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['protocol']} | {r['method']} | {r['scenario']} | {r['acc']} | "
-              f"{r['published']} | {r['n']} | {'current' if r['stale'] == 'current' else 'stale'}"
+              f"{r['published']} | {r['n']}"
+              f"{' + %d diverged' % r['diverged'] if r.get('diverged') else ''} | "
+              f"{'current' if r['stale'] == 'current' else 'stale'}"
               f" |" for r in rows]
     head, rest = text.split(README_START, 1)
     tail = rest.split(README_END, 1)[1]

@@ -9,7 +9,8 @@
 A row is stale when a file it depends on changed since its results were computed, or its
 config now asks for other settings (``provenance_check.py``). Each (protocol, variant, method
 label, seed) of a stale row whose own result is stale becomes one cl-run process (a seed already
-rerun with today's code is not run again) (as ``parallel.py`` runs them); rows are
+rerun with today's code is not run again; a diverged seed belongs to its row and is rerun
+when stale, like a finished one) (as ``parallel.py`` runs them); rows are
 taken in the protocols' table order, cheapest protocol first unless ``--protocols`` orders them.
 The rerun results land beside the old ones, in their settings folder; ``reproduce.py --table``
 then shows the current ones. Running the command again after a stop resumes each interrupted

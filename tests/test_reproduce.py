@@ -182,6 +182,50 @@ def test_only_the_stale_seeds_of_a_stale_row_are_rerun(tmp_path, monkeypatch):
     assert row["stale_seeds"] == "1"
 
 
+
+def test_a_diverged_seed_stays_in_its_row_and_is_rerun_when_stale(tmp_path, monkeypatch):
+    """A seed whose run diverged is shown in its row (not averaged), and when its code is stale
+    it is among the seeds rerun_stale.py runs again (it used to be dropped from the row, so never
+    rerun and never reported)."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "experiments"))
+    import rerun_stale
+    from provenance_check import Staleness
+
+    rp = _load()
+    monkeypatch.setattr(rp, "RESULTS_DIR", tmp_path)
+    now = dict(Staleness(REPO).current_files())
+    old = {**now, "cl_plugins/experiment/runner.py": "0" * 12}
+    entry = {"name": "naive", "params": {}, "plus": []}
+    folder = tmp_path / "S1" / "task" / "hsu2018_split_mnist" / "naive-sgd"
+    folder.mkdir(parents=True)
+    for seed, files, status, acc in [(0, now, "finished", 0.9), (1, old, "diverged", None),
+                                     (2, now, "finished", 0.8)]:
+        r = {**_provenanced("naive-sgd", entry, files), "seed": seed, "status": status}
+        r["summary"] = {"acc": acc, "bwt": 0.0} if acc is not None else None
+        (folder / f"seed{seed}.json").write_text(json.dumps(r))
+    (row,) = rp.collect()
+    assert row["acc"] == "85.00 ± 7.07" and row["n"] == 2 and row["diverged"] == 1
+    assert row["seeds"] == "0,2 (1 diverged)" and row["stale_seeds"] == "1"
+    assert row["stale"].startswith("**stale**")
+    monkeypatch.setitem(sys.modules, "reproduce", rp)
+    (job,) = rerun_stale.stale_jobs()
+    assert job["stale_seeds"] == "1"
+    first = row
+    # every seed diverged: the row says so instead of a number
+    for seed in (0, 2):
+        (folder / f"seed{seed}.json").unlink()
+    (row,) = rp.collect()
+    assert row["acc"] == "diverged" and row["seeds"] == "(1 diverged)"
+    assert row["ok"].startswith("**no**")
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:start -->\n<!-- results:end -->\n")
+    monkeypatch.setattr(rp, "REPO", tmp_path)
+    rp.update_readme([first])
+    assert "| 85.00 ± 7.07 | 97.98 ± 0.09 | 2 + 1 diverged | stale |" in readme.read_text()
+
+
 # ------------------------------------------------------------------------------------------- D1
 def _d1_entries(rp):
     from cl_plugins.experiment.config import load_config, normalize_methods
