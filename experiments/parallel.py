@@ -64,15 +64,20 @@ def job_command(protocol, variant, label, seed, data_root=None, extra=()):
     return cmd
 
 
-def run_jobs(jobs, n_jobs, logs, timeout=None) -> int:
+def run_jobs(jobs, n_jobs, logs, timeout=None, skip=None) -> int:
     """Run ``[(name, command)]`` as processes, ``n_jobs`` at a time, one thread each; a log per
-    job under ``logs``. Returns 1 if any failed."""
+    job under ``logs``. ``skip(name)``, when given, is asked just before a job starts: a
+    non-empty answer (the reason) leaves the job out. Returns 1 if any failed."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     logs.mkdir(parents=True, exist_ok=True)
     running, failed, t0 = [], [], time.time()
     while jobs or running:
         while jobs and len(running) < n_jobs:
             name, cmd = jobs.pop(0)
+            why = skip(name) if skip is not None else None
+            if why:
+                print(f"[{time.time() - t0:6.0f} s] {name}: skipped ({why})", flush=True)
+                continue
             log = open(logs / f"{name.replace('/', '_')}.log", "w")
             running.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                                    env=env), time.time()))

@@ -212,6 +212,14 @@ def test_a_diverged_seed_stays_in_its_row_and_is_rerun_when_stale(tmp_path, monk
     monkeypatch.setitem(sys.modules, "reproduce", rp)
     (job,) = rerun_stale.stale_jobs()
     assert job["stale_seeds"] == "1"
+    # asked again just before the job starts: still stale; once rerun elsewhere, skipped
+    assert rerun_stale.still_stale("S1/task/naive-sgd/seed1") == ""
+    assert rerun_stale.still_stale("S1/task/naive-sgd/seed0").startswith("current now")
+    rerun = json.loads((folder / "seed1.json").read_text())
+    (folder / "seed1.json").write_text(json.dumps({**rerun, "provenance": {
+        **rerun["provenance"], "files": now}}))
+    assert rerun_stale.still_stale("S1/task/naive-sgd/seed1").startswith("current now")
+    (folder / "seed1.json").write_text(json.dumps(rerun))
     first = row
     # every seed diverged: the row says so instead of a number
     for seed in (0, 2):
@@ -403,3 +411,21 @@ def test_moved_lists_changed_runs_against_the_same_run_at_the_commit(tmp_path):
     put(f"{m}/aaaaaaaa/seed0.json", [[0.5, 0.1], [0.4, 0.7]])  # now changed in place
     assert rerun_stale.moved("HEAD", tmp_path)[0] == (f"results/{m}/aaaaaaaa/seed0.json", 60.0,
                                                        55.0)
+
+
+def test_run_jobs_asks_skip_before_each_job(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(REPO / "experiments"))
+    import parallel
+
+    jobs = [(f"P/v/m/seed{i}", [sys.executable, "-c", "print('ran')"]) for i in range(3)]
+    asked = []
+
+    def skip(name):
+        asked.append(name)
+        return "done elsewhere" if name.endswith("seed1") else ""
+
+    assert parallel.run_jobs(jobs, 1, tmp_path, skip=skip) == 0
+    assert asked == [f"P/v/m/seed{i}" for i in range(3)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["P_v_m_seed0.log", "P_v_m_seed2.log"]
