@@ -819,3 +819,20 @@ def run_two_ranks(worker, store: str, *args, timeout: float = 300):
         p.join(timeout=60)
     assert not any(isinstance(v, str) for v in got.values()), got
     return got
+
+
+def rkd_angle(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Reference for RKD's angle loss (``core.rkd_angle.rkd_angle_loss``, which has its own
+    backward): the Huber loss between the cosines of every triplet angle of the student's and
+    the teacher's features (``core.distill_losses._all_angles``), over all N^3 entries (those
+    with i = j or k = j, 0 in both, included, as lenscloth/RKD's ``RKdAngle``), by autograd;
+    0 for fewer than 3 samples."""
+    import torch.nn.functional as F
+
+    from cl_plugins.core.distill_losses import _all_angles
+
+    if s.shape[0] != t.shape[0]:
+        raise ValueError("rkd_angle: the student and the teacher need one row per sample")
+    if s.shape[0] < 3:
+        return s.sum() * 0
+    return F.smooth_l1_loss(_all_angles(s.flatten(1)), _all_angles(t.detach().flatten(1)))

@@ -12,8 +12,8 @@ temperature (``kd_loss``) lives in ``cl_plugins.core.distill``.
 - ``neuron_vectors`` / ``mmd2``: neuron selectivity transfer (Huang & Wang, 2017), the squared
   MMD between the sets of a sample's l2-normalised channel activations under a linear,
   polynomial or Gaussian kernel;
-- ``rkd_distance`` / ``rkd_angle``: relational KD (Park et al., CVPR 2019), the Huber distance
-  between the normalised pairwise distances, and between the cosines of all triplet angles;
+- ``rkd_distance``: relational KD's distance loss (Park et al., CVPR 2019), the Huber distance
+  between the normalised pairwise distances (its angle loss: ``core.rkd_angle``);
 - ``triplet_cosines``: the cosine of the angle at j of triplets (i, j, k), for chosen triplets;
 - ``subspace_distance``: subspace distillation (Roy et al., Neural Networks 2023), per class
   2m - 2 ||P_s^T P_t||_F^2 between the m-dimensional leading left-singular subspaces;
@@ -168,17 +168,6 @@ def _all_angles(f: torch.Tensor) -> torch.Tensor:
     return (num * inv.unsqueeze(2) * inv.unsqueeze(1)).to(f.dtype)
 
 
-def rkd_angle(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Huber loss between the cosines of every triplet angle of the student's and the teacher's
-    features (``_all_angles``), averaged over all N^3 entries (those with i = j or k = j, 0 in
-    both, included, as lenscloth/RKD's ``RKdAngle``); 0 for fewer than 3 samples. Memory:
-    O(N^3) for the cosines (N = 256: 16.8M values per table, float64 inside ``_all_angles``)."""
-    _same_rows("rkd_angle", s, t)
-    if s.shape[0] < 3:
-        return s.sum() * 0
-    return F.smooth_l1_loss(_all_angles(s.flatten(1)), _all_angles(t.detach().flatten(1)))
-
-
 def triplet_cosines(f: torch.Tensor, triplets: torch.Tensor) -> torch.Tensor:
     """cos of the angle at f_j between (f_i - f_j) and (f_k - f_j) for each row (i, j, k) of
     ``triplets`` [M, 3] (long): ``[M]``."""
@@ -189,16 +178,12 @@ def triplet_cosines(f: torch.Tensor, triplets: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(1)
 
 
-def _leading_subspaces(f: torch.Tensor, m: int) -> torch.Tensor:
-    """Orthonormal bases [B, D, r] of the leading r = min(m, n, D) left-singular vectors of
-    f_b^T for a batch f [B, n, D] (one sample per row): one batched SVD, with the gradient of a
-    subspace loss taken over the singular pairs across the cut only (``core.subspace_grad``)."""
-    return leading_subspace(f, m)
 
 
 def subspace_distance(s: torch.Tensor, t: torch.Tensor, dim: int = 10,
                       labels: Optional[torch.Tensor] = None, noise_std: float = 0.0,
-                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                      generator: Optional[torch.Generator] = None,
+                      gap_floor: float = 0.0) -> torch.Tensor:
     """Mean over the classes k in ``labels`` (one class over every row when None) of
 
         d_k = 2 r - 2 ||P_s,k^T P_t,k||_F^2,
@@ -208,12 +193,16 @@ def subspace_distance(s: torch.Tensor, t: torch.Tensor, dim: int = 10,
     d_k = 0 for equal subspaces and 2r for orthogonal ones (the chordal distance). Before the
     SVD, N(0, noise_std^2) noise drawn from ``generator`` is added to both (the official code
     adds 0.01: it splits repeated singular values, whose subspaces have unstable gradients).
+    The subspaces are one batched SVD per class size, with the gradient taken over the singular
+    pairs across the cut only and gaps below ``gap_floor`` counted as ``gap_floor``
+    (``core.subspace_grad.leading_subspace``).
     Non-finite features (a diverged model) give a NaN distance, not an SVD error, so that a
     divergence guard reports the run as diverged.
     """
     _same_rows("subspace_distance", s, t)
     check_int("dim", dim, 1)
     check_non_negative("noise_std", noise_std)
+    check_non_negative("gap_floor", gap_floor)
     s, t = s.flatten(1), t.detach().flatten(1)
     if not bool(torch.isfinite(s).all() & torch.isfinite(t).all()):
         return (s.sum() + t.sum()) * float("nan")
@@ -235,7 +224,7 @@ def subspace_distance(s: torch.Tensor, t: torch.Tensor, dim: int = 10,
     dists = []
     for idx in by_size.values():  # one batched SVD per class size: students and teachers
         idx = torch.stack(idx)  # [G, n_k]
-        u = _leading_subspaces(torch.cat([s[idx], t[idx]]), dim)  # [2G, D, r]
+        u = leading_subspace(torch.cat([s[idx], t[idx]]), dim, gap_floor)  # [2G, D, r]
         us, ut = u[:idx.shape[0]], u[idx.shape[0]:]
         dists.append(2 * u.shape[2] - 2 * (us.transpose(1, 2) @ ut).pow(2).sum((1, 2)))
     return torch.cat(dists).mean()

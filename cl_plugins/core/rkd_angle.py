@@ -27,8 +27,9 @@ with S[j] = W[j] + W[j]^T (u_ji enters C[j] through both the i and the k slot), 
 N^3. W is symmetric in (i, k) up to rounding, so S = 2 W: four elementwise passes over N^3 numbers
 and their sums; autograd carries these back to f through the O(N^2 D) part.
 
-Conventions kept from the reference ``core.distill_losses.rkd_angle`` (and the official code's
-normalised zero vectors): entries with i = j or k = j are 0 and count in the mean; rows that
+Conventions kept from the autograd reference (``rkd_angle`` in tests/helpers.py, in
+``core.distill_losses`` until 2026-12-06) and from the official code's normalised zero vectors:
+entries with i = j or k = j are 0 and count in the mean; rows that
 coincide (squared distance at most 1e-12 of their squared norms, in float64) have u = 0, so their
 cosines are 0. Precision: the N^3 part runs in the features' dtype; in float32 a cosine's error
 is about eps_32 * max|G| u_ji u_jk, which the centring keeps near eps_32 unless two rows are far

@@ -1,5 +1,5 @@
 """core.rkd_angle: RKD's angle loss with its hand-written backward pass against the autograd
-formula of core.distill_losses.rkd_angle (itself checked against triple loops in
+formula of helpers.rkd_angle (itself checked against triple loops in
 test_distill_losses_mmd_rkd.py): the same value and gradient in float64, repeated and zero rows
 included; a finite-difference gradient check; float32 gradients within float32 rounding of the
 float64 ones even for embeddings far from the origin; invariances; edge cases."""
@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cl_plugins.core.distill_losses import rkd_angle
 from cl_plugins.core.rkd_angle import all_cosines, angle_factors, rkd_angle_loss
+from helpers import rkd_angle
 
 
 def pair(seed, n, d, scale=1.0, offset=0.0, dtype=torch.float64):

@@ -103,3 +103,38 @@ def test_a_tie_across_the_cut_contributes_nothing_instead_of_nan():
     t = _target(n, d, 10)[:1].float()
     grad, = torch.autograd.grad(_loss(leading_subspace(f_tie, 10), t), f_tie)
     assert torch.isfinite(grad).all() and grad.norm() > 0
+
+
+def _near_tie_across_the_cut(delta, n=13, d=20):
+    """``_degenerate``'s spectrum with s_10 - s_11 = ``delta`` (r = 10), everything else fixed."""
+    g = torch.Generator().manual_seed(3)
+    q1 = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    q2 = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+    s = torch.tensor([5, 4.5, 4, 3.5, 3, 2.5, 2.2, 2, 1.8, 1.0, 1.0 - delta, 0.4, 0.3],
+                     dtype=torch.float64)
+    return ((q1 * s) @ q2[:, :n].T)[None]
+
+
+def _grad(f, m, t, gap_floor=0.0):
+    f = f.clone().requires_grad_(True)
+    return torch.autograd.grad(_loss(leading_subspace(f, m, gap_floor), t), f)[0]
+
+
+def test_gap_floor_is_exact_above_the_floor_and_bounded_below_it():
+    """Every gap across the cut at least the floor: the exact gradient. A gap far below it (the
+    D1 DER + SD collapse): the exact gradient grows as 1 / gap, the floored one stays put."""
+    t = _target(13, 20, 10)[:1]
+    wide = _near_tie_across_the_cut(0.5)
+    torch.testing.assert_close(_grad(wide, 10, t, gap_floor=0.1), _grad(wide, 10, t),
+                               rtol=0, atol=0)
+    exact = [_grad(_near_tie_across_the_cut(dl), 10, t).norm() for dl in (1e-3, 1e-5)]
+    floored = [_grad(_near_tie_across_the_cut(dl), 10, t, 0.01).norm() for dl in (1e-3, 1e-5)]
+    assert exact[1] / exact[0] > 50  # 1 / gap: 100x
+    assert floored[1] / floored[0] == pytest.approx(1.0, rel=0.05)
+    assert floored[1] < exact[1] / 500
+
+
+def test_subspace_distance_rejects_a_negative_gap_floor():
+    s = torch.randn(12, 8)
+    with pytest.raises(ValueError, match="gap_floor"):
+        subspace_distance(s, s, 3, gap_floor=-1.0)

@@ -12,12 +12,13 @@ from avalanche.training import Naive
 from avalanche.training.plugins import EvaluationPlugin
 
 from cl_plugins.benchmarks import build_benchmark
-from cl_plugins.core.distill_losses import rkd_angle, rkd_distance
+from cl_plugins.core.distill_losses import rkd_distance
 from cl_plugins.distillation.relational_kd import RelationalKDPlugin
 from cl_plugins.experiment.runner import run_experiment
 from cl_plugins.models import build_model
 from cl_plugins.registry import MethodSpec, signature_defaults
 from cl_plugins.replay.er import ERPlugin
+from helpers import rkd_angle
 
 
 class TermSpy(SupervisedPlugin):

@@ -21,7 +21,8 @@ def test_arguments_are_checked():
                           ({"class_wise": False, "detach_classwise": True}, "class_wise=True"),
                           ({"replay_source": "buffer"}, "replay_source"),
                           ({"replay_source": "der"}, "inputs='replay'"),
-                          ({"seed": -1}, "seed")]:
+                          ({"seed": -1}, "seed"), ({"gap_floor": -0.01}, "gap_floor"),
+                          ({"gap_floor": float("nan")}, "gap_floor")]:
         with pytest.raises(ValueError, match=match):
             SubspaceKDPlugin(**kwargs)
 
@@ -41,6 +42,28 @@ def test_the_term_is_the_subspace_distance_with_the_plugins_noise():
     glob = SubspaceKDPlugin(dim=3, noise_std=0.0, class_wise=False, layers="a")
     assert glob.distill_loss(s, t, y, y).item() == pytest.approx(
         subspace_distance(s["a"], t["a"], 3).item(), abs=1e-6)
+
+
+def test_gap_floor_reaches_the_svd_backward():
+    """A class with more rows than dim and two singular values 1e-4 apart across the cut: the
+    plugin's gradient is subspace_distance's with its gap_floor, and 0 gives the exact one."""
+    g = torch.Generator().manual_seed(2)
+    q1 = torch.linalg.qr(torch.randn(14, 14, generator=g))[0]
+    q2 = torch.linalg.qr(torch.randn(20, 20, generator=g))[0]
+    sv = torch.tensor([5, 4.5, 4, 3.5, 3, 1.0, 1.0 - 1e-4, 0.4, 0.3, 0.2, 0.1, 0.1, 0.1, 0.1])
+    feats = (q1 * sv) @ q2[:, :14].T
+    teacher = {"a": torch.randn(14, 20, generator=g)}
+    y = torch.zeros(14, dtype=torch.long)
+    grads = {}
+    for floor in (0.0, 0.01):
+        s = {"a": feats.clone().requires_grad_(True)}
+        SubspaceKDPlugin(dim=6, noise_std=0.0, gap_floor=floor, layers="a").distill_loss(
+            s, teacher, y, y).backward()
+        ref = feats.clone().requires_grad_(True)
+        subspace_distance(ref, teacher["a"], 6, y, gap_floor=floor).backward()
+        torch.testing.assert_close(s["a"].grad, ref.grad)
+        grads[floor] = s["a"].grad.norm().item()
+    assert grads[0.0] > 20 * grads[0.01]
 
 
 def test_the_released_class_wise_term_is_detached_and_ours_is_not():
