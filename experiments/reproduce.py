@@ -420,6 +420,7 @@ PROTOCOLS = {
                 "der+sd-200": (98.86, 86.54), "der+sd-500": (98.98, 91.47),
                 # DER + SD with the exact SVD gradient (gap_floor 0, see the config)
                 "der+sd-exact-500": (98.98, 91.47),
+                "der+sd-released-200": (98.86, 86.54), "der+sd-released-500": (98.98, 91.47),
                 "icarl-200": (98.28, 70.51), "icarl-500": (98.81, 74.55),
                 "avalanche_er-200": (97.86, 80.43), "avalanche_er-500": (98.89, 86.57),
                 "avalanche_der-200": (98.80, 84.55), "avalanche_der-500": (98.84, 90.54),
