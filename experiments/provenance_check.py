@@ -22,13 +22,23 @@ file. Older results do not: their revision is inferred as the last commit made b
 started (shown as ``~commit``), and that commit's files are compared with today's through git's
 blob hashes. A run started from uncommitted work is then compared with the commit before it,
 which can only make the check stricter, never hide a change made after the run.
+
+A run resumed from a checkpoint records the code of its last part only (the runner overwrites
+``provenance`` when it resumes). So that no part ran other code, ``set_aside_foreign_checkpoints``
+moves aside, before reproduce.py or rerun_stale.py runs anything, each checkpoint whose run (its
+unfinished JSON, written with the checkpoint) recorded row files that differ from today's: that
+run starts afresh. Results resumed before this check existed (``CHECKPOINTS_CHECKED_SINCE``) whose
+first part started before the commit they record ran part of their steps at an earlier commit
+whose files are unknown: they are stale ("resumed across commits").
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import subprocess
+from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -38,6 +48,7 @@ RUNNER_FILES = ("cl_plugins/experiment/runner.py", "cl_plugins/experiment/evalua
 MODEL_FACTORY = ("cl_plugins/models/__init__.py", "cl_plugins/models/classifier.py",
                  "cl_plugins/models/heads.py")
 NOT_FOLLOWED = ("cl_plugins/registry.py",)  # names every method's module; see the docstring
+CHECKPOINTS_CHECKED_SINCE = "2026-12-06T20:00:00+0000"  # set_aside_foreign_checkpoints in use
 _IMPORT = re.compile(r"^[ \t]*from[ \t]+(\.+[\w.]*|cl_plugins[\w.]*)[ \t]+import[ \t]+(\([^)]*\)|[^\n]*)",
                      re.M)
 
@@ -167,6 +178,13 @@ class Staleness:
         return out or None
 
     @lru_cache(maxsize=None)
+    def commit_time(self, commit: str) -> Optional[datetime]:
+        try:
+            return _when(self._git("show", "-s", "--format=%cI", commit).strip())
+        except (subprocess.CalledProcessError, ValueError):
+            return None
+
+    @lru_cache(maxsize=None)
     def blobs_at(self, commit: str) -> Dict[str, str]:
         out = {}
         for line in self._git("ls-tree", "-r", commit, "--", "cl_plugins").splitlines():
@@ -203,4 +221,42 @@ class Staleness:
         deps = set(row_files(model, tuple(methods), self.repo))
         changed = sorted(p for p in deps if then.get(p) != now.get(p))
         why += [p.replace("cl_plugins/", "") + " changed" for p in changed]
+        if prov and result.get("resumed") and prov.get("git_commit"):
+            started, made = _when(result.get("started")), self.commit_time(prov["git_commit"])
+            if started and made and started < _when(CHECKPOINTS_CHECKED_SINCE) and started < made:
+                why.append("resumed across commits (its first part's code is not recorded)")
         return why
+
+
+def _when(stamp: Optional[str]) -> Optional[datetime]:
+    """An ISO time as the runner (``+0000``) or git (``+00:00``) writes it; None if absent."""
+    if not stamp:
+        return None
+    return datetime.strptime(stamp.replace("+00:00", "+0000"), "%Y-%m-%dT%H:%M:%S%z")
+
+
+def set_aside_foreign_checkpoints(results_dir: Path, repo: Path) -> List[str]:
+    """Rename each ``seed<N>.ckpt.pt`` (and its ``.prev``) under ``results_dir`` whose unfinished
+    run JSON (``seed<N>.rerun.json``, else ``seed<N>.json``) records row files other than
+    today's to ``*.stale-<commit>``, so that the run starts afresh instead of finishing other
+    code's steps (the module docstring). Returns the checkpoints moved."""
+    check, moved = Staleness(repo), []
+    for ckpt in sorted(Path(results_dir).rglob("seed*.ckpt.pt")):
+        seed = ckpt.name.split(".", 1)[0]
+        run = None
+        for name in (f"{seed}.rerun.json", f"{seed}.json"):
+            path = ckpt.with_name(name)
+            if path.is_file():
+                found = json.loads(path.read_text())
+                if found.get("status") != "finished":
+                    run = found
+                break
+        if run is None or not run.get("provenance") or not run.get("method"):
+            continue
+        if [w for w in check.reasons(run, None) if w.endswith(" changed")]:
+            tag = (run["provenance"].get("git_commit") or "unknown")[:8]
+            for part in (ckpt, ckpt.with_name(f"{seed}.ckpt.prev.pt")):
+                if part.is_file():
+                    part.rename(part.with_name(f"{part.name}.stale-{tag}"))
+            moved.append(str(ckpt))
+    return moved

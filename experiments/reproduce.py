@@ -503,11 +503,15 @@ def labels_for(proto, variant: str):
 
 
 def run_protocol(name: str, variants, seeds, data_root, extra):
+    from provenance_check import set_aside_foreign_checkpoints
+
     from cl_plugins.experiment.cli import main as cl_run
 
     proto = PROTOCOLS[name]
     failed = 0
     for variant in variants:
+        for ckpt in set_aside_foreign_checkpoints(RESULTS_DIR / name / variant, REPO):
+            print(f"{ckpt}: written by other code for this row; set aside, the run starts afresh")
         args = ["--config", str(REPO / config_for(proto, variant)), *proto["variants"][variant],
                 f"--seeds={','.join(map(str, seeds))}",
                 f"--output_dir={RESULTS_DIR / name / variant}", "--loggers.plots=false", *extra]

@@ -187,8 +187,16 @@ def main(argv=None) -> int:
 
 def still_stale(name: str) -> str:
     """Asked before each job starts: '' when the job's seed is still stale, else why not (the
-    list is made once at the start; another process may have rerun the seed since)."""
+    list is made once at the start; another process may have rerun the seed since). Before
+    that, checkpoints of the protocol written by other code for their row are set aside
+    (``provenance_check.set_aside_foreign_checkpoints``): a resumed run never mixes code."""
+    from provenance_check import set_aside_foreign_checkpoints
+    from reproduce import REPO, RESULTS_DIR
+
     protocol, variant, method, seed = name.rsplit("/", 3)
+    for ckpt in set_aside_foreign_checkpoints(RESULTS_DIR / protocol / variant, REPO):
+        print(f"{ckpt}: written by other code for this row; set aside, the run starts afresh",
+              flush=True)
     for r in stale_jobs([protocol]):
         if (r["protocol"], r["variant"], r["method"]) == (protocol, variant, method):
             if seed[len("seed"):] in r["stale_seeds"].split(","):

@@ -429,3 +429,54 @@ def test_run_jobs_asks_skip_before_each_job(tmp_path):
     assert parallel.run_jobs(jobs, 1, tmp_path, skip=skip) == 0
     assert asked == [f"P/v/m/seed{i}" for i in range(3)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["P_v_m_seed0.log", "P_v_m_seed2.log"]
+
+
+def test_checkpoints_written_by_other_code_are_set_aside(tmp_path):
+    """A checkpoint whose unfinished run recorded other row files than today's is renamed aside
+    (the run starts afresh instead of finishing another code's steps); one written by today's
+    code, or next to a finished result only, stays."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "experiments"))
+    from provenance_check import Staleness, set_aside_foreign_checkpoints
+
+    now = dict(Staleness(REPO).current_files())
+    old = {**now, "cl_plugins/experiment/runner.py": "0" * 12}
+    entry = {"name": "naive", "params": {}, "plus": []}
+    folder = tmp_path / "S1" / "task" / "cfg" / "naive-sgd" / "abc"
+    folder.mkdir(parents=True)
+    for seed, files, status in [(0, old, "preempted"), (1, now, "preempted"), (2, old, "finished")]:
+        r = {**_provenanced("naive-sgd", entry, files), "seed": seed, "status": status}
+        (folder / f"seed{seed}.json").write_text(json.dumps(r))
+        (folder / f"seed{seed}.ckpt.pt").write_bytes(b"x")
+    (folder / "seed0.ckpt.prev.pt").write_bytes(b"y")
+    moved = set_aside_foreign_checkpoints(tmp_path, REPO)
+    assert moved == [str(folder / "seed0.ckpt.pt")]
+    names = sorted(p.name for p in folder.iterdir() if ".ckpt" in p.name)
+    assert names == ["seed0.ckpt.prev.pt.stale-aaaaaaaa", "seed0.ckpt.pt.stale-aaaaaaaa",
+                     "seed1.ckpt.pt", "seed2.ckpt.pt"]
+    # a rerun in progress (seed<N>.rerun.json beside a finished result) is the one checked
+    (folder / "seed2.rerun.json").write_text(json.dumps(
+        {**_provenanced("naive-sgd", entry, old), "seed": 2, "status": "preempted"}))
+    assert set_aside_foreign_checkpoints(tmp_path, REPO) == [str(folder / "seed2.ckpt.pt")]
+
+
+def test_a_result_resumed_across_commits_before_the_check_is_stale():
+    import sys
+
+    sys.path.insert(0, str(REPO / "experiments"))
+    from provenance_check import CHECKPOINTS_CHECKED_SINCE, Staleness
+
+    check = Staleness(REPO)
+    head = check._git("rev-parse", "HEAD").strip()
+    made = check.commit_time(head)
+    entry = {"name": "naive", "params": {}, "plus": []}
+    r = {**_provenanced("naive-sgd", entry, dict(check.current_files())),
+         "provenance": {"git_commit": head, "git_dirty": False, "files": check.current_files()},
+         "resumed": [{"after_experiences": 2, "at": "x"}]}
+    early = "2020-01-01T00:00:00+0000"  # before HEAD was made and before the check existed
+    assert "resumed across commits" in " ".join(check.reasons({**r, "started": early}, None))
+    assert check.reasons({**r, "started": early, "resumed": []}, None) == []
+    late = made.strftime("%Y-%m-%dT%H:%M:%S%z")  # started at the commit's time: not before it
+    assert check.reasons({**r, "started": late}, None) == []
+    assert CHECKPOINTS_CHECKED_SINCE.startswith("2026-12-06")
