@@ -25,9 +25,9 @@ which can only make the check stricter, never hide a change made after the run.
 
 A run resumed from a checkpoint records the code of its last part only (the runner overwrites
 ``provenance`` when it resumes). So that no part ran other code, ``set_aside_foreign_checkpoints``
-moves aside, before reproduce.py or rerun_stale.py runs anything, each checkpoint whose run (its
-unfinished JSON, written with the checkpoint) recorded row files that differ from today's: that
-run starts afresh. Results resumed before this check existed (``CHECKPOINTS_CHECKED_SINCE``) whose
+moves aside, before reproduce.py or rerun_stale.py runs anything, each checkpoint whose own
+recorded run (the result it holds) has row files that differ from today's: that run starts
+afresh. Results resumed before this check existed (``CHECKPOINTS_CHECKED_SINCE``) whose
 first part started before the commit they record ran part of their steps at an earlier commit
 whose files are unknown: they are stale ("resumed across commits").
 """
@@ -236,27 +236,24 @@ def _when(stamp: Optional[str]) -> Optional[datetime]:
 
 
 def set_aside_foreign_checkpoints(results_dir: Path, repo: Path) -> List[str]:
-    """Rename each ``seed<N>.ckpt.pt`` (and its ``.prev``) under ``results_dir`` whose unfinished
-    run JSON (``seed<N>.rerun.json``, else ``seed<N>.json``) records row files other than
-    today's to ``*.stale-<commit>``, so that the run starts afresh instead of finishing other
-    code's steps (the module docstring). Returns the checkpoints moved."""
+    """Rename each checkpoint (``seed<N>.ckpt.pt`` and ``.prev``) under ``results_dir`` whose own
+    recorded run (the ``result`` it holds, with the code that wrote it) has row files other
+    than today's to ``*.stale-<commit>``, so that the run starts afresh instead of finishing
+    other code's steps (the module docstring). The run JSON is not used: a failed attempt to
+    resume rewrites it with the new code's provenance. Unreadable checkpoints are left to the
+    runner (it moves them aside). Returns the files moved."""
+    from cl_plugins.experiment import checkpoint as ckpt_io
+
     check, moved = Staleness(repo), []
-    for ckpt in sorted(Path(results_dir).rglob("seed*.ckpt.pt")):
-        seed = ckpt.name.split(".", 1)[0]
-        run = None
-        for name in (f"{seed}.rerun.json", f"{seed}.json"):
-            path = ckpt.with_name(name)
-            if path.is_file():
-                found = json.loads(path.read_text())
-                if found.get("status") != "finished":
-                    run = found
-                break
-        if run is None or not run.get("provenance") or not run.get("method"):
+    for path in sorted(Path(results_dir).rglob("seed*.ckpt*.pt")):
+        try:
+            run = ckpt_io.load(path).get("result") or {}
+        except (ckpt_io.CheckpointError, OSError):
+            continue
+        if not run.get("provenance") or not run.get("method"):
             continue
         if [w for w in check.reasons(run, None) if w.endswith(" changed")]:
             tag = (run["provenance"].get("git_commit") or "unknown")[:8]
-            for part in (ckpt, ckpt.with_name(f"{seed}.ckpt.prev.pt")):
-                if part.is_file():
-                    part.rename(part.with_name(f"{part.name}.stale-{tag}"))
-            moved.append(str(ckpt))
+            path.rename(path.with_name(f"{path.name}.stale-{tag}"))
+            moved.append(str(path))
     return moved

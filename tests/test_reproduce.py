@@ -432,33 +432,37 @@ def test_run_jobs_asks_skip_before_each_job(tmp_path):
 
 
 def test_checkpoints_written_by_other_code_are_set_aside(tmp_path):
-    """A checkpoint whose unfinished run recorded other row files than today's is renamed aside
-    (the run starts afresh instead of finishing another code's steps); one written by today's
-    code, or next to a finished result only, stays."""
+    """A checkpoint whose recorded run has other row files than today's is renamed aside (the
+    run starts afresh instead of finishing another code's steps), whatever its run JSON says (a
+    failed resume rewrites that with today's provenance); one written by today's code stays."""
     import sys
 
     sys.path.insert(0, str(REPO / "experiments"))
     from provenance_check import Staleness, set_aside_foreign_checkpoints
 
+    from cl_plugins.experiment import checkpoint as ckpt_io
+
     now = dict(Staleness(REPO).current_files())
     old = {**now, "cl_plugins/experiment/runner.py": "0" * 12}
     entry = {"name": "naive", "params": {}, "plus": []}
     folder = tmp_path / "S1" / "task" / "cfg" / "naive-sgd" / "abc"
-    folder.mkdir(parents=True)
-    for seed, files, status in [(0, old, "preempted"), (1, now, "preempted"), (2, old, "finished")]:
-        r = {**_provenanced("naive-sgd", entry, files), "seed": seed, "status": status}
-        (folder / f"seed{seed}.json").write_text(json.dumps(r))
-        (folder / f"seed{seed}.ckpt.pt").write_bytes(b"x")
-    (folder / "seed0.ckpt.prev.pt").write_bytes(b"y")
+
+    def ckpt(name, files):
+        result = {**_provenanced("naive-sgd", entry, files), "status": "running"}
+        ckpt_io.save(folder / name, {"format": ckpt_io.FORMAT_VERSION, "result": result})
+
+    ckpt("seed0.ckpt.pt", old)
+    ckpt("seed0.ckpt.pt", old)  # the first becomes seed0.ckpt.prev.pt
+    ckpt("seed1.ckpt.pt", now)
+    (folder / "seed0.json").write_text(json.dumps(  # a failed resume's JSON: today's code
+        {**_provenanced("naive-sgd", entry, now), "status": "failed"}))
+    (folder / "seed2.ckpt.pt").write_bytes(b"truncated")  # the runner's to handle
     moved = set_aside_foreign_checkpoints(tmp_path, REPO)
-    assert moved == [str(folder / "seed0.ckpt.pt")]
-    names = sorted(p.name for p in folder.iterdir() if ".ckpt" in p.name)
-    assert names == ["seed0.ckpt.prev.pt.stale-aaaaaaaa", "seed0.ckpt.pt.stale-aaaaaaaa",
-                     "seed1.ckpt.pt", "seed2.ckpt.pt"]
-    # a rerun in progress (seed<N>.rerun.json beside a finished result) is the one checked
-    (folder / "seed2.rerun.json").write_text(json.dumps(
-        {**_provenanced("naive-sgd", entry, old), "seed": 2, "status": "preempted"}))
-    assert set_aside_foreign_checkpoints(tmp_path, REPO) == [str(folder / "seed2.ckpt.pt")]
+    assert moved == [str(folder / "seed0.ckpt.prev.pt"), str(folder / "seed0.ckpt.pt")]
+    assert sorted(p.name for p in folder.iterdir() if ".ckpt" in p.name) == [
+        "seed0.ckpt.prev.pt.stale-aaaaaaaa", "seed0.ckpt.pt.stale-aaaaaaaa", "seed1.ckpt.pt",
+        "seed2.ckpt.pt"]
+    assert set_aside_foreign_checkpoints(tmp_path, REPO) == []
 
 
 def test_a_result_resumed_across_commits_before_the_check_is_stale():
