@@ -47,7 +47,7 @@ its state is saved), ``detach_classwise`` = False, ``replay_source`` = "minibatc
   below the noise added to the features do not say which direction leads. It acts only where a
   class has more than dim rows (DER's 128-row draws in D1; ER's 10-row minibatch never does).
   With 0, D1's DER + SD at memory 500 collapsed on seed 3 (9.82%) after four such steps; with
-  0.01 seeds 0-4 give 87-90% (docs/methods/subspace_kd.md).
+  0.01 seeds 0-4 give 85.4-89.8% (docs/methods/subspace_kd.md).
 
 Deviations:
 - the code computes SD on a separate forward of the buffer minibatch and replays it with
