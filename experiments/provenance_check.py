@@ -23,13 +23,16 @@ started (shown as ``~commit``), and that commit's files are compared with today'
 blob hashes. A run started from uncommitted work is then compared with the commit before it,
 which can only make the check stricter, never hide a change made after the run.
 
-A run resumed from a checkpoint records the code of its last part only (the runner overwrites
-``provenance`` when it resumes). So that no part ran other code, ``set_aside_foreign_checkpoints``
+A run resumed from a checkpoint records the code of each part: ``provenance`` is the last
+part's, and each entry of ``resumed`` holds, as ``provenance_before``, the code that ran the
+experiences before that resume; a row file that differs from today's in any part makes the
+result stale. So that a run does not mix code in the first place, ``set_aside_foreign_checkpoints``
 moves aside, before reproduce.py or rerun_stale.py runs anything, each checkpoint whose own
 recorded run (the result it holds) has row files that differ from today's: that run starts
-afresh. Results resumed before this check existed (``CHECKPOINTS_CHECKED_SINCE``) whose
-first part started before the commit they record ran part of their steps at an earlier commit
-whose files are unknown: they are stale ("resumed across commits").
+afresh. Older runners recorded the last part only: such results, resumed before the set-aside
+existed (``CHECKPOINTS_CHECKED_SINCE``), whose first part started before the commit they record,
+ran part of their steps at an earlier commit whose files are unknown: they are stale ("resumed
+across commits").
 """
 
 from __future__ import annotations
@@ -221,7 +224,13 @@ class Staleness:
         deps = set(row_files(model, tuple(methods), self.repo))
         changed = sorted(p for p in deps if then.get(p) != now.get(p))
         why += [p.replace("cl_plugins/", "") + " changed" for p in changed]
-        if prov and result.get("resumed") and prov.get("git_commit"):
+        parts = [r.get("provenance_before") for r in result.get("resumed") or []]
+        for before in [b for b in parts if b]:  # each earlier part's code (runner since 2026-12-06)
+            earlier = before.get("files", {})
+            why += [p.replace("cl_plugins/", "") + " changed (a part before a resume)"
+                    for p in sorted(deps) if earlier.get(p) != now.get(p)
+                    and p.replace("cl_plugins/", "") + " changed" not in why]
+        if prov and parts and not all(parts) and prov.get("git_commit"):
             started, made = _when(result.get("started")), self.commit_time(prov["git_commit"])
             if started and made and started < _when(CHECKPOINTS_CHECKED_SINCE) and started < made:
                 why.append("resumed across commits (its first part's code is not recorded)")

@@ -484,3 +484,26 @@ def test_a_result_resumed_across_commits_before_the_check_is_stale():
     late = made.strftime("%Y-%m-%dT%H:%M:%S%z")  # started at the commit's time: not before it
     assert check.reasons({**r, "started": late}, None) == []
     assert CHECKPOINTS_CHECKED_SINCE.startswith("2026-12-06")
+
+
+def test_a_resumed_result_is_stale_when_any_part_ran_other_row_files():
+    import sys
+
+    sys.path.insert(0, str(REPO / "experiments"))
+    from provenance_check import Staleness
+
+    check = Staleness(REPO)
+    now = dict(check.current_files())
+    entry = {"name": "naive", "params": {}, "plus": []}
+    r = {**_provenanced("naive-sgd", entry, now), "started": "2026-12-07T10:00:00+0000"}
+    same = {"files": now, "git_commit": "a" * 40}
+    assert check.reasons({**r, "resumed": [{"after_experiences": 2, "provenance_before": same}]},
+                         None) == []
+    older = {"files": {**now, "cl_plugins/experiment/runner.py": "0" * 12}}
+    why = check.reasons({**r, "resumed": [{"after_experiences": 1, "provenance_before": same},
+                                          {"after_experiences": 3, "provenance_before": older}]},
+                        None)
+    assert why == ["experiment/runner.py changed (a part before a resume)"]
+    unrelated = {"files": {**now, "cl_plugins/projection/gpm.py": "0" * 12}}  # not a naive row's
+    assert check.reasons({**r, "resumed": [{"after_experiences": 2,
+                                            "provenance_before": unrelated}]}, None) == []

@@ -82,6 +82,15 @@ class AvalanchePackNet(PackNetPlugin):
                          prune_proportion=[float(r) for r in ratios]
                          if isinstance(prune_proportion, list) else float(prune_proportion))
 
+    def check_strategy(self, strategy: dict) -> None:
+        """Validation, before any run: the prune must fall inside the experience's epochs. Under
+        an iteration budget (``train_iterations``) the epochs follow from the experience's size,
+        known when the run starts; ``before_training_epoch`` checks them then."""
+        if strategy.get("train_iterations") is None and \
+                self.post_prune_epochs >= strategy["epochs"]:
+            raise ValueError(f"avalanche_packnet: post_prune_epochs={self.post_prune_epochs} "
+                             f"must be below strategy.epochs={strategy['epochs']}")
+
     def before_training(self, strategy, *args, **kwargs):
         model = strategy.model
         if not isinstance(model.backbone, _TaskBackbone):

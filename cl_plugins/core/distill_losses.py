@@ -178,8 +178,6 @@ def triplet_cosines(f: torch.Tensor, triplets: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(1)
 
 
-
-
 def subspace_distance(s: torch.Tensor, t: torch.Tensor, dim: int = 10,
                       labels: Optional[torch.Tensor] = None, noise_std: float = 0.0,
                       generator: Optional[torch.Generator] = None,

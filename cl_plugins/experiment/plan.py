@@ -281,7 +281,7 @@ def plan_experiment(cfg: Dict[str, Any]) -> Plan:
             problems.append(f"{where}: label {label!r} is also methods[{labels[label]}]'s; give "
                             "one of them another 'label'")
         labels[label] = i
-        templates = 0
+        templates, built = 0, []
         for part in [entry] + entry["plus"]:
             spec = attempt(get_method, part["name"])
             if spec is None:
@@ -295,7 +295,7 @@ def plan_experiment(cfg: Dict[str, Any]) -> Plan:
                 templates += 1
                 attempt(_check_template_kwargs, spec, {**spec.defaults, **params}, where)
             else:
-                attempt(lambda s=spec, p=params: _prefixed(where, instantiate, s, p))
+                built.append(attempt(lambda s=spec, p=params: _prefixed(where, instantiate, s, p)))
         if templates > 1:
             problems.append(f"{where}: at most one training template (naive, joint, "
                             "cumulative) per entry; got {templates}")
@@ -307,6 +307,9 @@ def plan_experiment(cfg: Dict[str, Any]) -> Plan:
             if entry.get("strategy"):
                 attempt(_check_strategy, st, f"methods[{i}].strategy")
             attempt(resolve_device, st.get("device"))
+        for plugin in built:  # a method's settings against the strategy's (``check_strategy``)
+            if st is not None and hasattr(plugin, "check_strategy"):
+                attempt(_prefixed, where, plugin.check_strategy, st)
         model_cfg = attempt(section_for, cfg, entry, "model")
         if model_cfg is not None and shape is not None:
             key = json.dumps(model_cfg, sort_keys=True, default=str)

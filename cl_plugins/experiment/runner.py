@@ -52,6 +52,8 @@ from .plan import (entry_params, expand_methods, instantiate, json_path, method_
                    plan_experiment, run_fingerprint, settings_fingerprint)
 from .progress import ProgressBarPlugin
 
+COMPLETE = ("finished", "diverged")  # a run that ended by itself: its result stands
+
 
 # The runner records results itself; Avalanche's evaluator needs no logger of its own.
 warnings.filterwarnings("ignore", message="No loggers specified, metrics will not be logged")
@@ -134,7 +136,9 @@ def open_checkpoint(run: Run, method: Method) -> Optional[Dict[str, Any]]:
     run.run_id = run_fingerprint(settings_fingerprint(cfg, run.entry), seed)
     run.final_path = json_path(run.out_dir, cfg, run.entry, seed)
     previous = res.read_json(run.final_path)
-    rerun = previous is not None and previous.get("status") == "finished"
+    # A complete result (finished, or diverged: deterministic, it would diverge again) is kept
+    # until the new run is complete too; only then does the new file take its place.
+    rerun = previous is not None and previous.get("status") in COMPLETE
     run.path = run.final_path.with_name(f"seed{seed}.rerun.json") if rerun else run.final_path
     run.ckpt_path = ckpt_io.checkpoint_path(run.final_path)
     not_resumable = ckpt_io.why_not_resumable(method.template_cls, method.template_kwargs,
@@ -232,11 +236,21 @@ def start_result(run: Run, info, device, saved: Optional[Dict[str, Any]]) -> Non
     """The results dict: a fresh one, or the stopped run's, carried on."""
     checkpoint_note = run.result["checkpoint"]
     if saved is not None:  # carry on: the results measured before the stop come from the file
+        before = saved["result"].get("provenance")
         run.result = {**saved["result"], "status": "running", "config": run.cfg,
                       "device": str(device), "provenance": res.provenance()}
+        # Each part's code: `provenance` is the last part's, and each resume records the code
+        # that ran the experiences before it (provenance_check compares every part).
         run.result["resumed"] = run.result.get("resumed", []) + [
             {"after_experiences": saved["experiences_done"],
-             "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]
+             "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "provenance_before": before}]
+        if before and before.get("source_hash") != run.result["provenance"]["source_hash"]:
+            warnings.warn(f"{run.label} seed {run.seed}: resuming after experience "
+                          f"{saved['experiences_done']} with other code than the run started "
+                          f"with (source {before.get('source_hash')} at commit "
+                          f"{before.get('git_commit')}, now {run.result['provenance']['source_hash']}"
+                          "); the result records both, and a row whose files differ between "
+                          "its parts is stale. Delete the checkpoint to start afresh.")
     else:
         run.result = {
             "status": "running", "method": run.label, "seed": run.seed, "config": run.cfg,
@@ -404,15 +418,24 @@ def report_stop(run: Run, err: BaseException) -> None:
               f"{werr}", file=sys.stderr)
 
 
+def keep_diverged(run: Run) -> None:
+    """A rerun that diverged is a complete result of today's code: it takes the place of the
+    result it reran (finished or diverged), as a finished rerun does."""
+    if (run.path != run.final_path and run.cfg["loggers"]["json"] and dist.is_main_process()
+            and run.path.exists()):
+        os.replace(run.path, run.final_path)
+        run.path = run.final_path
+
+
 def run_single(cfg: Dict[str, Any], entry: Dict[str, Any], seed: int, out_dir: Path,
                progress: bool = True) -> Dict[str, Any]:
     """Train and evaluate one method entry with one seed; returns the results dict.
 
     A run whose training diverges returns with status ``diverged`` (the rows measured before
     are kept). Files: ``plan.json_path`` (settings fingerprint in the folder). When that file
-    already holds a finished result, the new run writes ``seed<N>.rerun.json`` and replaces
-    the finished file only once it has finished itself: a failing rerun never downgrades a
-    finished result."""
+    already holds a complete result (finished or diverged), the new run writes
+    ``seed<N>.rerun.json`` and replaces that file only once it is complete itself (finished or
+    diverged): a failing or interrupted rerun never replaces a complete result."""
     run = Run(cfg=cfg, entry=entry, seed=seed, out_dir=out_dir, label=method_label(entry))
     bench_cfg = dict(cfg["benchmark"])
     bench_seed = bench_cfg.pop("seed")
@@ -433,6 +456,7 @@ def run_single(cfg: Dict[str, Any], entry: Dict[str, Any], seed: int, out_dir: P
         report_stop(run, as_divergence(err, model))
         if run.result["status"] != "diverged":
             raise
+        keep_diverged(run)
     finally:
         if run.wandb_logger is not None:
             finish_wandb(run)

@@ -145,6 +145,20 @@ def test_guard_catches_non_finite_parameters_at_the_end_of_an_experience():
         guard.after_training_exp(strategy)
 
 
+def test_a_method_setting_that_the_strategy_cannot_meet_is_refused_before_anything_runs(
+        tmp_path, capsys):
+    out = tmp_path / "runs"
+    args = [f"--out={out}", "--methods=naive,avalanche_packnet", "--benchmark.scenario=task",
+            "--method_params.avalanche_packnet.post_prune_epochs=1", *FAST]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "nothing was run" in err
+    assert "avalanche_packnet: post_prune_epochs=1 must be below strategy.epochs=1" in err
+    assert not out.exists()
+    # under an iteration budget the epochs are known only when the run starts: no early refusal
+    assert main([*args, "--strategy.train_iterations=40", "--seeds=0"]) == 0
+
+
 @pytest.mark.parametrize("arg", ["--optimizer.lr=.inf", "--method_params.ewc.ewc_lambda=.nan",
                                  "--method_params.lwf.alpha=.inf"])
 def test_non_finite_hyper_parameters_are_rejected_before_anything_runs(tmp_path, capsys, arg):
@@ -436,3 +450,72 @@ def test_a_truncated_checkpoint_is_named_set_aside_and_the_run_recovers(tmp_path
         assert r["resumed"] == [] and "starts over" in said
     assert (folder / "seed0.ckpt.pt.corrupt").exists()  # set aside, never deleted
     assert not latest.exists() and not prev.exists()  # removed once the run finished
+
+
+def test_a_rerun_of_a_diverged_result_keeps_it_until_the_rerun_is_complete(
+        tmp_path, monkeypatch, capsys, poison):
+    out = tmp_path / "runs"
+    args = [f"--out={out}", "--methods=_poison", *FAST, "--no-checkpoint"]
+    assert main(args) == 1
+    path = next((out / "default" / "_poison").glob("*/seed0.json"))
+    diverged = path.read_text()
+    assert json.loads(diverged)["status"] == "diverged"
+    original = Naive.train
+    calls = {"n": 0}
+
+    def train(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("injected failure")
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(Naive, "train", train)  # a rerun that fails: the diverged record stays
+    assert main(args) == 1
+    assert path.read_text() == diverged
+    assert json.loads(path.with_name("seed0.rerun.json").read_text())["status"] == "failed"
+    monkeypatch.setattr(Naive, "train", original)
+    seen = {}
+
+    def watch(self, *a, **k):  # while the rerun trains, the diverged record is untouched
+        seen.setdefault("during", path.read_text())
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(Naive, "train", watch)
+    assert main(args) == 1  # diverges again: a complete result of this code, it takes the place
+    assert seen["during"] == diverged
+    again = json.loads(path.read_text())
+    assert again["status"] == "diverged" and again["started"] >= json.loads(diverged)["started"]
+    assert again["run_fingerprint"] == json.loads(diverged)["run_fingerprint"]
+    assert path.read_text() != diverged  # the new record (its own start time, timings)
+    assert not path.with_name("seed0.rerun.json").exists()
+
+
+def test_a_resumed_run_records_the_code_of_each_part(tmp_path, monkeypatch, recwarn):
+    from cl_plugins.experiment import results as res
+
+    out = tmp_path / "runs"
+    args = [f"--out={out}", "--methods=naive", *FAST]
+    real = res.provenance()
+    older = {**real, "source_hash": "0" * 16, "git_commit": "a" * 40,
+             "files": {**real["files"], "cl_plugins/experiment/runner.py": "0" * 12}}
+    original = Naive.train
+    calls = {"n": 0}
+
+    def stop_at_third(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("stopped")
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(res, "provenance", lambda: older)  # the first part: other code
+    monkeypatch.setattr(Naive, "train", stop_at_third)
+    assert main(args) == 1
+    monkeypatch.setattr(res, "provenance", lambda: real)
+    monkeypatch.setattr(Naive, "train", original)
+    assert main(args) == 0
+    (r,) = _jsons(out, "naive")
+    assert r["status"] == "finished" and len(r["matrix"]) == 5
+    assert r["provenance"] == real
+    (part,) = r["resumed"]
+    assert part["after_experiences"] == 2 and part["provenance_before"] == older
+    assert any("resuming after experience 2 with other code" in str(w.message) for w in recwarn)
