@@ -67,7 +67,9 @@ def job_command(protocol, variant, label, seed, data_root=None, extra=()):
 def run_jobs(jobs, n_jobs, logs, timeout=None, skip=None) -> int:
     """Run ``[(name, command)]`` as processes, ``n_jobs`` at a time, one thread each; a log per
     job under ``logs``. ``skip(name)``, when given, is asked just before a job starts: a
-    non-empty answer (the reason) leaves the job out. Returns 1 if any failed."""
+    non-empty answer (the reason) leaves the job out. A command may also be a function, called
+    just before the job starts: it returns the command, or a string (the reason to leave the
+    job out). Returns 1 if any failed."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     logs.mkdir(parents=True, exist_ok=True)
     running, failed, t0 = [], [], time.time()
@@ -75,6 +77,9 @@ def run_jobs(jobs, n_jobs, logs, timeout=None, skip=None) -> int:
         while jobs and len(running) < n_jobs:
             name, cmd = jobs.pop(0)
             why = skip(name) if skip is not None else None
+            if not why and callable(cmd):
+                cmd = cmd()
+                why = cmd if isinstance(cmd, str) else None
             if why:
                 print(f"[{time.time() - t0:6.0f} s] {name}: skipped ({why})", flush=True)
                 continue

@@ -534,8 +534,9 @@ def _started(r) -> str:
     return r.get("started") or ""
 
 
-def collect():
-    """Finished and diverged runs grouped by (protocol, variant, method), in table order.
+def collect(protocols=None):
+    """Finished and diverged runs grouped by (protocol, variant, method), in table order (only
+    those of ``protocols`` when given: reading every result takes seconds).
     Where several such JSONs exist for one seed (e.g. a rerun under new settings), the current
     one is used (not stale, then the latest). A seed whose chosen run diverged stays in its row:
     it is left out of the mean but shown (``seeds``: "0,2 (1 diverged)"), and when its code is
@@ -545,8 +546,9 @@ def collect():
     check = Staleness(REPO)
     groups = defaultdict(dict)
     expected = {}
-    for path in sorted(glob.glob(str(RESULTS_DIR / "*" / "*" / "**" / "seed*.json"),
-                                 recursive=True)):
+    paths = [path for name in (protocols or ["*"]) for path in glob.glob(
+        str(RESULTS_DIR / name / "*" / "**" / "seed*.json"), recursive=True)]
+    for path in sorted(paths):
         if path.endswith(".rerun.json"):
             continue
         rel = Path(path).relative_to(RESULTS_DIR).parts

@@ -212,13 +212,13 @@ def test_a_diverged_seed_stays_in_its_row_and_is_rerun_when_stale(tmp_path, monk
     monkeypatch.setitem(sys.modules, "reproduce", rp)
     (job,) = rerun_stale.stale_jobs()
     assert job["stale_seeds"] == "1"
-    # asked again just before the job starts: still stale; once rerun elsewhere, skipped
-    assert rerun_stale.still_stale("S1/task/naive-sgd/seed1") == ""
-    assert rerun_stale.still_stale("S1/task/naive-sgd/seed0").startswith("current now")
+    # asked again just before the row's process starts: seed 1 still stale; once rerun
+    # elsewhere, none (the job is left out)
+    assert rerun_stale.still_stale("S1", "task", "naive-sgd") == ["1"]
     rerun = json.loads((folder / "seed1.json").read_text())
     (folder / "seed1.json").write_text(json.dumps({**rerun, "provenance": {
         **rerun["provenance"], "files": now}}))
-    assert rerun_stale.still_stale("S1/task/naive-sgd/seed1").startswith("current now")
+    assert rerun_stale.still_stale("S1", "task", "naive-sgd") == []
     (folder / "seed1.json").write_text(json.dumps(rerun))
     first = row
     # every seed diverged: the row says so instead of a number
@@ -334,7 +334,7 @@ def test_a_stale_task_view_row_reruns_its_class_il_runs_once(tmp_path, monkeypat
              "stale_seeds": "3"},
             {"protocol": "D1", "variant": "class", "method": "joint", "stale": "current",
              "stale_seeds": ""}]
-    monkeypatch.setattr(rp, "collect", lambda: [dict(r) for r in rows])
+    monkeypatch.setattr(rp, "collect", lambda protocols=None: [dict(r) for r in rows])
     monkeypatch.setitem(sys.modules, "reproduce", rp)
     jobs = rerun_stale.stale_jobs(["D1"])
     assert [(r["variant"], r["method"], r["stale_seeds"]) for r in jobs] == \
@@ -429,6 +429,31 @@ def test_run_jobs_asks_skip_before_each_job(tmp_path):
     assert parallel.run_jobs(jobs, 1, tmp_path, skip=skip) == 0
     assert asked == [f"P/v/m/seed{i}" for i in range(3)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["P_v_m_seed0.log", "P_v_m_seed2.log"]
+
+
+def test_run_jobs_builds_a_callable_command_when_the_job_starts(tmp_path):
+    """rerun_stale.py's jobs are one process per row, their seeds read just before it starts:
+    a command given as a function is called then (after the jobs before it ended), and a string
+    it returns is the reason to leave the job out."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "experiments"))
+    import parallel
+
+    mark = tmp_path / "first-ran"
+    seen = []
+
+    def second():
+        seen.append(mark.exists())
+        return [sys.executable, "-c", "print('second')"]
+
+    jobs = [("P/v/first", [sys.executable, "-c", f"open({str(mark)!r}, 'w').close()"]),
+            ("P/v/second", second), ("P/v/third", lambda: "current now")]
+    assert parallel.run_jobs(jobs, 1, tmp_path / "logs") == 0
+    assert seen == [True]
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["P_v_first.log",
+                                                                      "P_v_second.log"]
+    assert (tmp_path / "logs" / "P_v_second.log").read_text().strip() == "second"
 
 
 def test_checkpoints_written_by_other_code_are_set_aside(tmp_path):
