@@ -30,6 +30,19 @@ def _jsons(root: Path, label: str):
         "*/seed*.json")) if not p.name.endswith(".rerun.json")]
 
 
+def _train_raising_at(call: int, error: BaseException):
+    """Naive.train that raises ``error`` at its ``call``-th call (1-based), else trains."""
+    original, calls = Naive.train, {"n": 0}
+
+    def train(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise error
+        return original(self, *args, **kwargs)
+
+    return train
+
+
 # ------------------------------------------------------------------------------ divergence
 
 def test_divergence_stops_each_run_records_it_and_the_rest_still_run(tmp_path, capsys):
@@ -358,16 +371,8 @@ def test_a_failing_rerun_never_downgrades_a_finished_result(tmp_path, monkeypatc
     assert main([f"--out={out}", "--methods=naive", *FAST, "--no-checkpoint"]) == 0
     path = next((out / "default" / "naive").glob("*/seed0.json"))
     finished = path.read_text()
-    calls = {"n": 0}
     original = Naive.train
-
-    def train(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise RuntimeError("injected failure")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Naive, "train", train)
+    monkeypatch.setattr(Naive, "train", _train_raising_at(2, RuntimeError("injected failure")))
     assert main([f"--out={out}", "--methods=naive", *FAST, "--no-checkpoint"]) == 1
     assert path.read_text() == finished
     rerun = json.loads(path.with_name("seed0.rerun.json").read_text())
@@ -460,16 +465,8 @@ def test_a_rerun_of_a_diverged_result_keeps_it_until_the_rerun_is_complete(
     path = next((out / "default" / "_poison").glob("*/seed0.json"))
     diverged = path.read_text()
     assert json.loads(diverged)["status"] == "diverged"
-    original = Naive.train
-    calls = {"n": 0}
-
-    def train(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise RuntimeError("injected failure")
-        return original(self, *a, **k)
-
-    monkeypatch.setattr(Naive, "train", train)  # a rerun that fails: the diverged record stays
+    original = Naive.train  # a rerun that fails: the diverged record stays
+    monkeypatch.setattr(Naive, "train", _train_raising_at(2, RuntimeError("injected failure")))
     assert main(args) == 1
     assert path.read_text() == diverged
     assert json.loads(path.with_name("seed0.rerun.json").read_text())["status"] == "failed"
@@ -499,16 +496,8 @@ def test_a_resumed_run_records_the_code_of_each_part(tmp_path, monkeypatch, recw
     older = {**real, "source_hash": "0" * 16, "git_commit": "a" * 40,
              "files": {**real["files"], "cl_plugins/experiment/runner.py": "0" * 12}}
     original = Naive.train
-    calls = {"n": 0}
-
-    def stop_at_third(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("stopped")
-        return original(self, *a, **k)
-
     monkeypatch.setattr(res, "provenance", lambda: older)  # the first part: other code
-    monkeypatch.setattr(Naive, "train", stop_at_third)
+    monkeypatch.setattr(Naive, "train", _train_raising_at(3, RuntimeError("stopped")))
     assert main(args) == 1
     monkeypatch.setattr(res, "provenance", lambda: real)
     monkeypatch.setattr(Naive, "train", original)
