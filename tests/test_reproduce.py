@@ -532,3 +532,27 @@ def test_a_resumed_result_is_stale_when_any_part_ran_other_row_files():
     unrelated = {"files": {**now, "cl_plugins/projection/gpm.py": "0" * 12}}  # not a naive row's
     assert check.reasons({**r, "resumed": [{"after_experiences": 2,
                                             "provenance_before": unrelated}]}, None) == []
+
+
+def test_the_campaign_names_every_protocol_and_only_known_ones():
+    """experiments/campaign.sh runs every protocol (a new one must be added to a lane) and every
+    protocol it names exists, each variant it fills too."""
+    import re
+
+    rp = _load()
+    text = (REPO / "experiments" / "campaign.sh").read_text()
+    named = set()
+    for line in text.splitlines():
+        line = line.split("#")[0]
+        m = re.search(r"--protocols ([\w,-]+)", line)
+        if m:
+            named |= set(m.group(1).split(","))
+        m = re.match(r"\s*(?:for v in ([\w ]+); do )?fill ([\w-]+)(?: --variant (\w+|\"\$v\"))?",
+                     line)
+        if m:
+            named.add(m.group(2))
+            variants = (m.group(1) or "").split() if m.group(3) == '"$v"' else [m.group(3)]
+            for v in filter(None, variants):
+                assert v in rp.PROTOCOLS[m.group(2)]["variants"], (m.group(2), v)
+    assert named <= set(rp.PROTOCOLS), named - set(rp.PROTOCOLS)
+    assert set(rp.PROTOCOLS) <= named, set(rp.PROTOCOLS) - named

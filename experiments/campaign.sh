@@ -1,0 +1,56 @@
+#!/bin/bash
+# Bring every row of RESULTS.md up to date and run what the protocols still lack, in two lanes of
+# one thread each (the 2-core machine; start both, each in the background):
+#
+#     bash experiments/campaign.sh A DATA_ROOT     # issue 17's D1/D2, S2, S1, the replay and
+#                                                  # penalty protocols, P1, R2, then P2 in full
+#     bash experiments/campaign.sh B DATA_ROOT     # S2's distillation rows, the generative and
+#                                                  # hybrid protocols (S3, B1-GR, H1-H3), the
+#                                                  # architectural ones (A1-A5, permuted too)
+#
+# Every step can be run again after a stop: rerun_stale.py reruns only the seeds whose result is
+# stale (and resumes from checkpoints), reproduce.py --skip-finished runs only what has no
+# finished result with the same settings. Cheap and issue-closing steps come first; the last
+# step of each lane reruns whatever is still stale. Run it in a worktree at a fixed commit, then
+# `python experiments/rerun_stale.py --collect WORKTREE && python experiments/reproduce.py --table`
+# in the checkout (rerun_stale.py's docstring). Costs are CPU-hours on that machine, from the
+# stored results' train times.
+set -u
+LANE=${1:?lane A or B}
+DATA=${2:?data root}
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+cd "$(dirname "$0")/.."
+stale() { step python experiments/rerun_stale.py --jobs 1 --data-root "$DATA" "$@"; }
+fill() { step python experiments/reproduce.py "$@" --skip-finished --data-root "$DATA"; }
+step() { echo "== $(date -u +%FT%T) $*"; "$@"; }
+
+case $LANE in
+A)
+    stale --protocols D1                                  # 1.1 h
+    stale --protocols D2                                  # 1.4 h
+    stale --protocols S2 --skip hints,relational_kd,erg_kd,avalanche_feature_distillation
+    for v in task domain class; do fill S2 --variant "$v"; done   # every entry on 2-11: ~20 h
+    stale --protocols S1,S1-reg                           # 4 h
+    fill S1                                               # joint and cumulative: 1.5 h
+    stale --protocols B1-SI-RWALK,B1-GEM,B1-AGEM,G1,R1,S1-replay   # 10 h
+    stale --protocols P1,R2                               # 14 h
+    stale --protocols P2                                  # the 1000-iteration cut
+    for v in task domain; do fill P2 --variant "$v" --seeds 0,1,2; done   # 5000 it/task: ~40 h
+    ;;
+B)
+    stale --protocols S2 --methods hints,relational_kd,erg_kd,avalanche_feature_distillation
+    stale --protocols H2
+    fill H2 --variant task                                # 2 h
+    for v in class domain task; do fill S3 --variant "$v"; done   # DGR: ~5 h
+    fill B1-GR                                            # 2 h
+    fill H3                                               # 4 h
+    fill H1                                               # 2 h
+    fill H2 --variant p2_1k --seeds 0,1,2                 # 3 h
+    stale --protocols A1,A2,A3,A4,A5                      # 3 h
+    fill A4 --variant permuted                            # P1's settings: ~10 h
+    fill A5 --variant permuted                            # ~10 h
+    ;;
+*) echo "lane must be A or B" >&2; exit 2 ;;
+esac
+stale                                                     # whatever is still stale
+echo "== $(date -u +%FT%T) lane $LANE done"
