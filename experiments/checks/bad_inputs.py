@@ -107,15 +107,22 @@ def cases(data_root: Path):
     def run(args, **kw):
         return lambda d: cl_run(args, d, **kw)
 
-    def yaml_case(text, extra=()):
+    def yaml_case(text):
         def go(d):
             (d / "c.yaml").write_text(text)
-            return cl_run(["--config", "c.yaml", "--out=runs", *extra], d)
+            return cl_run(["--config", "c.yaml", "--out=runs"], d)
         return go
 
     def data_case(damage):
-        return lambda d: cl_run(["--out=runs", f"--data-root={mnist_copy(data_root, d / 'data', damage)}",
-                                 "--benchmark.name=split_mnist", "--methods=naive,ewc", *FAST], d)
+        def go(d):
+            root = mnist_copy(data_root, d / "data", damage)
+            return cl_run(["--out=runs", f"--data-root={root}", "--benchmark.name=split_mnist",
+                           "--methods=naive,ewc", *FAST], d)
+        return go
+
+    def out_under_a_file(d):
+        (d / "file.txt").write_text("x")
+        return cl_run(["--out=file.txt/runs", "--methods=naive", *FAST], d)
 
     def second_settings(d):
         cl_run(["--methods=gpm", "--out=runs", "--no-progress", "--no-plots",
@@ -160,8 +167,7 @@ def cases(data_root: Path):
         yield (f"--out={value} (a path)", f"cl-run --out={value} --methods=naive",
                lambda d, v=value: cl_run([f"--out={v}", "--methods=naive", *FAST], d), value)
     yield ("an output folder that cannot be written", "cl-run --out=file.txt/runs",
-           lambda d: ((d / "file.txt").write_text("x"), cl_run(["--out=file.txt/runs",
-                                                                 "--methods=naive", *FAST], d))[1])
+           out_under_a_file)
     yield ("Ctrl-C during a run", "cl-run --methods=naive (SIGINT after the first checkpoint)",
            run(["--methods=naive", "--out=runs", *FAST],
                interrupt_when="runs/default/naive/*/seed0.ckpt.pt"))
