@@ -29,7 +29,9 @@ A)
     stale --protocols D1                                  # 1.1 h
     stale --protocols D2                                  # 1.4 h
     stale --protocols S2 --skip hints,relational_kd,erg_kd,avalanche_feature_distillation
-    for v in task domain class; do fill S2 --variant "$v"; done   # every entry on 2-11: ~20 h
+    # Issue 15's S2 rows on seeds 2-11 first (naive, EWC, SI, LwF; joint, ensemble): ~9 h
+    for v in class domain; do fill S2 --variant "$v" --only=naive,ewc,si,lwf,joint; done
+    fill S2 --variant task --only=naive,ewc,si,lwf,joint,ensemble   # ensemble: task-IL only
     stale --protocols S1,S1-reg                           # 4 h
     fill S1                                               # joint and cumulative: 1.5 h
     stale --protocols B1-SI-RWALK,B1-GEM,B1-AGEM,G1,R1,S1-replay   # 10 h
@@ -39,6 +41,7 @@ A)
     for v in task domain; do
         fill P2 --variant "$v" --seeds 0,1,2 --only=naive,ewc,online_ewc,si,avalanche_ewc,avalanche_si
     done
+    for v in class domain task; do fill S2 --variant "$v"; done   # S2's other entries: ~11 h
     ;;
 B)
     stale --protocols S2 --methods hints,relational_kd,erg_kd,avalanche_feature_distillation
@@ -46,6 +49,7 @@ B)
     fill H2 --variant task                                # 2 h
     for v in class domain task; do fill S3 --variant "$v"; done   # DGR: ~5 h
     fill B1-GR                                            # 2 h
+    for v in domain class; do fill S2 --variant "$v" --only=dgr; done   # issue 18's S2 DGR
     fill H3                                               # 4 h
     fill H1                                               # 2 h
     fill H2 --variant p2_1k --seeds 0,1,2                 # 3 h

@@ -536,14 +536,17 @@ def test_a_resumed_result_is_stale_when_any_part_ran_other_row_files():
 
 def test_the_campaign_names_every_protocol_and_only_known_ones():
     """experiments/campaign.sh runs every protocol (a new one must be added to a lane) and every
-    protocol it names exists, each variant it fills too."""
+    protocol it names exists, each variant it fills too, and each entry it names with --only
+    is one the variant runs."""
     import re
 
     rp = _load()
     text = (REPO / "experiments" / "campaign.sh").read_text()
-    named = set()
+    named, loop = set(), ""
     for line in text.splitlines():
         line = line.split("#")[0]
+        head = re.match(r"\s*for v in ([\w ]+); do\s*$", line)  # a loop over lines below
+        loop = head.group(1) if head else ("" if re.match(r"\s*done", line) else loop)
         m = re.search(r"--protocols ([\w,-]+)", line)
         if m:
             named |= set(m.group(1).split(","))
@@ -551,8 +554,13 @@ def test_the_campaign_names_every_protocol_and_only_known_ones():
                      line)
         if m:
             named.add(m.group(2))
-            variants = (m.group(1) or "").split() if m.group(3) == '"$v"' else [m.group(3)]
+            variants = (m.group(1) or loop).split() if m.group(3) == '"$v"' else [m.group(3)]
             for v in filter(None, variants):
                 assert v in rp.PROTOCOLS[m.group(2)]["variants"], (m.group(2), v)
+                only = re.search(r"--only=([\w,+-]+)", line)
+                if only:  # each name an entry the variant runs (cl-run would refuse the row)
+                    runs = rp.labels_for(rp.PROTOCOLS[m.group(2)], v)
+                    unknown = set(only.group(1).split(",")) - set(runs)
+                    assert not unknown, (m.group(2), v, unknown)
     assert named <= set(rp.PROTOCOLS), named - set(rp.PROTOCOLS)
     assert set(rp.PROTOCOLS) <= named, set(rp.PROTOCOLS) - named
