@@ -136,29 +136,34 @@ def test_sigterm_preempts_marks_wandb_preempting_and_the_rerun_resumes(tmp_path,
     assert r["status"] == "finished" and r["resumed"][0]["after_experiences"] == 2
 
 
+# Two agents on one point in the default suite; four agents on two points (64 s on the loaded
+# 2-core machine, 4 process starts) with -m slow.
 @pytest.mark.timeout(600)
-def test_agents_sharing_output_dir_run_each_point_exactly_once(tmp_path):
-    """Four agents, two sweep points (naive seeds 0 and 1), each point given to two agents."""
+@pytest.mark.parametrize("agent_seeds",
+                         [(0, 0), pytest.param((0, 1, 0, 1), marks=pytest.mark.slow)],
+                         ids=["2-agents-1-point", "4-agents-2-points"])
+def test_agents_sharing_output_dir_run_each_point_exactly_once(tmp_path, agent_seeds):
+    """Agents sharing one output_dir, each sweep point (a naive seed) given to two of them."""
     cl_run = str(Path(sys.executable).with_name("cl-run"))
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(tmp_path),
                WANDB_SWEEP_ID="testsweep", OMP_NUM_THREADS="1")
     procs = []
-    for i, seed in enumerate((0, 1, 0, 1)):
+    for i, seed in enumerate(agent_seeds):
         cmd = [cl_run, "--config=experiments/configs/digits_naive_sweep.yaml", f"--seeds={seed}",
                f"--output_dir={tmp_path / 'runs'}", "--strategy.epochs=3", "--no-plots"]
         procs.append((seed, subprocess.Popen(cmd, cwd=REPO, env=dict(env, WANDB_RUN_ID=f"r{i}"),
                                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                              text=True)))
-    trained = {0: 0, 1: 0}
+    trained = dict.fromkeys(agent_seeds, 0)
     for seed, p in procs:
         out, _ = p.communicate(timeout=550)
         assert p.returncode == 0, out[-3000:]
         skipped = any(s in out for s in ("running elsewhere, skipped", "a sweep point already run",
                                          "finished elsewhere meanwhile"))
         trained[seed] += not skipped
-    assert trained == {0: 1, 1: 1}
+    assert trained == dict.fromkeys(agent_seeds, 1)
     base = tmp_path / "runs" / "digits_naive_sweep" / "naive"
-    for seed in (0, 1):
+    for seed in set(agent_seeds):
         (js,) = base.glob(f"*/seed{seed}.json")
         assert json.loads(js.read_text())["status"] == "finished"
         assert not claim_path(js).exists()
