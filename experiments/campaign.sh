@@ -4,7 +4,8 @@
 #
 #     bash experiments/campaign.sh A DATA_ROOT     # issue 17's D1/D2, S2, S1, the replay and
 #                                                  # penalty protocols, P1, R2, then P2 in full
-#     bash experiments/campaign.sh B DATA_ROOT     # S2's distillation rows, the generative and
+#     bash experiments/campaign.sh B DATA_ROOT     # S2's distillation rows and issue 15's S2
+#                                                  # domain-IL rows, the generative and
 #                                                  # hybrid protocols (S3, B1-GR, H1-H3), the
 #                                                  # architectural ones (A1-A5, permuted too)
 #
@@ -29,8 +30,9 @@ A)
     stale --protocols D1                                  # 1.1 h
     stale --protocols D2                                  # 1.4 h
     stale --protocols S2 --skip hints,relational_kd,erg_kd,avalanche_feature_distillation
-    # Issue 15's S2 rows on seeds 2-11 first (naive, EWC, SI, LwF; joint, ensemble): ~9 h
-    for v in class domain; do fill S2 --variant "$v" --only=naive,ewc,si,lwf,joint; done
+    # Issue 15's S2 rows on seeds 2-11 first (naive, EWC, SI, LwF; joint, ensemble): ~9 h in
+    # all, class- and task-IL here (~5 h), domain-IL in lane B
+    fill S2 --variant class --only=naive,ewc,si,lwf,joint
     fill S2 --variant task --only=naive,ewc,si,lwf,joint,ensemble   # ensemble: task-IL only
     stale --protocols S1,S1-reg                           # 4 h
     fill S1                                               # joint and cumulative: 1.5 h
@@ -45,6 +47,7 @@ A)
     ;;
 B)
     stale --protocols S2 --methods hints,relational_kd,erg_kd,avalanche_feature_distillation
+    fill S2 --variant domain --only=naive,ewc,si,lwf,joint   # issue 15's, ~4 h (lane A: the rest)
     stale --protocols H2
     fill H2 --variant task                                # 2 h
     for v in class domain task; do fill S3 --variant "$v"; done   # DGR: ~5 h
