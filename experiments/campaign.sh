@@ -48,6 +48,8 @@ A)
 B)
     stale --protocols S2 --methods hints,relational_kd,erg_kd,avalanche_feature_distillation
     fill S2 --variant domain --only=naive,ewc,si,lwf,joint   # issue 15's, ~4 h (lane A: the rest)
+    # then task-IL's with lane A: the claims let two lanes share one fill, each run once
+    fill S2 --variant task --only=naive,ewc,si,lwf,joint,ensemble
     stale --protocols H2
     fill H2 --variant task                                # 2 h
     for v in class domain task; do fill S3 --variant "$v"; done   # DGR: ~5 h
