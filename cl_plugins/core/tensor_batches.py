@@ -29,25 +29,14 @@ torch.distributed ``DataParallelPlugin`` owns the loader.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Dict, List, Optional
 
 import torch
 from avalanche.core import SupervisedPlugin
 
+from cl_plugins.core.transform_groups import fixed_transform, group_transform
+
 _LEAF_MODULES = ("cl_plugins.benchmarks",)
-
-
-def _fixed_transform(tr) -> bool:
-    """None, or Avalanche's TupleTransform with no input transform and target lookups only."""
-    if tr is None:
-        return True
-    parts = getattr(tr, "transforms", None)
-    if type(tr).__name__ != "TupleTransform" or not parts or parts[0] is not None:
-        return False
-    return all(p is None or (isinstance(p, functools.partial) and p.func.__name__ == "lookup"
-                             and p.func.__module__.startswith("avalanche."))
-               for p in parts[1:])
 
 
 def _fixed_node(node, group) -> bool:
@@ -56,7 +45,7 @@ def _fixed_node(node, group) -> bool:
                  or type(node).__module__.startswith(_LEAF_MODULES))
                 and not hasattr(node, "ffcv_info"))
     for groups in (node._frozen_transform_groups, node._transform_groups):
-        if groups is not None and not _fixed_transform(groups.transform_groups.get(group)):
+        if not fixed_transform(group_transform(groups, group)):
             return False
     return all(_fixed_node(child, group) for child in node._datasets)
 
@@ -118,8 +107,7 @@ def _gather(node, idx: torch.Tensor, group, leaf) -> Optional[List[torch.Tensor]
     if fields is None:
         return None
     for name in ("_frozen_transform_groups", "_transform_groups"):
-        groups = getattr(node, name, None)
-        tr = groups.transform_groups.get(group) if groups is not None else None
+        tr = group_transform(getattr(node, name, None), group)
         for k, p in enumerate(tr.transforms[1:] if tr is not None else (), start=1):
             if p is not None:  # partial(lookup, table): y -> table[y]
                 fields[k] = torch.as_tensor(p.args[0])[fields[k]]
