@@ -27,13 +27,15 @@ step() { echo "== $(date -u +%FT%T) $*"; "$@"; }
 
 case $LANE in
 A)
+    # Issue 15's S2 rows on seeds 2-11 first (naive, EWC, SI, LwF; joint, ensemble), rerun
+    # where stale (aac0819 staled every row) and filled where missing: class- and task-IL here,
+    # domain-IL in lane B (about 2 min a run on 2026-12-07)
+    stale --protocols S2 --variants class,task --methods naive,ewc,si,lwf
+    fill S2 --variant class --only=naive,ewc,si,lwf,joint
+    fill S2 --variant task --only=naive,ewc,si,lwf,joint,ensemble   # ensemble: task-IL only
     stale --protocols D1                                  # 1.1 h
     stale --protocols D2                                  # 1.4 h
     stale --protocols S2 --skip hints,relational_kd,erg_kd,avalanche_feature_distillation
-    # Issue 15's S2 rows on seeds 2-11 first (naive, EWC, SI, LwF; joint, ensemble): ~9 h in
-    # all, class- and task-IL here (~5 h), domain-IL in lane B
-    fill S2 --variant class --only=naive,ewc,si,lwf,joint
-    fill S2 --variant task --only=naive,ewc,si,lwf,joint,ensemble   # ensemble: task-IL only
     stale --protocols S1,S1-reg                           # 4 h
     fill S1                                               # joint and cumulative: 1.5 h
     stale --protocols B1-SI-RWALK,B1-GEM,B1-AGEM,G1,R1,S1-replay   # 10 h
@@ -46,10 +48,11 @@ A)
     for v in class domain task; do fill S2 --variant "$v"; done   # S2's other entries: ~11 h
     ;;
 B)
-    stale --protocols S2 --methods hints,relational_kd,erg_kd,avalanche_feature_distillation
-    fill S2 --variant domain --only=naive,ewc,si,lwf,joint   # issue 15's, ~4 h (lane A: the rest)
+    stale --protocols S2 --variants domain --methods naive,ewc,si,lwf   # issue 15's (lane A:
+    fill S2 --variant domain --only=naive,ewc,si,lwf,joint              # class and task)
     # then task-IL's with lane A: the claims let two lanes share one fill, each run once
     fill S2 --variant task --only=naive,ewc,si,lwf,joint,ensemble
+    stale --protocols S2 --methods hints,relational_kd,erg_kd,avalanche_feature_distillation
     stale --protocols H2
     fill H2 --variant task                                # 2 h
     for v in class domain task; do fill S3 --variant "$v"; done   # DGR: ~5 h
