@@ -212,7 +212,7 @@ def plan_experiment(cfg: Dict[str, Any]) -> Plan:
     raise :class:`ConfigError` with every problem. ``cfg`` is normalised in place (methods as
     entries, the scenario's canonical name, seeds as a list, paths as strings)."""
     from cl_plugins.benchmarks import describe_benchmark, resolve_scenario
-    from cl_plugins.models import build_model
+    from cl_plugins.models import BACKBONES, build_backbone, build_model
     from cl_plugins.registry import get_method
 
     from .config import DEFAULT_CONFIG, _check_optimizer, _check_strategy, check_seeds, \
@@ -298,7 +298,7 @@ def plan_experiment(cfg: Dict[str, Any]) -> Plan:
                 built.append(attempt(lambda s=spec, p=params: _prefixed(where, instantiate, s, p)))
         if templates > 1:
             problems.append(f"{where}: at most one training template (naive, joint, "
-                            "cumulative) per entry; got {templates}")
+                            f"cumulative) per entry; got {templates}")
         opt = attempt(section_for, cfg, entry, "optimizer")
         if opt is not None and entry.get("optimizer"):
             attempt(_check_optimizer, opt, f"methods[{i}].optimizer")
@@ -311,6 +311,10 @@ def plan_experiment(cfg: Dict[str, Any]) -> Plan:
             if st is not None and hasattr(plugin, "check_strategy"):
                 attempt(_prefixed, where, plugin.check_strategy, st)
         model_cfg = attempt(section_for, cfg, entry, "model")
+        if model_cfg is not None and shape is None:  # no shapes to build with: the name alone
+            name = model_cfg.get("name", "mlp")
+            if not (isinstance(name, str) and name in BACKBONES):
+                attempt(build_backbone, name, None)  # the unknown-name error, with the names
         if model_cfg is not None and shape is not None:
             key = json.dumps(model_cfg, sort_keys=True, default=str)
             if key not in models_checked:

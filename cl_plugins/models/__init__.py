@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Dict
 
 from avalanche.models import MultiHeadClassifier
@@ -38,6 +39,13 @@ def build_backbone(name: str, input_shape, **kwargs) -> nn.Module:
         kwargs.setdefault("in_channels", c)
         if name in ("alexnet5", "lenet"):
             kwargs.setdefault("input_size", h)
+    params = inspect.signature(BACKBONES[name]).parameters
+    if not any(q.kind is q.VAR_KEYWORD for q in params.values()):
+        unknown = sorted(k for k in kwargs if k not in params)
+        if unknown:
+            raise ValueError(f"model.{unknown[0]}: model {name!r} has no such key; its keys: "
+                             f"{', '.join(sorted(params))} (and name, head, mask, head_bias, "
+                             "proxies)")
     return BACKBONES[name](**kwargs)
 
 

@@ -203,6 +203,8 @@ def test_every_problem_is_reported_once_before_any_work(tmp_path, capsys):
     assert "problems in the config, nothing was run" in err
     assert "Unknown config key in 'benchmark' 'nme'" in err
     assert "Unknown benchmark 'split_digitz'" in err
+    # the model's name needs no shapes: checked even when the benchmark is unknown
+    assert "Unknown model 'mlpp'. Did you mean 'mlp'?" in err
     if not torch.cuda.is_available():
         assert "CUDA is not available" in err
     assert "ewc_lambda must be in [0, inf); got -1" in err
@@ -223,8 +225,18 @@ def test_model_key_class_split_and_scenario_are_checked_first(tmp_path, capsys):
     code = main([f"--out={out}", "--model.name=mlpp", "--methods=naive"])
     assert code == 2 and "Unknown model 'mlpp'. Did you mean 'mlp'?" in capsys.readouterr().err
     code = main([f"--out={out}", "--model.hiden=[3]", "--methods=naive"])
-    assert code == 2 and "hiden" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "model.hiden: model 'mlp' has no such key; its keys: " in err
+    assert "unexpected keyword" not in err
     assert not out.exists()
+
+
+def test_two_training_templates_in_one_entry_are_counted(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("methods: [{name: naive, plus: [joint]}]\n")
+    assert main(["--config", str(cfg), f"--out={tmp_path / 'runs'}"]) == 2
+    assert "at most one training template (naive, joint, cumulative) per entry; got 2" in \
+        capsys.readouterr().err
 
 
 def test_duplicate_labels_are_an_error(tmp_path, capsys):
