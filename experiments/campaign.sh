@@ -4,10 +4,17 @@
 #
 #     bash experiments/campaign.sh A DATA_ROOT     # issue 17's D1/D2, S2, S1, the replay and
 #                                                  # penalty protocols, P1, R2, then P2 in full
-#     bash experiments/campaign.sh B DATA_ROOT     # S2's distillation rows and issue 15's S2
-#                                                  # domain-IL rows, the generative and
-#                                                  # hybrid protocols (S3, B1-GR, H1-H3), the
-#                                                  # architectural ones (A1-A5, permuted too)
+#     bash experiments/campaign.sh B DATA_ROOT     # issue 15's S2 domain-IL rows, the stale
+#                                                  # rows of S2's distillation, H2 and A1-A5,
+#                                                  # then lane A's stale rows from the other
+#                                                  # end; then the generative and hybrid
+#                                                  # protocols (S3, B1-GR, H1-H3) and the
+#                                                  # architectural ones (A4/A5 permuted)
+#
+# Stale rows come before fills in both lanes: issue 14 closes only when RESULTS.md has no stale
+# row, and it comes before the issues that the fills serve (15's P2 grid, 18, 19). Two lanes may
+# run the same rerun: each seed is claimed by the process that runs it, and the other lane skips
+# it (the last `stale` of each lane picks up whatever a stop left behind).
 #
 # Every step can be run again after a stop: rerun_stale.py reruns only the seeds whose result is
 # stale (and resumes from checkpoints), reproduce.py --skip-finished runs only what has no
@@ -54,6 +61,13 @@ B)
     fill S2 --variant task --only=naive,ewc,si,lwf,joint,ensemble
     stale --protocols S2 --methods hints,relational_kd,erg_kd,avalanche_feature_distillation
     stale --protocols H2
+    stale --protocols A1,A2,A3,A4,A5                      # 3 h
+    # lane A's stale protocols, from the end of its list, so that the lanes meet in the middle
+    stale --protocols P2
+    stale --protocols R2,P1
+    stale --protocols S1-replay,R1,G1,B1-AGEM,B1-GEM,B1-SI-RWALK
+    stale --protocols S1-reg,S1
+    stale --protocols D2,D1
     fill H2 --variant task                                # 2 h
     for v in class domain task; do fill S3 --variant "$v"; done   # DGR: ~5 h
     fill B1-GR                                            # 2 h
@@ -61,7 +75,6 @@ B)
     fill H3                                               # 4 h
     fill H1                                               # 2 h
     fill H2 --variant p2_1k --seeds 0,1,2                 # 3 h
-    stale --protocols A1,A2,A3,A4,A5                      # 3 h
     fill A4 --variant permuted                            # P1's settings: ~10 h
     fill A5 --variant permuted                            # ~10 h
     ;;
