@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 
 FAST = ["--no-progress", "--no-plots", "--strategy.epochs=1", "--model.hidden=[16]"]
+# The interrupted cases: long enough (a few seconds) that the SIGINT sent once a checkpoint
+# appears lands before the run ends, even on a loaded machine
+SLOW = [a if a != "--strategy.epochs=1" else "--strategy.epochs=50" for a in FAST]
 LIB = {  # library misuse: a script a user might write
     "EnsemblePlugin on a stream without task labels":
         "import torch; from avalanche.training import Naive\n"
@@ -61,7 +64,8 @@ def first_line(text: str) -> str:
     warning (its source location dropped), the exception of a library call, else the first line."""
     lines = [ln.rstrip() for ln in text.splitlines() if ln.strip()]
     if lines and lines[0].startswith("Traceback"):  # a library call: the exception raised
-        pick = lines[-1]
+        raised = [ln for ln in lines if re.match(r"[A-Za-z_][\w.]*(Error|Exception): ", ln)]
+        pick = raised[-1] if raised else lines[-1]  # not the script's own output after it
     else:
         i = next((i for i, ln in enumerate(lines) if ln.startswith("cl-run:")
                   or "Warning:" in ln), 0)
@@ -131,7 +135,7 @@ def cases(data_root: Path):
                        "--strategy.epochs=2"], d)
 
     def truncated_ckpt(d):
-        args = ["--methods=ewc", "--out=runs", *FAST]
+        args = ["--methods=ewc", "--out=runs", *SLOW]
         cl_run(args, d, interrupt_when="runs/default/ewc/*/seed0.ckpt.prev.pt")
         for p in d.glob("runs/default/ewc/*/seed0.ckpt.pt"):
             p.write_bytes(p.read_bytes()[:100])
@@ -169,7 +173,7 @@ def cases(data_root: Path):
     yield ("an output folder that cannot be written", "cl-run --out=file.txt/runs",
            out_under_a_file)
     yield ("Ctrl-C during a run", "cl-run --methods=naive (SIGINT after the first checkpoint)",
-           run(["--methods=naive", "--out=runs", *FAST],
+           run(["--methods=naive", "--out=runs", *SLOW],
                interrupt_when="runs/default/naive/*/seed0.ckpt.pt"))
     for damage, what in (("truncated", "a truncated MNIST .gz"),
                          ("labels", "a label file of the wrong length"),

@@ -23,6 +23,10 @@ spec.loader.exec_module(bad_inputs)
      "  - two\nmore\n", "cl-run: error: 2 problems in the config, nothing was run: - one - two"),
     ("Traceback (most recent call last):\n  File \"x\", line 1\n    raise ValueError(a)\n"
      "ValueError: saved by EWCPlugin", "ValueError: saved by EWCPlugin"),
+    # stderr comes first, then what the script printed before it raised (Avalanche's logger)
+    ("Traceback (most recent call last):\n  File \"x\", line 1\n    raise ValueError(f\"{a}; \"\n"
+     "ValueError: needs task labels\n-- >> Start of training phase << --\n",
+     "ValueError: needs task labels"),
     ("cl-run: error: a | b\n", "cl-run: error: a \\| b"),
     ("default: split_digits, task-IL\nresults: runs\n", "default: split_digits, task-IL"),
 ])
