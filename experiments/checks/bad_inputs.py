@@ -48,8 +48,11 @@ def cl_run(args, cwd: Path, interrupt_when=None):
     """Run ``cl-run args`` in ``cwd``; with ``interrupt_when`` (a path glob under cwd), send
     SIGINT as soon as it matches. Returns (exit code, stdout + stderr)."""
     cmd = [sys.executable, "-m", "cl_plugins.experiment.cli", *args]
+    # SIGINT back to its default in the child, as in a terminal: a script started in the
+    # background (`... &`) has it ignored, and a child that inherits that never sees the Ctrl-C
     proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     if interrupt_when:
         while proc.poll() is None and not list(cwd.glob(interrupt_when)):
             time.sleep(0.2)
