@@ -27,11 +27,12 @@ set -u
 LANE=${1:?lane A or B}
 DATA=${2:?data root}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-# The CPU kernels of the machines behind every stored row: torch dispatches AVX-512 kernels where
-# the CPU has them, and their float rounding differs (2026-12-07: S1 class-IL naive-adam-grads-none
-# seed 0 at 0a7b56d, last-experience accuracy 98.64 under AVX-512 against the stored 99.39, which
-# these two settings give back exactly; docs/architecture.md, "Which rows a code change makes stale")
-export ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2
+# The CPU kernels of the machines behind every stored row (AVX2): torch dispatches AVX-512
+# kernels where the CPU has them, and so does MKL, and their float rounding differs. These two
+# settings give back the stored matrices exactly on an AVX-512 machine; MKL_CBWR=AVX2 does not
+# (it takes another MKL path). Measured 2026-12-07: docs/architecture.md, "Which rows a code
+# change makes stale".
+export ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2
 cd "$(dirname "$0")/.."
 stale() { step python experiments/rerun_stale.py --jobs 1 --data-root "$DATA" "$@"; }
 fill() { step python experiments/reproduce.py "$@" --skip-finished --data-root "$DATA"; }
