@@ -33,6 +33,10 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 # (it takes another MKL path). Measured 2026-12-07: docs/architecture.md, "Which rows a code
 # change makes stale".
 export ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2
+# numpy's OpenBLAS (the QP of GEM and Avalanche's GEM) picks SkylakeX kernels on such a machine,
+# with other bits than Haswell's; B1-GEM avalanche_gem seed 0 moved 93.45 -> 93.82 under the two
+# settings above alone. Not yet checked against a stored row (2026-12-07)
+export OPENBLAS_CORETYPE=Haswell
 cd "$(dirname "$0")/.."
 stale() { step python experiments/rerun_stale.py --jobs 1 --data-root "$DATA" "$@"; }
 fill() { step python experiments/reproduce.py "$@" --skip-finished --data-root "$DATA"; }
